@@ -1,0 +1,7 @@
+"""mpimap: map a function over many points on MPI ranks, and keep going when things misbehave."""
+
+from .failures import RemoteError
+from .pool import Pool
+
+__version__ = "0.1.0"
+__all__ = ["Pool", "RemoteError", "__version__"]

@@ -1,0 +1,67 @@
+"""``python -m mpimap``: run a script with a pool of worker ranks, or a CLI command.
+
+Under ``mpiexec -n N``, rank 0 runs the script (or the command) and the other
+ranks serve as workers until it ends.  Worker ranks import the script as module
+``__worker__`` (so functions defined in it can be found), which runs its
+unguarded top-level code there too: keep the script's work under
+``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import types
+
+
+def _heartbeat() -> float:
+    from .worker import DEFAULT_HEARTBEAT
+
+    return float(os.environ.get("MPIMAP_HEARTBEAT", DEFAULT_HEARTBEAT))
+
+
+def _serve_script(path: str, comm) -> None:
+    """Worker side of script mode: load the script's definitions as ``__main__``, then serve."""
+    module = types.ModuleType("__main__")
+    module.__dict__.update(runpy.run_path(path, run_name="__worker__"))
+    sys.modules["__main__"] = module
+    from .worker import serve
+
+    serve(comm, _heartbeat())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from mpi4py import MPI
+
+    from . import world
+
+    script = argv[0] if argv and argv[0].endswith(".py") else None
+    size = MPI.COMM_WORLD.Get_size()
+    comm = MPI.COMM_WORLD.Dup() if size > 1 else None
+    if comm is not None and comm.Get_rank() > 0:
+        if script is not None:
+            _serve_script(script, comm)
+        else:
+            from .worker import serve
+
+            serve(comm, _heartbeat())
+        return 0
+    if comm is not None:
+        world.start(comm)
+    try:
+        if script is not None:
+            sys.argv = argv
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+            runpy.run_path(script, run_name="__main__")
+            return 0
+        from .cli import main as cli_main
+
+        return cli_main(argv)
+    finally:
+        world.end()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+def main(argv):
+    print("cli", argv); return 0

@@ -1,0 +1,60 @@
+"""How a failed point travels: a picklable record of the exception, and its rebuilding on the caller's side."""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's traceback text; set as ``__cause__`` of a re-raised exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class RemoteError(Exception):
+    """Stands in for a worker exception that could not be pickled back to the caller."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One point's failure: exception type, message and traceback, plus the pickled exception if it pickles."""
+
+    kind: str
+    message: str
+    traceback: str
+    pickled: bytes | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "Failure":
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickled = pickle.dumps(exc, protocol=5)
+            pickle.loads(pickled)
+        except Exception:
+            pickled = None
+        return cls(type(exc).__qualname__, str(exc), tb, pickled)
+
+    @property
+    def text(self) -> str:
+        """One line naming the error, as stored and shown in summaries."""
+        return f"{self.kind}: {self.message}" if self.message else self.kind
+
+    def exception(self) -> BaseException:
+        """The worker's exception, rebuilt, with the remote traceback attached as its cause."""
+        exc = None
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:
+                exc = None
+        if exc is None:
+            exc = RemoteError(self.text)
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{self.traceback}"""')
+        return exc

@@ -1,0 +1,140 @@
+"""One map in flight: its points, its results as they arrive, and the ways to wait for them.
+
+The master thread fills a :class:`MapHandle` (``deliver``, ``finish``); the
+caller's thread reads it, in input order (``ordered``) or chunk by chunk as
+results arrive (``chunks``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+
+
+@dataclass
+class ChunkResult:
+    """The results of points ``start .. stop-1`` of a map, as one rank returned them."""
+
+    start: int
+    stop: int
+    values: object  # list, or a numpy array when the map packs its values
+    failures: dict  # offset within the chunk -> Failure
+    durations: object  # float64 array of seconds per point
+    rank: int
+
+
+class MapHandle:
+    """A map submitted to the master; thread-safe between the master and one reading thread."""
+
+    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None):
+        self.function = function  # pickled (fn, star, pack)
+        self.args = args  # a sequence (list or numpy array) sliced into chunks
+        self.size = len(args)
+        self.chunksize = chunksize
+        self.priority = priority
+        self.future = future
+        self.map_id = None  # set by the master
+        self.master = None
+        self.done = 0
+        self.finished = False
+        self.cancelled = False
+        self.error: BaseException | None = None  # the master itself failed
+        self._cond = threading.Condition()
+        self._ordered = ordered
+        if ordered:
+            self._values = [None] * self.size
+            self._failures = {}
+            self._ready = bytearray(self.size)
+        else:
+            self._chunks = deque()
+
+    # -- master side -------------------------------------------------------------
+    def deliver(self, result: ChunkResult) -> None:
+        with self._cond:
+            if self._ordered:
+                self._values[result.start:result.stop] = result.values
+                for offset, failure in result.failures.items():
+                    self._failures[result.start + offset] = failure
+                self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
+            else:
+                self._chunks.append(result)
+            self.done += result.stop - result.start
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
+        with self._cond:
+            self.finished = True
+            self.error = error
+            self.cancelled = cancelled
+            self._cond.notify_all()
+        if self.future is not None and not self.future.done():
+            if cancelled:
+                self.future.cancel()
+            elif error is not None:
+                self.future.set_exception(error)
+            elif self._failures:
+                self.future.set_exception(self._failures[0].exception())
+            else:
+                self.future.set_result(self._values[0])
+
+    # -- caller side -------------------------------------------------------------
+    def cancel(self) -> None:
+        """Drop the map's queued points and abandon its in-flight ones."""
+        if not self.finished and self.master is not None:
+            self.master.cancel(self)
+
+    def _wait(self, ready, deadline) -> None:
+        """Wait, under the lock, until ``ready()`` or the map ends; TimeoutError after ``deadline``."""
+        while not ready():
+            if self.error is not None:
+                raise self.error
+            if self.cancelled:
+                raise CancelledError("the map was cancelled")
+            if self.finished:
+                return
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError(f"map results not ready: {self.done} of {self.size} points done")
+            self._cond.wait(timeout)
+
+    def ordered(self, deadline: float | None = None):
+        """Yield values in input order; raise a point's exception when its turn comes."""
+        i, n = 0, self.size
+        try:
+            while i < n:
+                with self._cond:
+                    self._wait(lambda: self._ready[i], deadline)
+                    end = self._ready.find(0, i)
+                    end = n if end < 0 else end
+                    if end == i:  # finished without this point: only a cancelled or failed master
+                        raise self.error or CancelledError("the map was cancelled")
+                values, failures = self._values, self._failures
+                for j in range(i, end):
+                    if failures and j in failures:
+                        raise failures[j].exception()
+                    value = values[j]
+                    values[j] = None  # the caller holds it now
+                    i = j + 1
+                    yield value
+        finally:
+            if i < n:
+                self.cancel()
+
+    def chunks(self, deadline: float | None = None):
+        """Yield :class:`ChunkResult` objects in the order they arrive."""
+        taken = 0
+        try:
+            while taken < self.size:
+                with self._cond:
+                    self._wait(lambda: self._chunks, deadline)
+                    if not self._chunks:
+                        raise self.error or CancelledError("the map was cancelled")
+                    result = self._chunks.popleft()
+                taken += result.stop - result.start
+                yield result
+        finally:
+            if taken < self.size:
+                self.cancel()

@@ -1,0 +1,192 @@
+"""The master loop: rank 0's thread that turns scheduler decisions into messages and results into handles.
+
+All MPI traffic of rank 0 happens in this one thread; the caller's threads
+talk to it through a command queue (``submit``, ``cancel``, ``close``) and
+read results from the :class:`~mpimap.maps.MapHandle` objects it fills.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .maps import ChunkResult, MapHandle
+from .protocol import Kind
+from .scheduler import Scheduler
+from .transport import Transport, Waiter
+from .worker import evaluate_chunk
+
+log = logging.getLogger("mpimap.master")
+
+
+@dataclass
+class RankInfo:
+    """What a worker rank told the master about itself."""
+
+    host: str | None = None
+    pid: int | None = None
+
+
+class Master:
+    """Dispatches maps to the worker ranks of ``comm`` (rank 0 is this one)."""
+
+    def __init__(self, comm=None, *, stop_workers: bool = True):
+        self.transport = Transport(comm) if comm is not None else None
+        ranks = self._worker_ranks()
+        self.scheduler = Scheduler(ranks, now=time.monotonic())
+        self.ranks = {r: RankInfo() for r in ranks}
+        self.stop_workers = stop_workers
+        self.error: BaseException | None = None
+        self._handles: dict[int, MapHandle] = {}
+        self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
+        self._inbox: deque = deque()
+        self._map_ids = itertools.count()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
+        self._thread.start()
+
+    def _worker_ranks(self):
+        return range(1, self.transport.size)
+
+    # -- called from the caller's threads ----------------------------------------
+    def submit(self, handle: MapHandle) -> MapHandle:
+        if self.error is not None:
+            raise RuntimeError("the mpimap master has failed") from self.error
+        if self._closing:
+            raise RuntimeError("cannot submit to a pool that has been shut down")
+        handle.map_id = next(self._map_ids)
+        handle.master = self
+        self._inbox.append(("add", handle))
+        return handle
+
+    def cancel(self, handle: MapHandle) -> None:
+        self._inbox.append(("cancel", handle))
+
+    def close(self) -> None:
+        """Cancel what is left, stop the workers if this master owns them, and end the thread."""
+        self._closing = True
+        self._inbox.append(("close", None))
+        self._thread.join()
+
+    def status(self) -> list[dict]:
+        """One row per worker rank: host, pid, chunks in flight, points done, busy time, seconds since last heard."""
+        now = time.monotonic()
+        return [
+            dict(rank=r, host=info.host, pid=info.pid, in_flight=len(s.in_flight), points_done=s.points_done,
+                 busy_seconds=s.busy_seconds, last_heard=now - s.last_heard, lost=s.lost)
+            for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
+        ]
+
+    # -- the loop ----------------------------------------------------------------
+    def _run(self) -> None:
+        waiter = Waiter(window=5e-5, hot_window=5e-3)
+        try:
+            while True:
+                while self._inbox:
+                    command, handle = self._inbox.popleft()
+                    if command == "close":
+                        return
+                    getattr(self, "_" + command)(handle)
+                self._dispatch()
+                if self._receive():
+                    waiter.activity()
+                else:
+                    waiter.idle()
+        except BaseException as exc:  # the master must never die silently: every waiter hears of it
+            log.exception("mpimap master failed")
+            self.error = exc
+        finally:
+            for handle in list(self._handles.values()):
+                handle.finish(error=self.error, cancelled=self.error is None)
+            self._handles.clear()
+            self._shutdown_workers()
+
+    def _add(self, handle: MapHandle) -> None:
+        if handle.future is not None and not handle.future.set_running_or_notify_cancel():
+            return
+        self._handles[handle.map_id] = handle
+        self._holders[handle.map_id] = set()
+        self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
+        if handle.size == 0:
+            self._end_map(handle)
+
+    def _cancel(self, handle: MapHandle) -> None:
+        if self._handles.get(handle.map_id) is handle:
+            self._end_map(handle, cancelled=True)
+
+    def _end_map(self, handle: MapHandle, cancelled: bool = False) -> None:
+        self.scheduler.remove_map(handle.map_id)
+        del self._handles[handle.map_id]
+        for rank in self._holders.pop(handle.map_id):
+            self.transport.send(rank, Kind.FORGET, handle.map_id)
+        handle.finish(cancelled=cancelled)
+
+    def _dispatch(self) -> None:
+        for rank, chunk in self.scheduler.assign():
+            handle = self._handles[chunk.map_id]
+            holders = self._holders[chunk.map_id]
+            function = None if rank in holders else handle.function
+            holders.add(rank)
+            self.transport.send(rank, Kind.TASK,
+                                (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+
+    def _receive(self, limit: int = 64) -> int:
+        """Handle up to ``limit`` waiting messages; return how many there were."""
+        for count in range(limit):
+            message = self.transport.poll()
+            if message is None:
+                return count
+            source, kind, body = message
+            now = time.monotonic()
+            if kind is Kind.RESULT:
+                self._result(source, body, now)
+                self._dispatch()  # refill that rank at once
+            elif kind is Kind.HELLO:
+                self.ranks[source].host, self.ranks[source].pid = body
+                self.scheduler.heard(source, now)
+            else:  # HEARTBEAT
+                self.scheduler.heard(source, now)
+        return limit
+
+    def _result(self, rank: int, body, now: float) -> None:
+        chunk_id, values, failures, durations, seconds = body
+        chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
+        if chunk is None:  # its map was cancelled meanwhile
+            return
+        handle = self._handles[chunk.map_id]
+        handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank))
+        if self.scheduler.map_finished(chunk.map_id):
+            self._end_map(handle)
+
+    def _shutdown_workers(self) -> None:
+        if self.stop_workers:
+            for rank in self.ranks:
+                self.transport.send(rank, Kind.STOP)
+        self.transport.flush(timeout=10.0)
+
+
+class InlineMaster(Master):
+    """The same loop without MPI: evaluates every chunk itself (a pool of one process)."""
+
+    def _worker_ranks(self):
+        return [0]
+
+    def _dispatch(self) -> None:
+        for rank, chunk in self.scheduler.assign():
+            handle = self._handles[chunk.map_id]
+            fn, star, pack = pickle.loads(handle.function)
+            t0 = time.perf_counter()
+            values, failures, durations = evaluate_chunk(fn, star, pack, handle.args[chunk.start:chunk.stop])
+            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0),
+                         time.monotonic())
+
+    def _receive(self, limit: int = 64) -> int:
+        return 1 if self._handles else 0
+
+    def _shutdown_workers(self) -> None:
+        pass

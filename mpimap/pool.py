@@ -1,0 +1,158 @@
+"""The public face: :class:`Pool`, a ``concurrent.futures.Executor`` over MPI ranks."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import time
+from concurrent.futures import Executor, Future
+
+import numpy as np
+
+from . import world
+from .maps import MapHandle
+from .worker import DEFAULT_HEARTBEAT, serve
+
+
+class Pool(Executor):
+    """Maps functions over points on the worker ranks of an MPI communicator.
+
+    * Under ``mpiexec -n N python -m mpimap SCRIPT.py``, ``Pool()`` on rank 0
+      uses the N-1 other ranks, which serve for the whole script.
+    * Inside an MPI program, every rank of ``comm`` (default ``COMM_WORLD``)
+      calls ``Pool(comm)``: rank 0 gets the pool; the other ranks serve until
+      rank 0 shuts it down, then get a pool whose ``is_master`` is False
+      (``with Pool(comm) as pool:`` gives them ``None``).
+    * In a single process (no mpiexec), points are evaluated in-process, in a
+      thread of the pool.
+    """
+
+    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT):
+        from .master import InlineMaster, Master
+
+        self._handles: list[MapHandle] = []
+        self._own_master = True
+        self._comm = None
+        if comm is None and world.active():
+            self._master = world.master()
+            self._own_master = False
+            return
+        if comm is None:
+            from mpi4py import MPI
+
+            comm = MPI.COMM_WORLD
+        if comm.Get_size() == 1:
+            self._master = InlineMaster()
+            return
+        self._comm = comm.Dup()  # keep our traffic apart from the program's own
+        if self._comm.Get_rank() == 0:
+            self._master = Master(self._comm)
+        else:
+            self._master = None
+            serve(self._comm, heartbeat)
+            self._comm.Free()
+            self._comm = None
+
+    @property
+    def is_master(self) -> bool:
+        """True on the rank that submits work; False on a worker rank that has finished serving."""
+        return self._master is not None
+
+    @property
+    def size(self) -> int:
+        """The number of processes that evaluate points."""
+        return len(self._live_master().ranks) if self.is_master else 0
+
+    def __enter__(self):
+        return self if self.is_master else None
+
+    def _live_master(self):
+        if self._master is None:
+            raise RuntimeError("this pool is closed, or this rank is a worker: only the master rank submits work")
+        return self._master
+
+    def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
+                    ordered=True, future=None) -> MapHandle:
+        master = self._live_master()
+        handle = MapHandle(_pickle_function(fn, star, pack), args, chunksize=chunksize, priority=priority,
+                           ordered=ordered, future=future)
+        self._handles = [h for h in self._handles if not h.finished]
+        self._handles.append(handle)
+        return master.submit(handle)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``."""
+        future = Future()
+        call = functools.partial(fn, **kwargs) if kwargs else fn
+        self._submit_map(call, [args], star=True, future=future)
+        return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0):
+        """Like ``Executor.map``: results in input order, lazily; ``timeout`` bounds the whole iteration.
+
+        ``chunksize=None`` sizes chunks from the measured cost of a point.  A
+        point whose evaluation raised re-raises that exception here, with the
+        worker's traceback as its ``__cause__``; closing the iterator early
+        cancels the points not yet evaluated.
+        """
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True)
+        return handle.ordered(_deadline(timeout))
+
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False):
+        """Yield results as they arrive, in no particular order (``(index, value)`` pairs if ``indexed``)."""
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False)
+        return _unordered(handle, _deadline(timeout), indexed)
+
+    def _map_handle(self, fn, iterables, chunksize, priority, ordered):
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of points")
+        if len(iterables) == 1:
+            points = iterables[0]
+            args = points if isinstance(points, (list, tuple, np.ndarray, range)) else list(points)
+            star = False
+        else:
+            args, star = list(zip(*iterables)), True
+        return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered)
+
+    def status(self) -> list[dict]:
+        """One row per worker rank: host, pid, chunks in flight, points done, busy seconds, seconds since last heard."""
+        return self._live_master().status()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what is queued; wait for the rest; release the workers."""
+        if self._master is None:
+            return
+        if cancel_futures:
+            for handle in self._handles:
+                handle.cancel()
+        if wait:
+            for handle in self._handles:
+                with handle._cond:
+                    while not handle.finished:
+                        handle._cond.wait()
+        if self._own_master:
+            self._master.close()
+            if self._comm is not None:
+                self._comm.Free()
+        self._master = None
+
+
+def _deadline(timeout):
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _unordered(handle: MapHandle, deadline, indexed: bool):
+    for result in handle.chunks(deadline):
+        for offset in range(result.stop - result.start):
+            if offset in result.failures:
+                raise result.failures[offset].exception()
+            value = result.values[offset]
+            yield (result.start + offset, value) if indexed else value
+
+
+def _pickle_function(fn, star: bool, pack: bool) -> bytes:
+    try:
+        return pickle.dumps((fn, star, pack), protocol=5)
+    except Exception as exc:
+        raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
+                        "use a function defined at the top level of a module") from None

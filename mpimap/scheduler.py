@@ -1,0 +1,227 @@
+"""Scheduling decisions of the master: plain Python, no MPI, no I/O, no threads.
+
+The scheduler knows which maps have points left, which chunks are in flight on
+which rank, how much work each rank has queued, when each rank was last heard
+from, and how long a point of each map takes.  The master loop asks it what to
+send next (:meth:`Scheduler.assign`) and tells it what came back
+(:meth:`Scheduler.complete`).  Because it does nothing else it can be unit
+tested and simulated at scales no test machine can run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous range ``[start, stop)`` of one map's points, sent to one rank."""
+
+    chunk_id: int
+    map_id: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class MapState:
+    """What the scheduler knows about one map: the points not yet handed out and their cost."""
+
+    map_id: int
+    size: int
+    chunksize: int | None
+    priority: int
+    order: int
+    cursor: int = 0  # first point never handed out
+    requeued: deque = field(default_factory=deque)  # ranges handed out, lost, to hand out again
+    in_flight: int = 0  # chunks out on ranks
+    done_points: int = 0
+    cost: float | None = None  # seconds per point, moving average over completed chunks
+
+    @property
+    def unassigned(self) -> int:
+        return self.size - self.cursor + sum(stop - start for start, stop in self.requeued)
+
+    @property
+    def finished(self) -> bool:
+        return self.done_points >= self.size
+
+
+@dataclass
+class RankState:
+    """A worker rank as the scheduler sees it."""
+
+    rank: int
+    in_flight: dict = field(default_factory=dict)  # chunk_id -> Chunk, in the order sent
+    last_heard: float = 0.0
+    chunks_done: int = 0
+    points_done: int = 0
+    busy_seconds: float = 0.0
+    lost: bool = False
+
+
+class Scheduler:
+    """Dynamic self-scheduling with prefetch, cost-based chunk sizes and a guided tail.
+
+    * Every live rank keeps up to ``prefetch`` chunks queued, so it never waits
+      for a round trip to the master.
+    * Without an explicit chunksize, a chunk holds about ``target_seconds`` of
+      work, judged from the measured cost per point of the same map (a map's
+      first chunks hold one point each, until a measurement arrives).
+    * Near the end of a map no chunk holds more than the remaining points
+      divided by ``tail_factor`` times the number of ranks, so the last chunks
+      are small and the tail stays balanced.
+    * Maps with a higher priority are served first; equal priorities in the
+      order they were added.
+    """
+
+    def __init__(self, ranks, *, prefetch: int = 2, target_seconds: float = 0.005,
+                 max_chunk: int = 65536, tail_factor: int = 2, now: float = 0.0):
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        self.prefetch = prefetch
+        self.target_seconds = target_seconds
+        self.max_chunk = max_chunk
+        self.tail_factor = tail_factor
+        self.ranks = {r: RankState(r, last_heard=now) for r in ranks}
+        self.maps: dict[int, MapState] = {}
+        self._queue: list = []  # heap of (-priority, order, map_id) for maps with unassigned points
+        self._order = itertools.count()
+        self._chunk_ids = itertools.count()
+        # Ranks with room for another chunk; a rank appears once per free slot.
+        self._room: deque = deque(r for _ in range(prefetch) for r in ranks)
+
+    # -- maps ------------------------------------------------------------------
+    def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
+                priority: int = 0, cost: float | None = None) -> None:
+        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate."""
+        if chunksize is not None and chunksize < 1:
+            raise ValueError("chunksize must be a positive integer")
+        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost)
+        self.maps[map_id] = state
+        if size:
+            heapq.heappush(self._queue, (-priority, state.order, map_id))
+
+    def remove_map(self, map_id: int) -> list[int]:
+        """Forget a map (finished or cancelled); return the ranks that still hold chunks of it."""
+        self.maps.pop(map_id, None)
+        holders = []
+        for rank in self.ranks.values():
+            stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
+            for cid in stale:
+                del rank.in_flight[cid]
+                if not rank.lost:
+                    self._room.append(rank.rank)
+            if stale:
+                holders.append(rank.rank)
+        return holders
+
+    def map_finished(self, map_id: int) -> bool:
+        state = self.maps.get(map_id)
+        return state is None or state.finished
+
+    # -- dispatch --------------------------------------------------------------
+    def assign(self) -> list[tuple[int, Chunk]]:
+        """Hand out chunks to every rank that has room, while there is work."""
+        out = []
+        while self._room and self._queue:
+            rank = self._room.popleft()
+            rstate = self.ranks.get(rank)
+            if rstate is None or rstate.lost:
+                continue
+            chunk = self._next_chunk()
+            if chunk is None:
+                self._room.appendleft(rank)
+                break
+            rstate.in_flight[chunk.chunk_id] = chunk
+            self.maps[chunk.map_id].in_flight += 1
+            out.append((rank, chunk))
+        return out
+
+    def _next_chunk(self) -> Chunk | None:
+        while self._queue:
+            _, _, map_id = self._queue[0]
+            state = self.maps.get(map_id)
+            if state is None or state.unassigned == 0:
+                heapq.heappop(self._queue)
+                continue
+            if state.requeued:
+                start, stop = state.requeued.popleft()
+                size = min(stop - start, self.chunk_size(state))
+                if start + size < stop:
+                    state.requeued.appendleft((start + size, stop))
+            else:
+                start = state.cursor
+                size = min(state.size - start, self.chunk_size(state))
+                state.cursor += size
+            return Chunk(next(self._chunk_ids), map_id, start, start + size)
+        return None
+
+    def chunk_size(self, state: MapState) -> int:
+        """How many points the next chunk of ``state`` should hold."""
+        if state.chunksize is not None:
+            return state.chunksize
+        if state.cost is None:
+            return 1
+        live = max(1, sum(not r.lost for r in self.ranks.values()))
+        by_cost = int(self.target_seconds / max(state.cost, 1e-9))
+        by_tail = math.ceil(state.unassigned / (self.tail_factor * live))
+        return max(1, min(by_cost, by_tail, self.max_chunk))
+
+    # -- results and liveness ----------------------------------------------------
+    def complete(self, rank: int, chunk_id: int, seconds: float, now: float) -> Chunk | None:
+        """Record a finished chunk; return it, or None if it is unknown (cancelled map, lost rank)."""
+        rstate = self.ranks[rank]
+        rstate.last_heard = now
+        chunk = rstate.in_flight.pop(chunk_id, None)
+        if chunk is None:
+            return None
+        if not rstate.lost:
+            self._room.append(rank)
+        rstate.chunks_done += 1
+        rstate.points_done += len(chunk)
+        rstate.busy_seconds += seconds
+        state = self.maps.get(chunk.map_id)
+        if state is None:
+            return None
+        state.in_flight -= 1
+        state.done_points += len(chunk)
+        per_point = seconds / len(chunk)
+        # Weight a measurement by its share of the map, so one tiny chunk cannot swing a big estimate.
+        weight = 1.0 if state.cost is None else max(0.25, min(1.0, len(chunk) / max(1, state.done_points)))
+        state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
+        return chunk
+
+    def heard(self, rank: int, now: float) -> None:
+        self.ranks[rank].last_heard = now
+
+    def silent_ranks(self, now: float, timeout: float) -> list[int]:
+        """Live ranks not heard from for longer than ``timeout`` seconds."""
+        return [r.rank for r in self.ranks.values() if not r.lost and now - r.last_heard > timeout]
+
+    def lose_rank(self, rank: int) -> list[Chunk]:
+        """Take a rank out of service; its in-flight chunks go back to their maps' queues."""
+        rstate = self.ranks[rank]
+        rstate.lost = True
+        chunks = list(rstate.in_flight.values())
+        rstate.in_flight.clear()
+        for chunk in chunks:
+            state = self.maps.get(chunk.map_id)
+            if state is None:
+                continue
+            state.in_flight -= 1
+            state.requeued.append((chunk.start, chunk.stop))
+            heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
+        return chunks
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or in flight."""
+        return not self._queue and not any(r.in_flight for r in self.ranks.values())

@@ -1,0 +1,38 @@
+"""The process-wide session of ``python -m mpimap``: worker ranks serve for the whole run, and
+every ``Pool()`` on rank 0 shares one master until the session ends."""
+
+from __future__ import annotations
+
+_comm = None
+_master = None
+
+
+def start(comm) -> None:
+    """Declare that the worker ranks of ``comm`` serve until :func:`end` (called on rank 0)."""
+    global _comm
+    _comm = comm
+
+
+def active() -> bool:
+    return _comm is not None
+
+
+def master():
+    """The session's master, started on first use."""
+    global _master
+    if _master is None:
+        from .master import Master
+
+        _master = Master(_comm, stop_workers=False)
+    return _master
+
+
+def end() -> None:
+    """Stop the session's workers (they return from serving) and its master."""
+    global _comm, _master
+    if _comm is None:
+        return
+    current = master()
+    current.stop_workers = True
+    current.close()
+    _comm = _master = None
