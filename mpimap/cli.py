@@ -1,2 +1,167 @@
-def main(argv):
-    print("cli", argv); return 0
+"""The command line: ``mpimap run | show | export | demo`` (``python -m mpimap ...`` under mpiexec)."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import socket
+import sys
+from collections import Counter
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import MpimapError
+
+
+class _Interrupted(Exception):
+    """SIGTERM (e.g. scancel) or SIGINT reached rank 0: stop, keeping everything stored so far."""
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpimap")
+def cli():
+    """Map a function over many points on MPI ranks; results stream into HDF5.
+
+    Run under MPI as ``mpiexec -n N python -m mpimap COMMAND ...``: rank 0 runs
+    the command, the other N-1 ranks evaluate points.
+    """
+
+
+@cli.command()
+@click.argument("function")
+@click.option("--points", "points_spec", required=True, metavar="FILE",
+              help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET.")
+@click.option("--out", required=True, metavar="RESULTS.h5", help="Results file; an existing one of the same job is resumed.")
+@click.option("--chunksize", type=click.IntRange(min=1), default=None,
+              help="Points per message (default: chosen from the measured cost of a point).")
+@click.option("--fresh", is_flag=True, help="Start over, replacing an existing results file.")
+@click.option("--retry-failed", is_flag=True, help="On resume, evaluate failed points again too.")
+@click.option("--flush-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds between flushes of the results file (what a kill can lose).")
+@click.option("--progress/--no-progress", default=None, help="Show a progress line (default: on a terminal).")
+def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress):
+    """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
+    from .inputs import FunctionRef, load_points
+    from .pool import Pool
+    from .progress import Progress
+    from .store import ResultStore
+
+    fn = FunctionRef(function)
+    points = load_points(points_spec)
+    store = ResultStore.open(out, points, fn.spec, fresh=fresh, flush_interval=flush_interval)
+    state = "failed"
+    old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        todo = store.todo(retry_failed)
+        meter = Progress(len(todo), already=len(points) - len(todo), enabled=progress)
+        per_rank: Counter = Counter()
+        if len(todo):
+            with Pool() as pool:
+                ranks = pool._master.ranks
+                for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize):
+                    host = ranks[chunk.rank].host or socket.gethostname()
+                    store.write(todo[chunk.start:chunk.stop], chunk.values, chunk.failures, chunk.durations,
+                                chunk.rank, host)
+                    per_rank[f"{host}/{chunk.rank}"] += chunk.stop - chunk.start
+                    meter.update(chunk.stop - chunk.start, [f.text for f in chunk.failures.values()])
+        state = "complete"
+    except _Interrupted as why:
+        state = "interrupted"
+        click.echo(f"\nmpimap: {why}: stopping; results so far are kept in {out}; run the same command to resume",
+                   err=True)
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        store.close(state)
+    meter.close()
+    click.echo(meter.summary(out=out, state=state, per_rank=per_rank))
+    if state != "complete":
+        sys.exit(3)
+
+
+@cli.command()
+@click.argument("results")
+@click.option("--errors", "show_errors", is_flag=True, help="List every failed point with its error.")
+def show(results, show_errors):
+    """Summarise a results file, also while its job runs."""
+    from .store import read_results
+
+    r = read_results(results)
+    attrs = r["attrs"]
+    status = Counter(r["status"])
+    n = len(r["status"])
+    click.echo(f"{results}: {attrs['function']} over {n} points, job {attrs['state']} "
+               f"(format {attrs['format_version']}, mpimap {attrs['mpimap_version']}, {attrs['runs']} run(s))")
+    click.echo("  " + ", ".join(f"{name} {status.get(name, 0)}" for name in ("done", "failed", "pending")))
+    done = r["status"] == "done"
+    if done.any():
+        seconds = r["seconds"][done]
+        click.echo(f"  seconds per point: mean {seconds.mean():.3g}, max {seconds.max():.3g}")
+    errors = Counter(e.split("\n", 1)[0] for e in r["error"][r["status"] == "failed"])
+    if show_errors:
+        for i in np.flatnonzero(r["status"] == "failed"):
+            click.echo(f"  point {i}: {r['error'][i].split(chr(10), 1)[0]}")
+    else:
+        for text, count in errors.most_common(5):
+            click.echo(f"  error x{count}: {text[:100]}")
+
+
+@cli.command()
+@click.argument("results")
+@click.option("--csv", "csv_path", required=True, metavar="FILE.csv", help="Where to write the table.")
+def export(results, csv_path):
+    """Write a results file as CSV: index, status, points, values, seconds, rank, host, error."""
+    from .store import read_results
+
+    r = read_results(results)
+    points = r["points"].reshape(len(r["points"]), -1)
+    values = r.get("value")
+    flat = None if values is None or values.dtype == object else values.reshape(len(values), -1)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["index", "status"] + [f"x{j}" for j in range(points.shape[1])]
+        header += ["value"] if flat is None else [f"y{j}" for j in range(flat.shape[1])]
+        writer.writerow(header + ["seconds", "rank", "host", "error"])
+        for i in range(len(points)):
+            value = [("" if values is None else values[i])] if flat is None else list(flat[i])
+            if r["status"][i] != "done":
+                value = [""] * len(value)
+            writer.writerow([i, r["status"][i], *points[i], *value, r["seconds"][i], r["rank"][i], r["host"][i],
+                             r["error"][i].split("\n", 1)[0]])
+    click.echo(f"wrote {len(points)} rows to {csv_path}")
+
+
+@cli.command()
+@click.option("--ranks", "-n", type=click.IntRange(min=1), default=3, show_default=True,
+              help="MPI ranks (one master, the rest workers).")
+@click.option("--points", "npoints", type=click.IntRange(min=1), default=4000, show_default=True)
+@click.option("--out", default="demo-results.h5", show_default=True)
+def demo(ranks, npoints, out):
+    """Fit a damped oscillator on a parameter grid with mpiexec from the mpich wheel."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(ranks, npoints, out))
+
+
+def main(argv=None) -> int:
+    """Run the CLI; bad input becomes one line on stderr and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="mpimap", standalone_mode=False)
+    except MpimapError as exc:
+        click.echo(f"mpimap: error: {exc}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    return 0

@@ -66,6 +66,11 @@ class Pool(Executor):
     def __enter__(self):
         return self if self.is_master else None
 
+    def __exit__(self, exc_type, exc, tb):
+        # Leaving the block on an exception abandons the work still queued, as a caller would expect.
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
     def _live_master(self):
         if self._master is None:
             raise RuntimeError("this pool is closed, or this rank is a worker: only the master rank submits work")
@@ -102,6 +107,17 @@ class Pool(Executor):
         """Yield results as they arrive, in no particular order (``(index, value)`` pairs if ``indexed``)."""
         handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False)
         return _unordered(handle, _deadline(timeout), indexed)
+
+    def imap_chunks(self, fn, points, *, timeout=None, chunksize=None, priority=0):
+        """Yield :class:`~mpimap.maps.ChunkResult` objects as chunks finish: the streaming interface.
+
+        Values of a chunk come back as one numpy array when they are all
+        numbers (or arrays of one shape); failures and per-point durations
+        come with them.  This is what ``mpimap run`` writes to its results file.
+        """
+        handle = self._submit_map(fn, points, star=False, pack=True, chunksize=chunksize, priority=priority,
+                                  ordered=False)
+        return handle.chunks(_deadline(timeout))
 
     def _map_handle(self, fn, iterables, chunksize, priority, ordered):
         if not iterables:

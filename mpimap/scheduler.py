@@ -91,6 +91,7 @@ class Scheduler:
         self.max_chunk = max_chunk
         self.tail_factor = tail_factor
         self.ranks = {r: RankState(r, last_heard=now) for r in ranks}
+        self.live = len(self.ranks)
         self.maps: dict[int, MapState] = {}
         self._queue: list = []  # heap of (-priority, order, map_id) for maps with unassigned points
         self._order = itertools.count()
@@ -170,9 +171,8 @@ class Scheduler:
             return state.chunksize
         if state.cost is None:
             return 1
-        live = max(1, sum(not r.lost for r in self.ranks.values()))
         by_cost = int(self.target_seconds / max(state.cost, 1e-9))
-        by_tail = math.ceil(state.unassigned / (self.tail_factor * live))
+        by_tail = math.ceil(state.unassigned / (self.tail_factor * max(1, self.live)))
         return max(1, min(by_cost, by_tail, self.max_chunk))
 
     # -- results and liveness ----------------------------------------------------
@@ -209,6 +209,8 @@ class Scheduler:
     def lose_rank(self, rank: int) -> list[Chunk]:
         """Take a rank out of service; its in-flight chunks go back to their maps' queues."""
         rstate = self.ranks[rank]
+        if not rstate.lost:
+            self.live -= 1
         rstate.lost = True
         chunks = list(rstate.in_flight.values())
         rstate.in_flight.clear()

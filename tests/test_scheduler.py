@@ -1,0 +1,153 @@
+"""The scheduler alone: no MPI, simulated time."""
+
+import heapq
+import random
+
+import pytest
+
+from mpimap.scheduler import Scheduler
+
+
+def simulate(workers: int, costs, *, prefetch=2, chunksize=None, latency=20e-6, overhead=10e-6, seed=0):
+    """Event-driven simulation of a map: returns (makespan, points evaluated per index)."""
+    sched = Scheduler(range(1, workers + 1), prefetch=prefetch)
+    sched.add_map(0, len(costs), chunksize=chunksize)
+    queues = {r: [] for r in range(1, workers + 1)}
+    free_at = {r: 0.0 for r in queues}
+    events = []  # (time, rank, chunk, seconds)
+    seen = [0] * len(costs)
+    now = 0.0
+
+    def dispatch(now):
+        for rank, chunk in sched.assign():
+            start = max(free_at[rank], now + latency)
+            seconds = sum(costs[chunk.start:chunk.stop]) + overhead
+            free_at[rank] = start + seconds
+            heapq.heappush(events, (free_at[rank] + latency, rank, chunk.chunk_id, seconds, chunk))
+
+    dispatch(now)
+    while events:
+        now, rank, chunk_id, seconds, chunk = heapq.heappop(events)
+        done = sched.complete(rank, chunk_id, seconds, now)
+        assert done == chunk
+        for i in range(chunk.start, chunk.stop):
+            seen[i] += 1
+        dispatch(now)
+    assert sched.map_finished(0)
+    return now, seen
+
+
+def test_every_point_once_with_fixed_chunks():
+    makespan, seen = simulate(3, [1e-3] * 1000, chunksize=7)
+    assert seen == [1] * 1000
+
+
+def test_auto_chunks_grow_for_cheap_points_and_stay_single_for_slow_ones():
+    sched = Scheduler([1], prefetch=1)
+    sched.add_map(0, 1_000_000)
+    (_, first), = sched.assign()
+    assert len(first) == 1  # nothing measured yet
+    sched.complete(1, first.chunk_id, 1e-7, 0.0)
+    (_, second), = sched.assign()
+    assert len(second) > 1000  # microsecond points travel in big chunks
+
+    slow = Scheduler([1], prefetch=1)
+    slow.add_map(0, 1000)
+    (_, c), = slow.assign()
+    slow.complete(1, c.chunk_id, 0.5, 0.0)
+    (_, c2), = slow.assign()
+    assert len(c2) == 1  # half-second points go one by one
+
+
+def test_tail_chunks_shrink():
+    sched = Scheduler(range(1, 5), prefetch=1)
+    sched.add_map(0, 10_000, cost=1e-6)
+    sizes = []
+    while True:
+        assigned = sched.assign()
+        if not assigned:
+            break
+        for rank, chunk in assigned:
+            sizes.append(len(chunk))
+            sched.complete(rank, chunk.chunk_id, 1e-6 * len(chunk), 0.0)
+    assert sum(sizes) == 10_000
+    assert sizes[-1] == 1 and max(sizes) > 100
+
+
+def test_skewed_work_is_balanced():
+    rng = random.Random(1)
+    costs = [0.05 if rng.random() < 0.01 else 0.001 for _ in range(2000)]
+    makespan, seen = simulate(2, costs)
+    ideal = sum(costs) / 2
+    assert seen == [1] * 2000
+    assert makespan / ideal < 1.10
+    static, _ = simulate(2, costs, chunksize=1000, prefetch=1)
+    assert makespan < static
+
+
+def test_priorities_first_then_fifo():
+    sched = Scheduler([1], prefetch=1)
+    sched.add_map(0, 2, chunksize=1)
+    sched.add_map(1, 2, chunksize=1, priority=5)
+    sched.add_map(2, 2, chunksize=1)
+    order = []
+    for _ in range(6):
+        (rank, chunk), = sched.assign()
+        order.append(chunk.map_id)
+        sched.complete(rank, chunk.chunk_id, 0.001, 0.0)
+    assert order == [1, 1, 0, 0, 2, 2]
+
+
+def test_removed_map_frees_its_ranks_and_late_results_are_ignored():
+    sched = Scheduler([1, 2], prefetch=2)
+    sched.add_map(0, 100, chunksize=10)
+    assigned = sched.assign()
+    assert len(assigned) == 4
+    holders = sched.remove_map(0)
+    assert sorted(holders) == [1, 2]
+    rank, chunk = assigned[0]
+    assert sched.complete(rank, chunk.chunk_id, 0.01, 1.0) is None
+    sched.add_map(1, 8, chunksize=2)
+    assert len(sched.assign()) == 4  # every slot was given back
+
+
+def test_lost_rank_work_is_requeued_and_finished_elsewhere():
+    sched = Scheduler([1, 2], prefetch=2)
+    sched.add_map(0, 40, chunksize=5)
+    assigned = sched.assign()
+    lost = [c for r, c in assigned if r == 1]
+    requeued = sched.lose_rank(1)
+    assert requeued == lost
+    done = set()
+    for rank, chunk in assigned:
+        if rank == 2:
+            sched.complete(rank, chunk.chunk_id, 0.01, 0.0)
+            done.update(range(chunk.start, chunk.stop))
+    while not sched.map_finished(0):
+        for rank, chunk in sched.assign():
+            assert rank == 2
+            sched.complete(rank, chunk.chunk_id, 0.01, 0.0)
+            assert not done & set(range(chunk.start, chunk.stop))
+            done.update(range(chunk.start, chunk.stop))
+    assert done == set(range(40))
+
+
+def test_silent_ranks():
+    sched = Scheduler([1, 2], now=0.0)
+    sched.heard(1, 9.0)
+    assert sched.silent_ranks(10.0, timeout=5.0) == [2]
+
+
+@pytest.mark.parametrize("workers", [1_000, 100_000])
+def test_simulated_large_pools_lose_nothing(workers):
+    points = workers * 3
+    makespan, seen = simulate(workers, [1e-3] * points)
+    assert seen == [1] * points
+    assert makespan < 3 * 1e-3 * 3  # about three points per worker, never serialised
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        Scheduler([1], prefetch=0)
+    with pytest.raises(ValueError):
+        Scheduler([1]).add_map(0, 10, chunksize=0)
