@@ -107,8 +107,6 @@ class Master:
             self._shutdown_workers()
 
     def _add(self, handle: MapHandle) -> None:
-        if handle.future is not None and not handle.future.set_running_or_notify_cancel():
-            return
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
         self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
@@ -126,9 +124,19 @@ class Master:
             self.transport.send(rank, Kind.FORGET, handle.map_id)
         handle.finish(cancelled=cancelled)
 
+    def _claim(self, chunk) -> MapHandle | None:
+        """The handle a chunk belongs to, as it leaves; None if its future was cancelled while queued."""
+        handle = self._handles.get(chunk.map_id)
+        if handle is not None and handle.future is not None and not handle.future.set_running_or_notify_cancel():
+            self._end_map(handle, cancelled=True)
+            return None
+        return handle
+
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign():
-            handle = self._handles[chunk.map_id]
+            handle = self._claim(chunk)
+            if handle is None:
+                continue
             holders = self._holders[chunk.map_id]
             function = None if rank in holders else handle.function
             holders.add(rank)
@@ -178,7 +186,9 @@ class InlineMaster(Master):
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign():
-            handle = self._handles[chunk.map_id]
+            handle = self._claim(chunk)
+            if handle is None:
+                continue
             fn, star, pack = pickle.loads(handle.function)
             t0 = time.perf_counter()
             values, failures, durations = evaluate_chunk(fn, star, pack, handle.args[chunk.start:chunk.stop])

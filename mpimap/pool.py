@@ -140,7 +140,10 @@ class Pool(Executor):
             return
         if cancel_futures:
             for handle in self._handles:
-                handle.cancel()
+                if handle.future is None:
+                    handle.cancel()
+                else:
+                    handle.future.cancel()  # only if still queued; a running one completes
         if wait:
             for handle in self._handles:
                 with handle._cond:

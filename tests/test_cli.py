@@ -1,0 +1,216 @@
+"""``python -m mpimap run`` end to end under real mpiexec: results, file layout, resume after kill -9, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import job_env, mpimap_cli
+from mpimap.launch import find_mpiexec
+from mpimap.store import read_results
+
+
+@pytest.fixture
+def points2d(tmp_path):
+    pts = np.column_stack([np.arange(12000.0), np.linspace(-1, 1, 12000)])
+    path = tmp_path / "points.npy"
+    np.save(path, pts)
+    return pts, str(path)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_run_equals_serial_and_records_every_point(tmp_path, points2d, ranks):
+    pts, path = points2d
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(ranks, "run", "jobfuncs:poly", "--points", path, "--out", out, cwd=tmp_path)
+    assert "job complete" in proc.stdout and "12000 of 12000" in proc.stdout
+    r = read_results(out)
+    from jobfuncs import poly
+
+    assert np.array_equal(r["value"], np.array([poly(p) for p in pts]))
+    assert set(r["status"]) == {"done"}
+    assert set(r["rank"]) == set(range(1, ranks))
+    assert set(r["host"]) == {os.uname().nodename}
+    assert (r["seconds"] >= 0).all() and (r["run"] == 0).all()
+    attrs = r["attrs"]
+    assert attrs["format"] == "mpimap-results" and attrs["format_version"] == 1
+    assert attrs["function"] == "jobfuncs:poly" and attrs["state"] == "complete" and len(attrs["points_checksum"]) == 64
+    assert np.array_equal(r["points"], pts)
+
+
+def test_failures_are_recorded_and_the_job_goes_on(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(1.0, 101.0))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(3, "run", "jobfuncs:fail_on_multiples_of_7", "--points", "p.npy", "--out", out, cwd=tmp_path)
+    assert "succeeded / failed   : 86 / 14" in proc.stdout
+    r = read_results(out)
+    failed = np.flatnonzero(r["status"] == "failed")
+    assert list(failed + 1) == list(range(7, 101, 7))
+    assert r["error"][6].startswith("ValueError: bad point 7") and "Traceback" in r["error"][6]
+    good = r["status"] == "done"
+    assert np.array_equal(r["value"][good], np.arange(1.0, 101.0)[good] + 0.5)
+    shown = subprocess.run([sys.executable, "-m", "mpimap", "show", out], capture_output=True, text=True, env=job_env())
+    assert "done 86, failed 14, pending 0" in shown.stdout and "ValueError: bad point" in shown.stdout
+
+
+def test_json_values_and_csv_export(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(2, "run", "jobfuncs:returns_dict", "--points", "p.npy", "--out", out, cwd=tmp_path)
+    r = read_results(out)
+    assert list(r["value"]) == [{"x": float(i), "label": f"p{i}"} for i in range(5)]
+    subprocess.run([sys.executable, "-m", "mpimap", "export", out, "--csv", str(tmp_path / "r.csv")], check=True,
+                   env=job_env())
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("index,status,x0,value,seconds,rank,host,error") and len(lines) == 6
+
+
+def test_csv_and_hdf5_points(tmp_path):
+    (tmp_path / "p.csv").write_text("a\n" + "\n".join(str(i) for i in range(50)) + "\n")
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f["grid"] = np.arange(50.0)
+    for spec in ("p.csv", "in.h5:grid"):
+        out = str(tmp_path / f"r-{spec[:2]}.h5")
+        mpimap_cli(2, "run", "jobfuncs:square", "--points", spec, "--out", out, cwd=tmp_path)
+        assert np.array_equal(read_results(out)["value"], np.arange(50.0) ** 2)
+
+
+def _start_job(tmp_path, path, out, log, sleep):
+    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:record", "--points", path,
+               "--out", out, "--flush-interval", "0.2"]
+    env = job_env(MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=sleep)
+    return subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_then_resume_loses_nothing_and_recomputes_nothing(tmp_path):
+    n = 3000
+    pts = np.column_stack([np.arange(n, dtype=float), np.linspace(0, 1, n)])
+    path = str(tmp_path / "p.npy")
+    np.save(path, pts)
+    out = str(tmp_path / "r.h5")
+    log1, log2 = str(tmp_path / "first.log"), str(tmp_path / "second.log")
+    job = _start_job(tmp_path, path, out, log1, "0.002")
+    # wait until some results are flushed, then kill -9 the whole job (mpiexec and every rank)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if os.path.exists(out):
+            try:
+                with h5py.File(out, "r", swmr=True) as f:  # readable while the job runs
+                    done = int((f["status"][()] == 1).sum())
+            except OSError:
+                continue
+            if done > 300:
+                break
+    os.killpg(job.pid, signal.SIGKILL)
+    job.communicate()
+    partial = read_results(out)  # readable after kill -9
+    stored = np.flatnonzero(partial["status"] == "done")
+    assert 300 <= len(stored) < n
+    resumed = _start_job(tmp_path, path, out, log2, "0")
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert f"plus {len(stored)} from earlier runs" in stdout
+    final = read_results(out)
+    assert set(final["status"]) == {"done"}
+    assert np.array_equal(final["value"], pts[:, 0] * 2 + pts[:, 1])  # equals an uninterrupted run
+    assert np.array_equal(final["value"][stored], partial["value"][stored])  # nothing stored was rewritten
+    assert (final["run"][stored] == 0).all() and (np.delete(final["run"], stored) == 1).all()
+    second = [int(x) for x in open(log2).read().split()]
+    assert sorted(second) == sorted(set(range(n)) - set(stored.tolist()))  # each missing point once, no stored one
+
+
+def test_resume_of_a_different_job_is_refused_unless_fresh(tmp_path, points2d):
+    _, path = points2d
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(2, "run", "jobfuncs:poly", "--points", path, "--out", out, cwd=tmp_path)
+    before = open(out, "rb").read()
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", path, "--out", out, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mpimap: error: {out} holds results of jobfuncs:poly, not jobfuncs:square; "
+        "use another --out, or --fresh to start over"]
+    np.save(tmp_path / "other.npy", np.ones((10, 2)))
+    proc = mpimap_cli(2, "run", "jobfuncs:poly", "--points", "other.npy", "--out", out, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "different points" in proc.stderr
+    assert open(out, "rb").read() == before  # the refused resumes did not touch the file
+    mpimap_cli(2, "run", "jobfuncs:poly", "--points", "other.npy", "--out", out, "--fresh", cwd=tmp_path)
+    assert len(read_results(out)["value"]) == 10
+
+
+BAD_INPUTS = [
+    (["nosuchmodule:f", "--points", "p.npy"], "cannot import module 'nosuchmodule'"),
+    (["jobfuncs:nosuchfunction", "--points", "p.npy"], "module 'jobfuncs' has no function 'nosuchfunction'"),
+    (["jobfuncs:NOT_CALLABLE", "--points", "p.npy"], "is a int, not a function"),
+    (["jobfuncs", "--points", "p.npy"], "is not of the form MODULE:FUNCTION"),
+    (["jobfuncs:square", "--points", "missing.npy"], "points file missing.npy does not exist"),
+    (["jobfuncs:square", "--points", "empty.npy"], "holds no points"),
+    (["jobfuncs:square", "--points", "cube.npy"], "have shape (2, 2, 2)"),
+    (["jobfuncs:square", "--points", "corrupt.npy"], "cannot read points from corrupt.npy"),
+    (["jobfuncs:square", "--points", "strings.npy"], "not numbers"),
+    (["jobfuncs:square", "--points", "p.npy", "--out", "nodir/r.h5"], "directory"),
+    (["jobfuncs:square", "--points", "p.npy", "--out", "."], "is a directory"),
+    (["jobfuncs:returns_set", "--points", "p.npy"], "cannot be stored"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_gets_one_line_error_and_nonzero_exit(tmp_path, args, message):
+    np.save(tmp_path / "p.npy", np.arange(10.0))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 2)))
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
+    np.save(tmp_path / "strings.npy", np.array(["a", "b"]))
+    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
+    if "--out" not in args:
+        args = args + ["--out", "r.h5"]
+    proc = mpimap_cli(3, "run", *args, cwd=tmp_path, check=False, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpimap: error:") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_bad_input_never_damages_an_existing_results_file(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(20.0))
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", out, cwd=tmp_path)
+    before = read_results(out)
+    (tmp_path / "corrupt.npy").write_bytes(b"junk")
+    for args in (["nosuchmodule:f", "--points", "p.npy"], ["jobfuncs:square", "--points", "corrupt.npy"]):
+        assert mpimap_cli(2, "run", *args, "--out", out, cwd=tmp_path, check=False).returncode != 0
+    after = read_results(out)
+    assert np.array_equal(before["value"], after["value"]) and after["attrs"]["state"] == "complete"
+
+
+def test_second_writer_is_refused_while_a_job_runs(tmp_path):
+    n = 400
+    np.save(tmp_path / "p.npy", np.column_stack([np.arange(n, dtype=float), np.zeros(n)]))
+    out = str(tmp_path / "r.h5")
+    job = _start_job(tmp_path, str(tmp_path / "p.npy"), out, str(tmp_path / "log"), "0.02")
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(out + ".lock") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc = mpimap_cli(2, "run", "jobfuncs:record", "--points", "p.npy", "--out", out, cwd=tmp_path, check=False,
+                          env=job_env(MPIMAP_TEST_LOG=str(tmp_path / "log2")))
+        assert proc.returncode == 2 and "is being written by another running job" in proc.stderr
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+
+
+def test_demo_runs_on_a_fresh_setup(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "demo", "--points", "400"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "job complete" in proc.stdout
+    import re
+
+    tau, freq = map(float, re.search(r"best fit: tau = ([\d.]+), freq = ([\d.]+)", proc.stdout).groups())
+    assert abs(tau - 2.5) < 0.3 and abs(freq - 0.8) < 0.05

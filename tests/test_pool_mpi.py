@@ -1,0 +1,114 @@
+"""Pool under real mpiexec: script mode (python -m mpimap SCRIPT.py) and inside an MPI program (comm=)."""
+
+import json
+
+import numpy as np
+
+
+def log_prob(x):
+    return -0.5 * float(np.sum(x ** 2))
+
+
+def run_fitting_libraries(pool, emcee, differential_evolution, rosen) -> bool:
+    """emcee with pool= and scipy with workers=pool.map must give exactly the serial results."""
+    p0 = np.random.default_rng(3).normal(size=(8, 2))
+    serial = emcee.EnsembleSampler(8, 2, log_prob)
+    serial.run_mcmc(p0, 20, progress=False)
+    parallel = emcee.EnsembleSampler(8, 2, log_prob, pool=pool)
+    parallel.run_mcmc(p0, 20, progress=False)
+    assert np.array_equal(serial.get_chain(), parallel.get_chain())
+    bounds = [(-2, 2)] * 3
+    a = differential_evolution(rosen, bounds, seed=1, maxiter=20, updating="deferred", polish=False)
+    b = differential_evolution(rosen, bounds, seed=1, maxiter=20, updating="deferred", polish=False,
+                               workers=pool.map)
+    assert np.array_equal(a.x, b.x) and a.fun == b.fun
+    return True
+
+
+SCRIPT = '''
+import json, sys, numpy as np, mpimap
+from jobfuncs import square, poly, fail_on_multiples_of_7
+
+def local_cube(x):  # defined in the script: found on the workers through __worker__
+    return x ** 3
+
+if __name__ == "__main__":
+    n = int(sys.argv[1])
+    with mpimap.Pool() as pool:
+        out = {"size": pool.size}
+        out["square"] = list(pool.map(square, range(n))) == [x * x for x in range(n)]
+        out["cube"] = list(pool.map(local_cube, range(100))) == [x ** 3 for x in range(100)]
+        pts = np.random.default_rng(0).normal(size=(n, 2))
+        out["poly"] = all(np.array_equal(a, poly(p)) for a, p in zip(pool.map(poly, pts), pts))
+        out["chunked"] = list(pool.map(square, range(n), chunksize=7)) == [x * x for x in range(n)]
+        big = [np.full(100_000, float(i)) for i in range(6)]  # 800 kB arrays travel out of band
+        out["big"] = [float(a.sum()) for a in pool.map(np.negative, big)] == [-1e5 * i for i in range(6)]
+        try:
+            list(pool.map(fail_on_multiples_of_7, range(1, 30)))
+        except ValueError as exc:
+            out["error"] = [str(exc), "fail_on_multiples_of_7" in str(exc.__cause__)]
+        out["unordered"] = sorted(pool.imap_unordered(square, range(500))) == sorted(x * x for x in range(500))
+        out["hosts"] = sorted({row["host"] is not None for row in pool.status()})
+    with mpimap.Pool() as again:  # a second pool in the same script reuses the serving workers
+        out["second_pool"] = list(again.map(square, [3])) == [9]
+    print("RESULT " + json.dumps(out))
+'''
+
+
+def result_of(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def test_script_mode_equals_serial_at_2_and_3_ranks(run_script):
+    for ranks in (2, 3):
+        out = result_of(run_script(SCRIPT, ranks=ranks, args=["12000"]))
+        assert out == {"size": ranks - 1, "square": True, "cube": True, "poly": True, "chunked": True, "big": True,
+                       "error": ["bad point 7", True], "unordered": True, "hosts": [True], "second_pool": True}
+
+
+def test_fitting_libraries_under_mpiexec(run_script):
+    out = run_script('''
+import emcee, mpimap
+from scipy.optimize import differential_evolution, rosen
+from test_pool_mpi import run_fitting_libraries
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        print("OK" if run_fitting_libraries(pool, emcee, differential_evolution, rosen) else "BAD")
+''', ranks=3)
+    assert "OK" in out
+
+
+def test_pool_inside_an_mpi_program(run_script):
+    """Every rank calls Pool(comm): rank 0 gets the pool, the others serve and then carry on."""
+    out = run_script('''
+from mpi4py import MPI
+import mpimap
+from jobfuncs import square
+comm = MPI.COMM_WORLD
+with mpimap.Pool(comm) as pool:
+    if pool is not None:
+        print("MASTER", sum(pool.map(square, range(1000))), pool.size, flush=True)
+# every rank is back here: MPI still works for the program
+total = comm.allreduce(1)
+print(f"RANK {comm.Get_rank()} back, allreduce {total}", flush=True)
+''', ranks=3, plain=True)
+    assert f"MASTER {sum(x * x for x in range(1000))} 2" in out
+    for rank in range(3):
+        assert f"RANK {rank} back, allreduce 3" in out
+
+
+def test_heartbeats_arrive_while_a_long_point_runs(run_script):
+    out = run_script('''
+import time, mpimap
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        future = pool.submit(time.sleep, 2.5)
+        time.sleep(1.8)
+        rows = pool.status()
+        busy = [r for r in rows if r["in_flight"]]
+        print("SILENCE", max(r["last_heard"] for r in busy))
+        future.result()
+''', ranks=2, env=__import__("conftest").job_env(MPIMAP_HEARTBEAT=0.2))
+    silence = float(next(line.split()[1] for line in out.splitlines() if line.startswith("SILENCE")))
+    assert silence < 1.0  # heard from within ~0.2 s although its point has run for 1.8 s
