@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 import types
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
     size = MPI.COMM_WORLD.Get_size()
     comm = MPI.COMM_WORLD.Dup() if size > 1 else None
     if comm is not None and comm.Get_rank() > 0:
+        # A signal to the whole job (scancel, Ctrl-C) is rank 0's to handle: it flushes the results and
+        # then stops the workers.  A worker that died of it would take the job down before the flush.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if script is not None:
             _serve_script(script, comm)
         else:

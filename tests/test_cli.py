@@ -214,3 +214,38 @@ def test_demo_runs_on_a_fresh_setup(tmp_path):
 
     tau, freq = map(float, re.search(r"best fit: tau = ([\d.]+), freq = ([\d.]+)", proc.stdout).groups())
     assert abs(tau - 2.5) < 0.3 and abs(freq - 0.8) < 0.05
+
+
+def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    n = 2000
+    pts = np.column_stack([np.arange(n, dtype=float), np.zeros(n)])
+    path = str(tmp_path / "p.npy")
+    np.save(path, pts)
+    out = str(tmp_path / "r.h5")
+    job = _start_job(tmp_path, path, out, str(tmp_path / "a.log"), "0.005")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not os.path.exists(tmp_path / "a.log")
+                                            or len(open(tmp_path / "a.log").read().split()) < 200):
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)  # to mpiexec, which forwards it to every rank, as scancel does
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert "SIGTERM: stopping; results so far are kept" in stderr
+    r = read_results(out)
+    assert r["attrs"]["state"] == "interrupted"
+    kept = int((r["status"] == "done").sum())
+    assert kept >= 150  # what was evaluated before the signal is kept (in-flight points may be lost)
+    resumed = _start_job(tmp_path, path, out, str(tmp_path / "b.log"), "0")
+    resumed.communicate(timeout=120)
+    assert len(open(tmp_path / "b.log").read().split()) == n - kept
+    final = read_results(out)
+    assert final["attrs"]["state"] == "complete" and set(final["status"]) == {"done"}
+    assert np.array_equal(final["value"], pts[:, 0] * 2)
+
+
+def test_progress_line(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(300.0))
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", "--progress", cwd=tmp_path)
+    assert "[########################] 300/300 points, 0 failed," in proc.stderr and "ETA" in proc.stderr
+    quiet = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "q.h5", cwd=tmp_path)
+    assert quiet.stderr == ""  # not a terminal: no progress line unless asked

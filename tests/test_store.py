@@ -1,0 +1,94 @@
+"""The results file on its own: layout details, recovery after a killed writer, format checks."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from mpimap.errors import MpimapError
+from mpimap.failures import Failure
+from mpimap.store import ResultStore, _lookup3, read_results
+
+
+def test_lookup3_matches_hdf5_superblock_checksum(tmp_path):
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        f["x"] = np.arange(3)
+    block = path.read_bytes()[:48]
+    assert int.from_bytes(block[44:48], "little") == _lookup3(block[:44])
+
+
+def test_values_that_do_not_fit_fail_that_point_only(tmp_path):
+    pts = np.arange(4.0)
+    store = ResultStore.open(str(tmp_path / "r.h5"), pts, "m:f")
+    idx = np.arange(4)
+    store.write(idx[:2], [np.zeros(2), np.ones(2)], {}, np.zeros(2), 1, "h")
+    store.write(idx[2:], [np.ones(3), np.ones(2)], {}, np.zeros(2), 1, "h")
+    store.close("complete")
+    r = read_results(str(tmp_path / "r.h5"))
+    assert list(r["status"]) == ["done", "done", "failed", "done"]
+    assert r["error"][2].startswith("StoreError: result of type ndarray and shape (3,) does not fit")
+
+
+def test_failures_and_values_in_one_chunk(tmp_path):
+    store = ResultStore.open(str(tmp_path / "r.h5"), np.arange(3.0), "m:f")
+    failure = Failure.from_exception(KeyError("k"))
+    store.write(np.arange(3), [1.5, None, 2.5], {1: failure}, np.array([0.1, 0.2, 0.3]), 2, "node7")
+    store.close("complete")
+    r = read_results(str(tmp_path / "r.h5"))
+    assert list(r["status"]) == ["done", "failed", "done"]
+    assert r["value"][0] == 1.5 and r["value"][2] == 2.5 and np.isnan(r["value"][1])
+    assert r["error"][1].startswith("KeyError: 'k'") and list(r["host"]) == ["node7"] * 3
+
+
+WRITER = '''
+import sys, numpy as np
+from mpimap.store import ResultStore
+store = ResultStore.open(sys.argv[1], np.arange(1000.0), "m:f", flush_interval=0)
+for start in range(0, 600, 100):
+    idx = np.arange(start, start + 100)
+    store.write(idx, idx * 2.0, {}, np.zeros(100), 1, "h")
+print("written", flush=True)
+sys.stdin.read()
+'''
+
+
+def test_resume_after_the_writer_was_killed(tmp_path):
+    path = str(tmp_path / "r.h5")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "written"
+    with h5py.File(path, "r", swmr=True) as f:  # readable while the writer lives
+        assert (f["status"][()] == 1).sum() == 600
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(path, "r")
+    assert (read_results(path)["status"] == "done").sum() == 600  # readable after the kill
+    store = ResultStore.open(path, np.arange(1000.0), "m:f")  # clears the flags the kill left
+    todo = store.todo()
+    assert list(todo) == list(range(600, 1000))
+    store.write(todo, todo * 2.0, {}, np.zeros(400), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert np.array_equal(r["value"], np.arange(1000.0) * 2) and r["attrs"]["runs"] == 2
+    with h5py.File(path, "r") as f:  # a plain reader is fine once the job has closed the file
+        assert f.attrs["state"] == "complete"
+
+
+def test_newer_format_and_foreign_files_are_refused(tmp_path):
+    path = str(tmp_path / "r.h5")
+    ResultStore.open(path, np.arange(3.0), "m:f").close("complete")
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(MpimapError, match="written by a newer mpimap"):
+        ResultStore.open(path, np.arange(3.0), "m:f")
+    other = str(tmp_path / "other.h5")
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(MpimapError, match="not an mpimap results file"):
+        ResultStore.open(other, np.arange(3.0), "m:f")
