@@ -25,6 +25,7 @@ from .inputs import checksum
 
 FORMAT = "mpimap-results"
 FORMAT_VERSION = 1
+FLUSH_ROWS = 1 << 18  # buffered rows that force a flush whatever the interval
 STATUS = {"pending": 0, "done": 1, "failed": 2}
 STATUS_NAMES = {v: k for k, v in STATUS.items()}
 STATUS_DTYPE = h5py.enum_dtype(STATUS, basetype="i1")
@@ -53,6 +54,9 @@ class ResultStore:
         self._last_flush = time.monotonic()
         self._hosts = {name.decode(): i for i, name in enumerate(file["hosts"][()])}
         self.size = len(file["status"])
+        self._pending: list = []  # buffered chunks, see write()
+        self._pending_rows = 0
+        self._layout = _existing_layout(file)  # (dtype, shape) of values, TEXT for JSON; None until known
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -89,88 +93,107 @@ class ResultStore:
 
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str) -> None:
-        """Store the results of the points ``indices`` (one chunk, in order)."""
+        """Take the results of the points ``indices`` (one chunk, in order); they reach the file at the next flush.
+
+        Rows are buffered and written in large sorted runs: a write per chunk
+        and column costs far more than the data.  A flush happens every
+        ``flush_interval`` seconds, at ``FLUSH_ROWS`` buffered rows, and at close.
+        """
         n = len(indices)
         status = np.full(n, STATUS["done"], dtype=np.int8)
         errors = {}
         for offset, failure in failures.items():
             status[offset] = STATUS["failed"]
             errors[offset] = f"{failure.text}\n\n{failure.traceback}"
-        good = [i for i in range(n) if i not in failures] if failures else None
-        if good is None or good:
-            errors.update(self._write_values(indices, values, good))
-        for offset in errors:
+        if self._layout is None:
+            first_good = next((i for i in range(n) if i not in failures), None)
+            if first_good is not None:
+                self._layout = _layout_of(values[first_good])
+        column, misfits = self._value_column(values, failures, n)
+        for offset, text in misfits.items():
             status[offset] = STATUS["failed"]
-        host_id = self._host_id(host)
-        for sel, part in _runs(indices):
-            f = self._file
-            f["status"][sel] = status[part]
-            f["seconds"][sel] = durations[part]
-            f["rank"][sel] = rank
-            f["host"][sel] = host_id
-            f["run"][sel] = self.run
-        for offset, text in errors.items():
-            self._file["error"][indices[offset]] = text
-        if time.monotonic() - self._last_flush > self.flush_interval:
+            errors[offset] = text
+        self._pending.append((indices, status, np.asarray(durations), np.full(n, rank, np.int32),
+                              np.full(n, self._host_id(host), np.int32), column,
+                              {int(indices[k]): text for k, text in errors.items()}))
+        self._pending_rows += n
+        if self._pending_rows >= FLUSH_ROWS or time.monotonic() - self._last_flush > self.flush_interval:
             self.flush()
 
-    def _write_values(self, indices, values, good) -> dict:
-        """Write the values of the points at offsets ``good`` (all if None); return ``{offset: error}`` for misfits."""
-        if good is not None:
-            indices = indices[good]
-            values = [values[i] for i in good]
-        if "value" not in self._file and "value_json" not in self._file:
-            self._create_value_dataset(values[0])
-        if "value_json" in self._file:
-            encoded = np.array([_to_json(v) for v in values], dtype=object)
-            for sel, part in _runs(indices):
-                self._file["value_json"][sel] = encoded[part]
-            return {}
-        dataset = self._file["value"]
-        array = values if isinstance(values, np.ndarray) else None
-        if array is None:
+    def _value_column(self, values, failures, n):
+        """The chunk's values as one array in the file's layout (fill where failed); misfits as ``{offset: error}``."""
+        if self._layout is None:  # every point of every chunk so far failed
+            return None, {}
+        dtype, shape = self._layout
+        if dtype is TEXT:
+            column = np.array(["" if i in failures else _to_json(values[i]) for i in range(n)], dtype=object)
+            return column, {}
+        if isinstance(values, np.ndarray) and values.shape[1:] == shape:
+            return values.astype(dtype, copy=False), {}
+        column = np.full((n, *shape), np.nan if np.dtype(dtype).kind in "fc" else 0, dtype=dtype)
+        misfits = {}
+        for i in range(n):
+            if i in failures:
+                continue
             try:
-                array = np.asarray(values, dtype=dataset.dtype)
-            except (ValueError, TypeError):
-                array = None
-        if array is None or array.shape[1:] != dataset.shape[1:]:
-            return self._write_values_one_by_one(indices, values, good)
-        for sel, part in _runs(indices):
-            dataset[sel] = array[part]
-        return {}
-
-    def _write_values_one_by_one(self, indices, values, good) -> dict:
-        dataset = self._file["value"]
-        errors = {}
-        for k, (index, value) in enumerate(zip(indices, values)):
-            offset = good[k] if good is not None else k
-            try:
-                value = np.asarray(value, dtype=dataset.dtype)
-                if value.shape != dataset.shape[1:]:
+                value = np.asarray(values[i], dtype=dtype)
+                if value.shape != shape:
                     raise ValueError(f"shape {value.shape}")
             except (ValueError, TypeError) as exc:
-                errors[offset] = (f"StoreError: result {_describe(value)} does not fit the stored results "
-                                  f"(of type {dataset.dtype}, shape {dataset.shape[1:]}): {exc}")
+                misfits[i] = (f"StoreError: result {_describe(values[i])} does not fit the stored results "
+                              f"(of type {np.dtype(dtype)}, shape {shape}): {exc}")
                 continue
-            dataset[index] = value
-        return errors
+            column[i] = value
+        return column, misfits
 
-    def _create_value_dataset(self, value) -> None:
-        """Choose how values are stored from the first one: a numeric dataset, or JSON text."""
-        array = np.asarray(value) if _is_numeric(value) else None
+    def flush(self) -> None:
+        """Write the buffered rows, in sorted contiguous runs, and make them visible to readers."""
+        if self._pending:
+            if self._layout is not None and "value" not in self._file and "value_json" not in self._file:
+                self._create_value_dataset()  # replaces self._file
+            f = self._file
+            parts = list(zip(*self._pending))
+            indices = np.concatenate(parts[0])
+            order = np.argsort(indices, kind="stable")
+            indices = indices[order]
+            columns = {name: np.concatenate(part)[order] for name, part in
+                       zip(("status", "seconds", "rank", "host"), parts[1:5])}
+            if self._layout is not None:
+                filler = self._fill_column
+                columns["value_json" if self._layout[0] is TEXT else "value"] = np.concatenate(
+                    [c if c is not None else filler(len(i)) for i, c in zip(parts[0], parts[5])])[order]
+            columns["run"] = np.full(len(indices), self.run, np.int16)
+            for sel, part in _runs(indices):
+                for name, column in columns.items():
+                    f[name][sel] = column[part]
+            for errors in parts[6]:
+                for index, text in errors.items():
+                    f["error"][index] = text
+            self._pending.clear()
+            self._pending_rows = 0
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
+    def _fill_column(self, n):
+        dtype, shape = self._layout
+        if dtype is TEXT:
+            return np.full(n, "", dtype=object)
+        return np.full((n, *shape), np.nan if np.dtype(dtype).kind in "fc" else 0, dtype=dtype)
+
+    def _create_value_dataset(self) -> None:
+        """Create the value dataset in the layout chosen from the first value: numeric, or JSON text."""
+        dtype, shape = self._layout
         # Datasets cannot be created in SWMR mode: reopen briefly without it.
         self._file.close()
         self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
         n = self.size
-        if array is not None:
-            dtype = {"b": np.bool_, "i": np.int64, "u": np.int64, "f": np.float64, "c": np.complex128}[array.dtype.kind]
-            fill = np.nan if array.dtype.kind in "fc" else 0
-            self._file.create_dataset("value", shape=(n, *array.shape), maxshape=(None, *array.shape),
-                                      chunks=True, dtype=dtype, fillvalue=fill)
-        else:
-            _to_json(value)  # fails with a clear message before anything is created
+        if dtype is TEXT:
             self._file.create_dataset("value_json", shape=(n,), maxshape=(None,), chunks=(min(n, 4096),),
                                       dtype=TEXT, fillvalue="")
+        else:
+            fill = np.nan if np.dtype(dtype).kind in "fc" else 0
+            self._file.create_dataset("value", shape=(n, *shape), maxshape=(None, *shape), chunks=True,
+                                      dtype=dtype, fillvalue=fill)
         self._file.swmr_mode = True
 
     def _host_id(self, host: str) -> int:
@@ -181,20 +204,37 @@ class ResultStore:
             self._hosts[host] = len(hosts) - 1
         return self._hosts[host]
 
-    def flush(self) -> None:
-        self._file.flush()
-        self._last_flush = time.monotonic()
-
     def close(self, state: str) -> None:
         """Flush, record the job's ``state`` (complete, interrupted, failed) and release the file."""
         if self._file is None:
             return
-        self._file.close()
+        try:
+            self.flush()
+        finally:
+            self._file.close()
         with h5py.File(self.path, "r+", libver="latest", locking=False) as f:
             f.attrs["state"] = state
             f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._file = None
         _release_lock(self._lock, self.path)
+
+
+def _layout_of(value):
+    """How values like this one are stored: (numeric dtype, shape), or (TEXT, ()) for JSON."""
+    if _is_numeric(value):
+        array = np.asarray(value)
+        kind = {"b": np.bool_, "i": np.int64, "u": np.int64, "f": np.float64, "c": np.complex128}[array.dtype.kind]
+        return kind, array.shape
+    _to_json(value)  # fails with a clear message if it cannot be stored at all
+    return TEXT, ()
+
+
+def _existing_layout(file):
+    if "value" in file:
+        return file["value"].dtype.type, file["value"].shape[1:]
+    if "value_json" in file:
+        return TEXT, ()
+    return None
 
 
 def _is_numeric(value) -> bool:

@@ -1,0 +1,248 @@
+"""Core benchmark: mpimap against a hand-written mpi4py loop and mpi4py.futures, side by side in one run.
+
+Driver (what to run):   python benchmarks/bench_core.py [--rounds 3] [--quick]
+It launches every configuration under ``mpiexec`` from this environment, round-robin over rounds
+(this machine is noisy: compare within one run only), and prints a table of medians plus the
+ratios the performance targets are about.  The figures in docs/performance.rst come from it.
+
+One configuration (what the driver launches):
+    mpiexec -n N python bench_core.py --system raw --workload trivial
+    mpiexec -n N python -m mpi4py.futures bench_core.py --system futures --workload trivial
+    mpiexec -n N python -m mpimap bench_core.py --system mpimap --workload trivial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+
+
+# -- workloads ----------------------------------------------------------------------------------------------------
+def square(x):
+    return x * x
+
+
+def nap(seconds):
+    """Sleep; return the time it really took (the in-task time that the ideal makespan is built from)."""
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    return time.perf_counter() - t0
+
+
+def skewed_points(n=2000, seed=7):
+    """1 ms sleeps, 1% of them (at random places) 50 ms."""
+    rng = random.Random(seed)
+    return [0.05 if rng.random() < 0.01 else 0.001 for _ in range(n)]
+
+
+def workload(name, npoints):
+    if name == "trivial":
+        return square, list(range(npoints))
+    if name == "skewed":
+        return nap, skewed_points()
+    if name == "slow":  # the master's CPU while every worker sleeps through 50 ms points
+        return nap, [0.05] * npoints
+    raise ValueError(name)
+
+
+# -- systems, each run inside mpiexec -------------------------------------------------------------------------------
+def run_raw(fn, points):
+    """The anchor: master sends an index, worker replies, 2 in flight per worker, blocking receives."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if rank > 0:
+        while True:
+            i = comm.recv(source=0)
+            if i is None:
+                return None
+            comm.send((i, fn(points[i])), dest=0)
+    results = [None] * len(points)
+    t0, cpu0 = time.perf_counter(), _cpu()
+    nxt, status = 0, MPI.Status()
+    for _ in range(2):
+        for w in range(1, size):
+            if nxt < len(points):
+                comm.send(nxt, dest=w)
+                nxt += 1
+    for _ in range(len(points)):
+        i, value = comm.recv(source=MPI.ANY_SOURCE, status=status)
+        results[i] = value
+        if nxt < len(points):
+            comm.send(nxt, dest=status.Get_source())
+            nxt += 1
+    elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    for w in range(1, size):
+        comm.send(None, dest=w)
+    return elapsed, cpu, results
+
+
+def run_futures(fn, points):
+    from mpi4py.futures import MPIPoolExecutor
+
+    with MPIPoolExecutor() as pool:
+        list(pool.map(fn, points[:20]))  # warm-up, as for every system
+        t0, cpu0 = time.perf_counter(), _cpu()
+        results = list(pool.map(fn, points))
+        return time.perf_counter() - t0, _cpu() - cpu0, results
+
+
+def run_mpimap(fn, points, chunksize=None):
+    import mpimap
+
+    with mpimap.Pool() as pool:
+        list(pool.map(fn, points[:20]))
+        t0, cpu0 = time.perf_counter(), _cpu()
+        results = list(pool.map(fn, points, chunksize=chunksize))
+        return time.perf_counter() - t0, _cpu() - cpu0, results
+
+
+def _cpu():
+    """CPU seconds of this process (all its threads: for mpimap, the master thread too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def one_configuration(args):
+    fn, points = workload(args.workload, args.points)
+    if args.system == "raw":
+        out = run_raw(fn, points)
+        if out is None:  # a worker rank
+            return
+    elif args.system == "futures":
+        out = run_futures(fn, points)
+    else:
+        chunksize = None if args.chunksize == 0 else args.chunksize
+        out = run_mpimap(fn, points, chunksize)
+    elapsed, master_cpu, results = out
+    if args.workload == "trivial":
+        assert results == [fn(p) for p in points]
+    print("BENCH " + json.dumps(dict(elapsed=elapsed, points=len(results), master_cpu=master_cpu,
+                                     work=sum(results) if args.workload != "trivial" else None)), flush=True)
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+def launch(command, env=None):
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stdout}\n{proc.stderr}")
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    result = json.loads(line[6:]) if line else {}
+    result["wall"] = wall
+    return result
+
+
+def configurations(quick):
+    """(label, ranks, command-args) for every configuration of the matrix."""
+    n_trivial = 50_000 if quick else 200_000
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    py = sys.executable
+    for n in (2, 3):
+        base = [mpiexec, "-n", str(n), py]
+        yield f"trivial raw n{n}", base + [HERE, "--system", "raw", "--workload", "trivial", "--points", str(n_trivial)]
+        # mpi4py.futures at its default chunksize 1 manages ~2k points/s: time 20k points (its rate is flat)
+        yield f"trivial futures n{n}", base + ["-m", "mpi4py.futures", HERE, "--system", "futures",
+                                               "--workload", "trivial", "--points", "20000"]
+        yield f"trivial mpimap n{n}", base + ["-m", "mpimap", HERE, "--system", "mpimap", "--workload", "trivial",
+                                              "--points", str(n_trivial)]
+    base = [mpiexec, "-n", "3", py]
+    yield "skewed mpimap n3", base + ["-m", "mpimap", HERE, "--system", "mpimap", "--workload", "skewed"]
+    yield "skewed static n3", base + ["-m", "mpimap", HERE, "--system", "mpimap", "--workload", "skewed",
+                                      "--chunksize", "1000"]
+    yield "skewed raw n3", base + [HERE, "--system", "raw", "--workload", "skewed"]
+    yield "slow mpimap n3", base + ["-m", "mpimap", HERE, "--system", "mpimap", "--workload", "slow",
+                                    "--points", "100"]
+
+
+def store_configurations(quick, workdir):
+    """The CLI with its HDF5 store against the same map through the Python API, no store."""
+    n = 50_000 if quick else 200_000
+    np.save(os.path.join(workdir, "points.npy"), np.arange(n, dtype=float))
+    script = os.path.join(workdir, "nostore.py")
+    with open(script, "w") as f:
+        f.write("import numpy as np, mpimap, bench_core, time\n"
+                "if __name__ == '__main__':\n"
+                "    pts = np.load('points.npy')\n"
+                "    with mpimap.Pool() as pool:\n"
+                "        t0 = time.perf_counter(); r = list(pool.imap_chunks(bench_core.square, pts))\n"
+                "        print('BENCH {\"elapsed\": %f}' % (time.perf_counter() - t0))\n")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    for n_ranks in (2, 3):
+        base = [mpiexec, "-n", str(n_ranks), sys.executable, "-m", "mpimap"]
+        yield f"cli-store n{n_ranks}", base + ["run", "bench_core:square", "--points", "points.npy", "--out",
+                                                "r.h5", "--fresh"]
+        yield f"api-nostore n{n_ranks}", base + [script]
+
+
+def drive(args):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1")
+    workdir = tempfile.mkdtemp(prefix="mpimap-bench-")
+    matrix = list(configurations(args.quick)) + list(store_configurations(args.quick, workdir))
+    results = {label: [] for label, _ in matrix}
+    for r in range(args.rounds):
+        order = matrix[r % len(matrix):] + matrix[:r % len(matrix)]  # rotate: nobody always runs first
+        for label, command in order:
+            cwd = os.getcwd()
+            os.chdir(workdir)
+            try:
+                results[label].append(launch(command, env))
+            finally:
+                os.chdir(cwd)
+            print(f"round {r + 1}/{args.rounds}: {label}: {results[label][-1]}", file=sys.stderr, flush=True)
+
+    def med(label, key):
+        return statistics.median(x[key] for x in results[label])
+
+    def rate(label):
+        return statistics.median(x["points"] / x["elapsed"] for x in results[label])
+
+    print(f"\n{args.rounds} rounds, medians; commands: see benchmarks/bench_core.py --help\n")
+    for n in (2, 3):
+        raw, fut, ours = rate(f"trivial raw n{n}"), rate(f"trivial futures n{n}"), rate(f"trivial mpimap n{n}")
+        print(f"trivial x*x, -n {n}: raw loop {raw:,.0f}/s, mpi4py.futures {fut:,.0f}/s, mpimap {ours:,.0f}/s "
+              f"-> mpimap/raw {ours / raw:.2f}x, mpimap/futures {ours / fut:.0f}x")
+    for label in ("skewed mpimap n3", "skewed static n3", "skewed raw n3"):
+        ideal = statistics.median(x["work"] for x in results[label]) / 2
+        print(f"skewed 2000 points, -n 3, {label.split()[1]}: makespan {med(label, 'elapsed'):.3f} s, "
+              f"ideal {ideal:.3f} s -> {med(label, 'elapsed') / ideal:.3f}")
+    slow = results["slow mpimap n3"]
+    print(f"master CPU while workers sleep (100 x 50 ms, -n 3): "
+          f"{statistics.median(x['master_cpu'] / x['elapsed'] for x in slow) * 100:.1f}% of a core")
+    for n in (2, 3):
+        store, nostore = med(f"cli-store n{n}", "wall"), med(f"api-nostore n{n}", "wall")
+        print(f"{'50k' if args.quick else '200k'} scalar results, -n {n}: CLI with HDF5 store {store:.2f} s, "
+              f"same map without store {nostore:.2f} s (whole mpiexec commands) -> {store / nostore:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", choices=["raw", "futures", "mpimap"])
+    parser.add_argument("--workload", default="trivial")
+    parser.add_argument("--points", type=int, default=200_000)
+    parser.add_argument("--chunksize", type=int, default=0, help="mpimap chunksize (0: automatic)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller trivial runs")
+    args = parser.parse_args()
+    if args.system:
+        one_configuration(args)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()
