@@ -82,7 +82,7 @@ class Scheduler:
       order they were added.
     """
 
-    def __init__(self, ranks, *, prefetch: int = 2, target_seconds: float = 0.005,
+    def __init__(self, ranks, *, prefetch: int = 2, target_seconds: float = 0.05,
                  max_chunk: int = 65536, tail_factor: int = 2, now: float = 0.0):
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
@@ -96,8 +96,11 @@ class Scheduler:
         self._queue: list = []  # heap of (-priority, order, map_id) for maps with unassigned points
         self._order = itertools.count()
         self._chunk_ids = itertools.count()
-        # Ranks with room for another chunk; a rank appears once per free slot.
-        self._room: deque = deque(r for _ in range(prefetch) for r in ranks)
+        # Ranks with room, by how many chunks they hold: _room[k] lists ranks holding k chunks, so an
+        # empty rank is always served before one with work queued.  Entries go stale when a rank's
+        # count changes; _pop_room skips those.
+        self._room = [deque() for _ in range(prefetch)]
+        self._room[0].extend(self.ranks)
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
@@ -118,10 +121,9 @@ class Scheduler:
             stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
             for cid in stale:
                 del rank.in_flight[cid]
-                if not rank.lost:
-                    self._room.append(rank.rank)
             if stale:
                 holders.append(rank.rank)
+                self._push_room(rank.rank)
         return holders
 
     def map_finished(self, map_id: int) -> bool:
@@ -132,19 +134,36 @@ class Scheduler:
     def assign(self) -> list[tuple[int, Chunk]]:
         """Hand out chunks to every rank that has room, while there is work."""
         out = []
-        while self._room and self._queue:
-            rank = self._room.popleft()
-            rstate = self.ranks.get(rank)
-            if rstate is None or rstate.lost:
-                continue
+        while self._queue:
+            rank = self._pop_room()
+            if rank is None:
+                break
             chunk = self._next_chunk()
+            rstate = self.ranks[rank]
             if chunk is None:
-                self._room.appendleft(rank)
+                self._room[len(rstate.in_flight)].appendleft(rank)
                 break
             rstate.in_flight[chunk.chunk_id] = chunk
             self.maps[chunk.map_id].in_flight += 1
+            self._push_room(rank)
             out.append((rank, chunk))
         return out
+
+    def _pop_room(self) -> int | None:
+        """The rank that should get the next chunk: one holding the fewest, longest waiting first."""
+        for held, ranks in enumerate(self._room):
+            while ranks:
+                rank = ranks.popleft()
+                rstate = self.ranks[rank]
+                if not rstate.lost and len(rstate.in_flight) == held:
+                    return rank
+        return None
+
+    def _push_room(self, rank: int) -> None:
+        rstate = self.ranks[rank]
+        held = len(rstate.in_flight)
+        if not rstate.lost and held < self.prefetch:
+            self._room[held].append(rank)
 
     def _next_chunk(self) -> Chunk | None:
         while self._queue:
@@ -183,8 +202,7 @@ class Scheduler:
         chunk = rstate.in_flight.pop(chunk_id, None)
         if chunk is None:
             return None
-        if not rstate.lost:
-            self._room.append(rank)
+        self._push_room(rank)
         rstate.chunks_done += 1
         rstate.points_done += len(chunk)
         rstate.busy_seconds += seconds

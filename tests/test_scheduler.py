@@ -151,3 +151,14 @@ def test_bad_arguments():
         Scheduler([1], prefetch=0)
     with pytest.raises(ValueError):
         Scheduler([1]).add_map(0, 10, chunksize=0)
+
+
+def test_empty_ranks_are_served_before_ranks_with_work_queued():
+    """After a map ends out of order, the next map's first chunks still spread over all ranks."""
+    sched = Scheduler([1, 2, 3], prefetch=2)
+    sched.add_map(0, 6, chunksize=1)
+    first = sched.assign()
+    for rank, chunk in sorted(first, key=lambda rc: rc[0]):  # rank 1 finishes both its chunks first
+        sched.complete(rank, chunk.chunk_id, 0.01, 0.0)
+    sched.add_map(1, 30, chunksize=10)
+    assert sorted(rank for rank, _ in sched.assign()) == [1, 2, 3]
