@@ -16,6 +16,9 @@ import sys
 import types
 
 
+EXIT_RANKS_LOST = 4  # the run finished, but some ranks were lost on the way
+
+
 def _heartbeat() -> float:
     from .worker import DEFAULT_HEARTBEAT
 
@@ -55,17 +58,30 @@ def main(argv=None) -> int:
         return 0
     if comm is not None:
         world.start(comm)
+    status = 1
     try:
         if script is not None:
             sys.argv = argv
             sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
             runpy.run_path(script, run_name="__main__")
-            return 0
-        from .cli import main as cli_main
+            status = 0
+        else:
+            from .cli import main as cli_main
 
-        return cli_main(argv)
+            status = cli_main(argv)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+        raise
     finally:
-        world.end()
+        lost = world.end()
+        if lost:
+            # MPI_Finalize would wait for ever on a lost rank: everything is stored, so end the job here.
+            sys.stdout.flush()
+            sys.stderr.write(f"mpimap: ranks {sorted(lost)} were lost during the run; ending the MPI job "
+                             f"with exit status {EXIT_RANKS_LOST}\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(EXIT_RANKS_LOST if status == 0 else status)
+    return status
 
 
 if __name__ == "__main__":

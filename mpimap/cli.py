@@ -45,15 +45,41 @@ def cli():
 @click.option("--flush-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds between flushes of the results file (what a kill can lose).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress line (default: on a terminal).")
-def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress):
+@click.option("--isolation", type=click.Choice(["rank", "process", "fresh"]), default="process", show_default=True,
+              help="Where points are evaluated: in the worker rank, in a supervised child process per rank, "
+                   "or in a new process per point.")
+@click.option("--point-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Kill an evaluation that runs longer and record the point as timed out.")
+@click.option("--max-points", type=click.IntRange(min=1), default=None,
+              help="Recycle a rank's evaluation process after this many points.")
+@click.option("--max-memory-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Recycle a rank's evaluation process once its resident memory passes this.")
+@click.option("--scratch", is_flag=True, help="Give every evaluation its own TMPDIR, removed afterwards.")
+@click.option("--on-error", type=click.Choice(["record", "stop"]), default="record", show_default=True,
+              help="A point that fails for good: record it and go on, or stop the job.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Further attempts for a point whose function raised.")
+@click.option("--quarantine", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Attempts after which a point that crashed or timed out is failed for good.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
+def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
+        point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, rank_timeout):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
     from .inputs import FunctionRef, load_points
-    from .pool import Pool
+    from .pool import Pool, map_settings
     from .progress import Progress
     from .store import ResultStore
 
     fn = FunctionRef(function)
     points = load_points(points_spec)
+    try:
+        options = dict(isolation=isolation, point_timeout=point_timeout, max_points=max_points,
+                       max_memory_mb=max_memory_mb, scratch=scratch, on_error="record", retries=retries,
+                       quarantine=quarantine)
+        map_settings(options)
+    except ValueError as exc:
+        raise MpimapError(str(exc)) from None
     store = ResultStore.open(out, points, fn.spec, fresh=fresh, flush_interval=flush_interval)
     state = "failed"
     old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -62,14 +88,20 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=progress)
         per_rank: Counter = Counter()
         if len(todo):
-            with Pool() as pool:
+            with Pool(rank_timeout=rank_timeout) as pool:
                 ranks = pool._master.ranks
-                for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize):
+                for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options):
                     host = ranks[chunk.rank].host or socket.gethostname()
-                    store.write(todo[chunk.start:chunk.stop], chunk.values, chunk.failures, chunk.durations,
-                                chunk.rank, host)
-                    per_rank[f"{host}/{chunk.rank}"] += chunk.stop - chunk.start
-                    meter.update(chunk.stop - chunk.start, [f.text for f in chunk.failures.values()])
+                    kept = chunk.delivered()
+                    indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
+                    store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts)
+                    per_rank[f"{host}/{chunk.rank}"] += len(indices)
+                    meter.update(len(indices), [f.text for f in kept.failures.values()])
+                    if on_error == "stop" and kept.failures:
+                        offset, failure = next(iter(kept.failures.items()))
+                        raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error "
+                                          f"stop. Results so far are in {out}: fix the cause and run again "
+                                          "with --retry-failed")
         state = "complete"
     except _Interrupted as why:
         state = "interrupted"

@@ -22,14 +22,27 @@ class RemoteError(Exception):
     """Stands in for a worker exception that could not be pickled back to the caller."""
 
 
+class PointTimeout(RemoteError, TimeoutError):
+    """A point's evaluation ran past ``point_timeout`` and was killed."""
+
+
+class PointCrashed(RemoteError):
+    """A point's evaluation process died (a segfault, ``os._exit``, the OOM killer)."""
+
+
 @dataclass(frozen=True)
 class Failure:
-    """One point's failure: exception type, message and traceback, plus the pickled exception if it pickles."""
+    """One point's failure: exception type, message and traceback, plus the pickled exception if it pickles.
+
+    ``status`` is ``failed`` (the function raised), ``timeout`` (killed after
+    ``point_timeout``) or ``crashed`` (its evaluation process died).
+    """
 
     kind: str
     message: str
     traceback: str
     pickled: bytes | None = None
+    status: str = "failed"
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> "Failure":
@@ -55,6 +68,6 @@ class Failure:
             except Exception:
                 exc = None
         if exc is None:
-            exc = RemoteError(self.text)
+            exc = {"timeout": PointTimeout, "crashed": PointCrashed}.get(self.status, RemoteError)(self.text)
         exc.__cause__ = RemoteTraceback(f'\n"""\n{self.traceback}"""')
         return exc

@@ -11,7 +11,29 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+ON_ERROR = ("raise", "record")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a map does with failed points."""
+
+    on_error: str = "raise"  # raise: the map raises at the point; record: the failure is its result
+    retries: int = 0  # further attempts for a point whose function raised
+    quarantine: int = 2  # attempts after which a crashed or timed-out point is failed for good
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, not {self.on_error!r}")
+        if self.retries < 0 or self.quarantine < 1:
+            raise ValueError("retries must be >= 0 and quarantine >= 1")
+
+    def limit(self, failure) -> int:
+        """How many attempts a point with this failure gets in all."""
+        return 1 + self.retries if failure.status == "failed" else self.quarantine
 
 
 @dataclass
@@ -24,18 +46,38 @@ class ChunkResult:
     failures: dict  # offset within the chunk -> Failure
     durations: object  # float64 array of seconds per point
     rank: int
+    skip: frozenset = frozenset()  # offsets whose failure earned another attempt: their result comes later
+    attempts: dict = field(default_factory=dict)  # offset -> attempts made, where more than one
+
+    def offsets(self):
+        """Offsets of the points this chunk delivers."""
+        return [k for k in range(self.stop - self.start) if k not in self.skip] if self.skip else \
+            range(self.stop - self.start)
+
+    def delivered(self) -> "ChunkResult":
+        """This chunk without the points that went to another attempt (offsets renumbered): what to store."""
+        if not self.skip:
+            return self
+        keep = self.offsets()
+        new = {k: i for i, k in enumerate(keep)}
+        return ChunkResult(self.start, self.stop, [self.values[k] for k in keep],
+                           {new[k]: f for k, f in self.failures.items()}, self.durations[keep], self.rank,
+                           frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new})
 
 
 class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
-    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None):
+    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None,
+                 policy: Policy = Policy()):
         self.function = function  # pickled (fn, star, pack)
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
         self.chunksize = chunksize
         self.priority = priority
         self.future = future
+        self.policy = policy
+        self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.map_id = None  # set by the master
         self.master = None
         self.done = 0
@@ -59,9 +101,11 @@ class MapHandle:
                 for offset, failure in result.failures.items():
                     self._failures[result.start + offset] = failure
                 self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
+                for offset in result.skip:
+                    self._ready[result.start + offset] = 0
             else:
                 self._chunks.append(result)
-            self.done += result.stop - result.start
+            self.done += result.stop - result.start - len(result.skip)
             self._cond.notify_all()
 
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
@@ -112,9 +156,12 @@ class MapHandle:
                     if end == i:  # finished without this point: only a cancelled or failed master
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
+                record = self.policy.on_error == "record"
                 for j in range(i, end):
                     if failures and j in failures:
-                        raise failures[j].exception()
+                        if not record:
+                            raise failures[j].exception()
+                        values[j] = failures[j].exception()
                     value = values[j]
                     values[j] = None  # the caller holds it now
                     i = j + 1
@@ -133,7 +180,7 @@ class MapHandle:
                     if not self._chunks:
                         raise self.error or CancelledError("the map was cancelled")
                     result = self._chunks.popleft()
-                taken += result.stop - result.start
+                taken += result.stop - result.start - len(result.skip)
                 yield result
         finally:
             if taken < self.size:

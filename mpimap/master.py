@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import pickle
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -19,9 +20,10 @@ from .maps import ChunkResult, MapHandle
 from .protocol import Kind
 from .scheduler import Scheduler
 from .transport import Transport, Waiter
-from .worker import evaluate_chunk
+from .worker import Evaluator, load_function
 
 log = logging.getLogger("mpimap.master")
+DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
 
 
@@ -36,12 +38,15 @@ class RankInfo:
 class Master:
     """Dispatches maps to the worker ranks of ``comm`` (rank 0 is this one)."""
 
-    def __init__(self, comm=None, *, stop_workers: bool = True):
+    def __init__(self, comm=None, *, stop_workers: bool = True, rank_timeout: float | None = DEFAULT_RANK_TIMEOUT):
         self.transport = Transport(comm) if comm is not None else None
         ranks = self._worker_ranks()
         self.scheduler = Scheduler(ranks, now=time.monotonic())
         self.ranks = {r: RankInfo() for r in ranks}
         self.stop_workers = stop_workers
+        self.rank_timeout = rank_timeout  # seconds of silence after which a rank is lost (None: never)
+        self.lost: set[int] = set()  # ranks declared lost: never sent to again, their messages dropped
+        self._last_check = 0.0
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
@@ -100,6 +105,8 @@ class Master:
                         return
                     getattr(self, "_" + command)(handle)
                 self._dispatch()
+                if self.rank_timeout is not None:
+                    self._check_silence()
                 if self._receive():
                     waiter.activity()
                 elif not self._handles:
@@ -128,6 +135,19 @@ class Master:
         """
         return min(20e-3, max(1e-3, self._chunk_seconds / 5))
 
+    def _check_silence(self) -> None:
+        """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others."""
+        now = time.monotonic()
+        if now - self._last_check < 0.1:
+            return
+        self._last_check = now
+        for rank in self.scheduler.silent_ranks(now, self.rank_timeout):
+            info = self.ranks[rank]
+            log.warning("rank %d (%s, pid %s) silent for %.1f s: declared lost, its work goes to other ranks",
+                        rank, info.host, info.pid, now - self.scheduler.ranks[rank].last_heard)
+            self.scheduler.lose_rank(rank)
+            self.lost.add(rank)
+
     def _add(self, handle: MapHandle) -> None:
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
@@ -155,7 +175,7 @@ class Master:
         return handle
 
     def _dispatch(self) -> None:
-        for rank, chunk in self.scheduler.assign():
+        for rank, chunk in self.scheduler.assign(time.monotonic()):
             handle = self._claim(chunk)
             if handle is None:
                 continue
@@ -173,6 +193,8 @@ class Master:
                 return count
             source, kind, body = message
             now = time.monotonic()
+            if source in self.lost:
+                continue
             if kind is Kind.RESULT:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
@@ -187,34 +209,56 @@ class Master:
         chunk_id, values, failures, durations, seconds = body
         self._chunk_seconds += (seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
-        if chunk is None:  # its map was cancelled meanwhile
+        if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
         handle = self._handles[chunk.map_id]
-        handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank))
+        attempts = {k: handle.attempts[i] for k, i in enumerate(range(chunk.start, chunk.stop))
+                    if i in handle.attempts} if handle.attempts else {}
+        skip = []
+        for offset, failure in failures.items():
+            made = attempts.get(offset, 1)
+            if made < handle.policy.limit(failure):
+                skip.append(offset)
+                handle.attempts[chunk.start + offset] = made + 1
+        if skip:
+            self.scheduler.retry(chunk.map_id, [chunk.start + k for k in skip])
+            failures = {k: f for k, f in failures.items() if k not in skip}
+        handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
+                                   attempts))
         if self.scheduler.map_finished(chunk.map_id):
             self._end_map(handle)
 
     def _shutdown_workers(self) -> None:
         if self.stop_workers:
             for rank in self.ranks:
-                self.transport.send(rank, Kind.STOP)
-        self.transport.flush(timeout=10.0)
+                if rank not in self.lost:
+                    self.transport.send(rank, Kind.STOP)
+        self.transport.flush(timeout=1.0 if self.lost else 10.0)
 
 
 class InlineMaster(Master):
     """The same loop without MPI: evaluates every chunk itself (a pool of one process)."""
 
+    def __init__(self):
+        self._evaluator = Evaluator()
+        self._functions = {}  # map_id -> unpickled (fn, star, pack, isolation)
+        super().__init__(rank_timeout=None)
+        self.ranks[0].host, self.ranks[0].pid = socket.gethostname(), os.getpid()
+
     def _worker_ranks(self):
         return [0]
 
     def _dispatch(self) -> None:
-        for rank, chunk in self.scheduler.assign():
+        for rank, chunk in self.scheduler.assign(time.monotonic()):
             handle = self._claim(chunk)
             if handle is None:
                 continue
-            fn, star, pack = pickle.loads(handle.function)
+            if chunk.map_id not in self._functions:
+                self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
-            values, failures, durations = evaluate_chunk(fn, star, pack, handle.args[chunk.start:chunk.stop])
+            values, failures, durations = self._evaluator.run(chunk.map_id, handle.function,
+                                                              self._functions[chunk.map_id],
+                                                              handle.args[chunk.start:chunk.stop])
             self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0),
                          time.monotonic())
 
@@ -222,4 +266,4 @@ class InlineMaster(Master):
         return 1 if self._handles else 0
 
     def _shutdown_workers(self) -> None:
-        pass
+        self._evaluator.close()

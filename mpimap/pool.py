@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pickle
 import time
@@ -10,8 +11,14 @@ from concurrent.futures import Executor, Future
 import numpy as np
 
 from . import world
-from .maps import MapHandle
+from .isolation import Isolation
+from .maps import MapHandle, Policy
+from .master import DEFAULT_RANK_TIMEOUT
 from .worker import DEFAULT_HEARTBEAT, serve
+
+ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
+POLICY_OPTIONS = ("on_error", "retries", "quarantine")
+MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS
 
 
 class Pool(Executor):
@@ -27,14 +34,19 @@ class Pool(Executor):
       thread of the pool.
     """
 
-    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT):
+    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
+                 isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
+                 scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2):
         from .master import InlineMaster, Master
 
+        self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
+        self._policy = Policy(on_error, retries, quarantine)
         self._handles: list[MapHandle] = []
         self._own_master = True
         self._comm = None
         if comm is None and world.active():
             self._master = world.master()
+            self._master.rank_timeout = rank_timeout
             self._own_master = False
             return
         if comm is None:
@@ -46,7 +58,7 @@ class Pool(Executor):
             return
         self._comm = comm.Dup()  # keep our traffic apart from the program's own
         if self._comm.Get_rank() == 0:
-            self._master = Master(self._comm)
+            self._master = Master(self._comm, rank_timeout=rank_timeout)
         else:
             self._master = None
             serve(self._comm, heartbeat)
@@ -77,13 +89,17 @@ class Pool(Executor):
         return self._master
 
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
-                    ordered=True, future=None) -> MapHandle:
+                    ordered=True, future=None, options=None) -> MapHandle:
         master = self._live_master()
-        handle = MapHandle(_pickle_function(fn, star, pack), args, chunksize=chunksize, priority=priority,
-                           ordered=ordered, future=future)
+        isolation, policy = self._settings(options or {})
+        handle = MapHandle(_pickle_function(fn, star, pack, isolation), args, chunksize=chunksize,
+                           priority=priority, ordered=ordered, future=future, policy=policy)
         self._handles = [h for h in self._handles if not h.finished]
         self._handles.append(handle)
         return master.submit(handle)
+
+    def _settings(self, options: dict):
+        return map_settings(options, self._isolation, self._policy)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``."""
@@ -92,23 +108,25 @@ class Pool(Executor):
         self._submit_map(call, [args], star=True, future=future)
         return future
 
-    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0):
+    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
         """Like ``Executor.map``: results in input order, lazily; ``timeout`` bounds the whole iteration.
 
         ``chunksize=None`` sizes chunks from the measured cost of a point.  A
         point whose evaluation raised re-raises that exception here, with the
-        worker's traceback as its ``__cause__``; closing the iterator early
-        cancels the points not yet evaluated.
+        worker's traceback as its ``__cause__`` (with ``on_error="record"`` the
+        exception is yielded as that point's result instead); closing the
+        iterator early cancels the points not yet evaluated.  ``options``
+        override the pool's isolation and failure policy for this map.
         """
-        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True)
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True, options=options)
         return handle.ordered(_deadline(timeout))
 
-    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False):
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, **options):
         """Yield results as they arrive, in no particular order (``(index, value)`` pairs if ``indexed``)."""
-        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False)
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False, options=options)
         return _unordered(handle, _deadline(timeout), indexed)
 
-    def imap_chunks(self, fn, points, *, timeout=None, chunksize=None, priority=0):
+    def imap_chunks(self, fn, points, *, timeout=None, chunksize=None, priority=0, **options):
         """Yield :class:`~mpimap.maps.ChunkResult` objects as chunks finish: the streaming interface.
 
         Values of a chunk come back as one numpy array when they are all
@@ -116,10 +134,10 @@ class Pool(Executor):
         come with them.  This is what ``mpimap run`` writes to its results file.
         """
         handle = self._submit_map(fn, points, star=False, pack=True, chunksize=chunksize, priority=priority,
-                                  ordered=False)
+                                  ordered=False, options=options)
         return handle.chunks(_deadline(timeout))
 
-    def _map_handle(self, fn, iterables, chunksize, priority, ordered):
+    def _map_handle(self, fn, iterables, chunksize, priority, ordered, options):
         if not iterables:
             raise TypeError("map() needs at least one iterable of points")
         if len(iterables) == 1:
@@ -128,7 +146,8 @@ class Pool(Executor):
             star = False
         else:
             args, star = list(zip(*iterables)), True
-        return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered)
+        return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered,
+                                options=options)
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight, points done, busy seconds, seconds since last heard."""
@@ -151,9 +170,19 @@ class Pool(Executor):
                         handle._cond.wait()
         if self._own_master:
             self._master.close()
-            if self._comm is not None:
+            if self._comm is not None and not self._master.lost:  # freeing waits for every rank
                 self._comm.Free()
         self._master = None
+
+
+def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy()):
+    """``isolation`` and ``policy`` with one map's options applied (TypeError or ValueError if bad)."""
+    unknown = set(options) - set(MAP_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; map options are: {', '.join(MAP_OPTIONS)}")
+    iso = {("mode" if k == "isolation" else k): v for k, v in options.items() if k in ISOLATION_OPTIONS}
+    pol = {k: v for k, v in options.items() if k in POLICY_OPTIONS}
+    return dataclasses.replace(isolation, **iso), dataclasses.replace(policy, **pol)
 
 
 def _deadline(timeout):
@@ -161,17 +190,21 @@ def _deadline(timeout):
 
 
 def _unordered(handle: MapHandle, deadline, indexed: bool):
+    record = handle.policy.on_error == "record"
     for result in handle.chunks(deadline):
-        for offset in range(result.stop - result.start):
+        for offset in result.offsets():
             if offset in result.failures:
-                raise result.failures[offset].exception()
-            value = result.values[offset]
+                if not record:
+                    raise result.failures[offset].exception()
+                value = result.failures[offset].exception()
+            else:
+                value = result.values[offset]
             yield (result.start + offset, value) if indexed else value
 
 
-def _pickle_function(fn, star: bool, pack: bool) -> bytes:
+def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation) -> bytes:
     try:
-        return pickle.dumps((fn, star, pack), protocol=5)
+        return pickle.dumps((fn, star, pack, isolation), protocol=5)
     except Exception as exc:
         raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
                         "use a function defined at the top level of a module") from None

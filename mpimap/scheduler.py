@@ -83,13 +83,19 @@ class Scheduler:
     """
 
     def __init__(self, ranks, *, prefetch: int = 2, target_seconds: float = 0.05,
-                 max_chunk: int = 65536, tail_factor: int = 2, now: float = 0.0):
+                 max_chunk: int = 65536, tail_factor: int = 2, straggler_factor: float | None = 3.0,
+                 straggler_min: float = 0.2, now: float = 0.0):
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self.prefetch = prefetch
         self.target_seconds = target_seconds
         self.max_chunk = max_chunk
         self.tail_factor = tail_factor
+        self.straggler_factor = straggler_factor
+        self.straggler_min = straggler_min
+        self._sent: dict[int, float] = {}  # chunk_id -> when it was handed out
+        self._twins: dict[int, tuple] = {}  # chunk_id -> (its copy's chunk_id, the rank holding the copy)
+        self._last_scan = float("-inf")
         self.ranks = {r: RankState(r, last_heard=now) for r in ranks}
         self.live = len(self.ranks)
         self.maps: dict[int, MapState] = {}
@@ -131,8 +137,8 @@ class Scheduler:
         return state is None or state.finished
 
     # -- dispatch --------------------------------------------------------------
-    def assign(self) -> list[tuple[int, Chunk]]:
-        """Hand out chunks to every rank that has room, while there is work."""
+    def assign(self, now: float = 0.0) -> list[tuple[int, Chunk]]:
+        """Hand out chunks to every rank that has room, while there is work; then copies of stragglers."""
         out = []
         while self._queue:
             rank = self._pop_room()
@@ -143,11 +149,57 @@ class Scheduler:
             if chunk is None:
                 self._room[len(rstate.in_flight)].appendleft(rank)
                 break
-            rstate.in_flight[chunk.chunk_id] = chunk
-            self.maps[chunk.map_id].in_flight += 1
-            self._push_room(rank)
+            self._give(rank, chunk, now)
             out.append((rank, chunk))
+        # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
+        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4:
+            self._last_scan = now
+            out += self._reissue(now)
         return out
+
+    def _give(self, rank: int, chunk: Chunk, now: float) -> None:
+        self.ranks[rank].in_flight[chunk.chunk_id] = chunk
+        self.maps[chunk.map_id].in_flight += 1
+        self._sent[chunk.chunk_id] = now
+        self._push_room(rank)
+
+    def _reissue(self, now: float) -> list[tuple[int, Chunk]]:
+        """Give idle ranks copies of chunks that run far longer than expected elsewhere (first result wins)."""
+        out = []
+        while True:
+            rank = self._pop_room()
+            if rank is None:
+                return out
+            if self.ranks[rank].in_flight:  # not idle: only idle ranks take copies
+                self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+                return out
+            straggler = self._straggler(rank, now)
+            if straggler is None:
+                self._room[0].appendleft(rank)
+                return out
+            copy = Chunk(next(self._chunk_ids), straggler.map_id, straggler.start, straggler.stop)
+            self._twins[straggler.chunk_id] = (copy.chunk_id, rank)
+            self._twins[copy.chunk_id] = (straggler.chunk_id, self._holder(straggler.chunk_id))
+            self._give(rank, copy, now)
+            out.append((rank, copy))
+
+    def _straggler(self, rank: int, now: float) -> Chunk | None:
+        """The longest-running chunk on another rank, of a map with nothing left to hand out, if it is late."""
+        best, best_age = None, 0.0
+        for other in self.ranks.values():
+            if other.rank == rank or other.lost:
+                continue
+            for chunk in other.in_flight.values():
+                state = self.maps.get(chunk.map_id)
+                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
+                    continue
+                age = now - self._sent[chunk.chunk_id]
+                if age > max(self.straggler_min, self.straggler_factor * state.cost * len(chunk)) and age > best_age:
+                    best, best_age = chunk, age
+        return best
+
+    def _holder(self, chunk_id: int) -> int:
+        return next(r.rank for r in self.ranks.values() if chunk_id in r.in_flight)
 
     def _pop_room(self) -> int | None:
         """The rank that should get the next chunk: one holding the fewest, longest waiting first."""
@@ -200,9 +252,19 @@ class Scheduler:
         rstate = self.ranks[rank]
         rstate.last_heard = now
         chunk = rstate.in_flight.pop(chunk_id, None)
+        self._sent.pop(chunk_id, None)
         if chunk is None:
             return None
         self._push_room(rank)
+        twin = self._twins.pop(chunk_id, None)
+        if twin is not None:  # the first of two copies: the other one's result will be ignored
+            twin_id, twin_rank = twin
+            self._twins.pop(twin_id, None)
+            self._sent.pop(twin_id, None)
+            if self.ranks[twin_rank].in_flight.pop(twin_id, None) is not None:
+                self._push_room(twin_rank)
+                if chunk.map_id in self.maps:
+                    self.maps[chunk.map_id].in_flight -= 1
         rstate.chunks_done += 1
         rstate.points_done += len(chunk)
         rstate.busy_seconds += seconds
@@ -216,6 +278,16 @@ class Scheduler:
         weight = 1.0 if state.cost is None else max(0.25, min(1.0, len(chunk) / max(1, state.done_points)))
         state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
         return chunk
+
+    def retry(self, map_id: int, indices) -> None:
+        """Hand these points of a map out again (their result was a failure worth another attempt)."""
+        state = self.maps.get(map_id)
+        if state is None:
+            return
+        for index in indices:
+            state.done_points -= 1
+            state.requeued.append((index, index + 1))
+        heapq.heappush(self._queue, (-state.priority, state.order, map_id))
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now
@@ -234,9 +306,13 @@ class Scheduler:
         rstate.in_flight.clear()
         for chunk in chunks:
             state = self.maps.get(chunk.map_id)
+            twin = self._twins.pop(chunk.chunk_id, None)
             if state is None:
                 continue
             state.in_flight -= 1
+            if twin is not None:  # its copy elsewhere will deliver
+                self._twins.pop(twin[0], None)
+                continue
             state.requeued.append((chunk.start, chunk.stop))
             heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
         return chunks

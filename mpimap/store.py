@@ -26,7 +26,7 @@ from .inputs import checksum
 FORMAT = "mpimap-results"
 FORMAT_VERSION = 1
 FLUSH_ROWS = 1 << 18  # buffered rows that force a flush whatever the interval
-STATUS = {"pending": 0, "done": 1, "failed": 2}
+STATUS = {"pending": 0, "done": 1, "failed": 2, "timeout": 3, "crashed": 4}
 STATUS_NAMES = {v: k for k, v in STATUS.items()}
 STATUS_DTYPE = h5py.enum_dtype(STATUS, basetype="i1")
 TEXT = h5py.string_dtype()
@@ -38,6 +38,7 @@ COLUMNS = {
     "rank": (np.int32, -1),
     "host": (np.int32, -1),
     "run": (np.int16, -1),
+    "attempts": (np.int16, 0),
     "error": (TEXT, ""),
 }
 
@@ -84,7 +85,7 @@ class ResultStore:
         status = self._file["status"][()]
         wanted = status == STATUS["pending"]
         if retry_failed:
-            wanted |= status == STATUS["failed"]
+            wanted |= status >= STATUS["failed"]
         return np.flatnonzero(wanted)
 
     def counts(self) -> dict:
@@ -92,7 +93,8 @@ class ResultStore:
         return {name: int(np.count_nonzero(status == code)) for name, code in STATUS.items()}
 
     # -- writing -----------------------------------------------------------------
-    def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str) -> None:
+    def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
+              attempts: dict | None = None) -> None:
         """Take the results of the points ``indices`` (one chunk, in order); they reach the file at the next flush.
 
         Rows are buffered and written in large sorted runs: a write per chunk
@@ -103,8 +105,8 @@ class ResultStore:
         status = np.full(n, STATUS["done"], dtype=np.int8)
         errors = {}
         for offset, failure in failures.items():
-            status[offset] = STATUS["failed"]
-            errors[offset] = f"{failure.text}\n\n{failure.traceback}"
+            status[offset] = STATUS[failure.status]
+            errors[offset] = f"{failure.text}\n\n{failure.traceback}" if failure.traceback else failure.text
         if self._layout is None:
             first_good = next((i for i in range(n) if i not in failures), None)
             if first_good is not None:
@@ -113,8 +115,11 @@ class ResultStore:
         for offset, text in misfits.items():
             status[offset] = STATUS["failed"]
             errors[offset] = text
+        tries = np.ones(n, np.int16)
+        for offset, count in (attempts or {}).items():
+            tries[offset] = count
         self._pending.append((indices, status, np.asarray(durations), np.full(n, rank, np.int32),
-                              np.full(n, self._host_id(host), np.int32), column,
+                              np.full(n, self._host_id(host), np.int32), tries, column,
                               {int(indices[k]): text for k, text in errors.items()}))
         self._pending_rows += n
         if self._pending_rows >= FLUSH_ROWS or time.monotonic() - self._last_flush > self.flush_interval:
@@ -157,16 +162,16 @@ class ResultStore:
             order = np.argsort(indices, kind="stable")
             indices = indices[order]
             columns = {name: np.concatenate(part)[order] for name, part in
-                       zip(("status", "seconds", "rank", "host"), parts[1:5])}
+                       zip(("status", "seconds", "rank", "host", "attempts"), parts[1:6])}
             if self._layout is not None:
                 filler = self._fill_column
                 columns["value_json" if self._layout[0] is TEXT else "value"] = np.concatenate(
-                    [c if c is not None else filler(len(i)) for i, c in zip(parts[0], parts[5])])[order]
+                    [c if c is not None else filler(len(i)) for i, c in zip(parts[0], parts[6])])[order]
             columns["run"] = np.full(len(indices), self.run, np.int16)
             for sel, part in _runs(indices):
                 for name, column in columns.items():
                     f[name][sel] = column[part]
-            for errors in parts[6]:
+            for errors in parts[7]:
                 for index, text in errors.items():
                     f["error"][index] = text
             self._pending.clear()

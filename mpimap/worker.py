@@ -12,39 +12,15 @@ from collections import deque
 import numpy as np
 
 from .failures import Failure
+from .isolation import ChildProcess, evaluate_points
 from .protocol import Kind
 from .transport import Transport, Waiter
 
 DEFAULT_HEARTBEAT = 1.0
 
 
-def evaluate_chunk(fn, star: bool, pack: bool, args):
-    """Evaluate ``fn`` on every point of ``args``.
-
-    Returns ``(values, failures, durations)``: values in point order (``None``
-    where a point failed), failures as ``{offset: Failure}``, durations as a
-    float64 array of seconds per point.  With ``pack`` set, values that are all
-    numbers or all arrays of one shape come back as one numpy array, which
-    travels as a single buffer.
-    """
-    n = len(args)
-    values = [None] * n
-    durations = np.empty(n)
-    failures = {}
-    clock = time.perf_counter
-    for i in range(n):
-        t0 = clock()
-        try:
-            values[i] = fn(*args[i]) if star else fn(args[i])
-        except (Exception, SystemExit) as exc:
-            failures[i] = Failure.from_exception(exc)
-        durations[i] = clock() - t0
-    if pack and not failures:
-        values = _pack(values)
-    return values, failures, durations
-
-
 def _pack(values):
+    """Values that are all numbers, or all arrays of one shape, as one numpy array (one buffer on the wire)."""
     first = values[0] if values else None
     if isinstance(first, (int, float, complex, np.number, np.bool_, np.ndarray)) and not isinstance(first, bool):
         try:
@@ -56,16 +32,46 @@ def _pack(values):
     return values
 
 
-def _load_function(blob: bytes):
-    """Unpickle a map's ``(function, star, pack)``; a function that cannot be loaded becomes a Failure."""
+def load_function(blob: bytes):
+    """Unpickle a map's ``(function, star, pack, isolation)``; one that cannot be loaded becomes a Failure."""
     try:
         return pickle.loads(blob)
     except Exception as exc:
-        return Failure.from_exception(exc), False, False
+        return Failure.from_exception(exc), False, False, None
+
+
+class Evaluator:
+    """Evaluates chunks for one rank, in the rank or in its supervised child, as each map's isolation says."""
+
+    def __init__(self):
+        self.child: ChildProcess | None = None
+
+    def run(self, map_id, blob: bytes, function, args, tick=lambda: True):
+        """Return ``(values, failures, durations)`` for ``args``, or None if ``tick()`` abandoned the chunk."""
+        fn, star, pack, isolation = function
+        n = len(args)
+        if isinstance(fn, Failure):  # the function could not be loaded here: every point fails with why
+            return [None] * n, dict.fromkeys(range(n), fn), np.zeros(n)
+        if isolation.mode == "rank":
+            values, failures, durations = evaluate_points(fn, star, args, scratch=isolation.scratch)
+        else:
+            if self.child is None:
+                self.child = ChildProcess()
+            out = self.child.evaluate(map_id, blob, args, isolation, tick)
+            if out is None:
+                return None
+            values, failures, durations = out
+        if pack and not failures:
+            values = _pack(values)
+        return values, failures, durations
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.close()
 
 
 class _Heartbeat(threading.Thread):
-    """Tells the master this rank is alive every ``period`` seconds, even while a point runs."""
+    """Tells the master this rank is alive every ``period`` seconds, even while a point runs in the rank."""
 
     def __init__(self, transport: Transport, period: float):
         super().__init__(name="mpimap-heartbeat", daemon=True)
@@ -78,47 +84,71 @@ class _Heartbeat(threading.Thread):
             self.transport.send(0, Kind.HEARTBEAT)
 
 
+class _Worker:
+    """The state of one serving rank: its queue, its functions, its evaluator."""
+
+    def __init__(self, comm, heartbeat: float):
+        self.transport = Transport(comm)
+        self.beat = _Heartbeat(Transport(comm), heartbeat)  # a Transport of its own: no state shared across threads
+        self.functions = {}  # map_id -> (blob, (fn, star, pack, isolation))
+        self.queue: deque = deque()  # (chunk_id, map_id, args)
+        self.evaluator = Evaluator()
+        self.stopping = False
+        self.evaluated = 0
+
+    def handle(self, kind, body) -> None:
+        if kind is Kind.TASK:
+            chunk_id, map_id, blob, args = body
+            if blob is not None:
+                self.functions[map_id] = (blob, load_function(blob))
+            self.queue.append((chunk_id, map_id, args))
+        elif kind is Kind.FORGET:
+            self.functions.pop(body, None)
+            self.queue = deque(t for t in self.queue if t[1] != body)
+        elif kind is Kind.STOP:
+            self.stopping = True
+
+    def serve(self) -> int:
+        self.transport.send(0, Kind.HELLO, (socket.gethostname(), os.getpid()))
+        self.beat.start()
+        waiter = Waiter(window=5e-3)
+        try:
+            while not self.stopping:
+                message = self.transport.poll()
+                if message is not None:
+                    waiter.activity()
+                    self.handle(message[1], message[2])
+                    continue  # drain everything waiting before evaluating
+                if not self.queue:
+                    waiter.idle()
+                    continue
+                self.run_chunk(*self.queue.popleft())
+                waiter.activity()
+            return self.evaluated
+        finally:
+            self.evaluator.close()
+            self.beat.stopped.set()
+            self.beat.join()
+            self.transport.flush(timeout=5.0)
+
+    def run_chunk(self, chunk_id, map_id, args) -> None:
+        blob, function = self.functions[map_id]
+
+        def tick():
+            """While a child evaluates: take in messages; abandon the chunk if its map is forgotten."""
+            while (message := self.transport.poll()) is not None:
+                self.handle(message[1], message[2])
+            return map_id in self.functions and not self.stopping
+
+        t0 = time.perf_counter()
+        out = self.evaluator.run(map_id, blob, function, args, tick)
+        if out is None:
+            return
+        values, failures, durations = out
+        self.transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0))
+        self.evaluated += len(args)
+
+
 def serve(comm, heartbeat: float = DEFAULT_HEARTBEAT) -> int:
     """Serve the master (rank 0 of ``comm``) until it says STOP; return the number of points evaluated."""
-    transport = Transport(comm)
-    transport.send(0, Kind.HELLO, (socket.gethostname(), os.getpid()))
-    beat = _Heartbeat(Transport(comm), heartbeat)  # a Transport of its own: no state shared across threads
-    beat.start()
-    functions = {}  # map_id -> (fn, star, pack)
-    queue: deque = deque()  # (chunk_id, map_id, args)
-    waiter = Waiter(window=5e-3)
-    evaluated = 0
-    try:
-        while True:
-            message = transport.poll()
-            if message is not None:
-                waiter.activity()
-                _, kind, body = message
-                if kind is Kind.TASK:
-                    chunk_id, map_id, function, args = body
-                    if function is not None:
-                        functions[map_id] = _load_function(function)
-                    queue.append((chunk_id, map_id, args))
-                elif kind is Kind.FORGET:
-                    functions.pop(body, None)
-                    queue = deque(t for t in queue if t[1] != body)
-                elif kind is Kind.STOP:
-                    return evaluated
-                continue  # drain everything waiting before evaluating
-            if not queue:
-                waiter.idle()
-                continue
-            chunk_id, map_id, args = queue.popleft()
-            fn, star, pack = functions[map_id]
-            t0 = time.perf_counter()
-            if isinstance(fn, Failure):  # the function could not be loaded here: every point fails with why
-                values, failures, durations = [None] * len(args), dict.fromkeys(range(len(args)), fn), np.zeros(len(args))
-            else:
-                values, failures, durations = evaluate_chunk(fn, star, pack, args)
-            transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0))
-            evaluated += len(args)
-            waiter.activity()
-    finally:
-        beat.stopped.set()
-        beat.join()
-        transport.flush(timeout=5.0)
+    return _Worker(comm, heartbeat).serve()

@@ -27,12 +27,13 @@ def master():
     return _master
 
 
-def end() -> None:
-    """Stop the session's workers (they return from serving) and its master."""
+def end() -> set:
+    """Stop the session's workers (they return from serving) and its master; return the ranks lost on the way."""
     global _comm, _master
     if _comm is None:
-        return
+        return set()
     current = master()
     current.stop_workers = True
     current.close()
     _comm = _master = None
+    return current.lost

@@ -162,3 +162,45 @@ def test_empty_ranks_are_served_before_ranks_with_work_queued():
         sched.complete(rank, chunk.chunk_id, 0.01, 0.0)
     sched.add_map(1, 30, chunksize=10)
     assert sorted(rank for rank, _ in sched.assign()) == [1, 2, 3]
+
+
+def test_stragglers_are_copied_to_idle_ranks_and_the_first_result_wins():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.1)
+    sched.add_map(0, 2, chunksize=1, cost=0.01)
+    (r1, c1), (r2, c2) = sched.assign(now=0.0)
+    assert sched.complete(r2, c2.chunk_id, 0.01, now=0.01) == c2
+    assert sched.assign(now=0.05) == []  # the other chunk is not late yet
+    ((rank, copy),) = sched.assign(now=0.5)
+    assert rank == r2 and (copy.start, copy.stop) == (c1.start, c1.stop) and copy.chunk_id != c1.chunk_id
+    assert sched.complete(r2, copy.chunk_id, 0.01, now=0.51) == copy  # the copy finishes first and counts
+    assert sched.map_finished(0)
+    assert sched.complete(r1, c1.chunk_id, 5.0, now=5.0) is None  # the straggler's late result is ignored
+    assert sched.idle
+
+
+def test_slow_rank_does_not_set_the_makespan():
+    """Simulation: one of 4 ranks is 20x slower; stragglers at the tail are re-issued."""
+    sched = Scheduler(range(1, 5), prefetch=2)
+    sched.add_map(0, 400)
+    speed = {1: 20.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    events, now, seen = [], 0.0, set()
+    free_at = dict.fromkeys(speed, 0.0)
+
+    def dispatch():
+        for rank, chunk in sched.assign(now):
+            start = max(free_at[rank], now)
+            free_at[rank] = start + 0.01 * len(chunk) * speed[rank]
+            heapq.heappush(events, (free_at[rank], rank, chunk))
+
+    dispatch()
+    while events:
+        now, rank, chunk = heapq.heappop(events)
+        if sched.complete(rank, chunk.chunk_id, 0.01 * len(chunk) * speed[rank], now) is not None:
+            assert not seen & set(range(chunk.start, chunk.stop))  # first result wins, no point twice
+            seen |= set(range(chunk.start, chunk.stop))
+        dispatch()
+        if sched.map_finished(0):
+            break
+    assert seen == set(range(400))
+    ideal = 400 * 0.01 / (3 + 1 / 20)
+    assert now < 1.3 * ideal

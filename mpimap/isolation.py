@@ -1,0 +1,278 @@
+"""Where a worker rank evaluates points: in the rank itself, or in a supervised child process.
+
+A worker rank must never die because of the user's code (with the MPI wheels
+we use, any dead rank ends the whole job).  ``isolation="process"`` forks one
+child per worker rank that evaluates the points; the rank watches it, and a
+crash, a hang past ``point_timeout`` or a memory leak costs one point (or
+nothing), never the rank.  ``isolation="fresh"`` forks a new child for every
+point.  ``isolation="rank"`` evaluates in the rank: fastest, and contains only
+Python exceptions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import pickle
+import shutil
+import signal
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Pipe
+
+import numpy as np
+
+from .failures import Failure
+
+ISOLATIONS = ("rank", "process", "fresh")
+BATCH_SECONDS = 0.01  # the child reports results at least this often while it works
+_SLOT = struct.Struct("<qd")  # shared with the child: (index of the point it evaluates, when it started)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """How a map's points are evaluated on a worker rank (travels with the map's function)."""
+
+    mode: str = "rank"
+    point_timeout: float | None = None  # seconds per point; process and fresh only
+    max_points: int | None = None  # recycle the child after this many points
+    max_memory_mb: float | None = None  # recycle the child once its resident memory passes this
+    scratch: bool = False  # a private TMPDIR per evaluation, removed afterwards
+
+    def __post_init__(self):
+        if self.mode not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATIONS)}, not {self.mode!r}")
+        if self.mode == "rank" and (self.point_timeout or self.max_points or self.max_memory_mb):
+            raise ValueError("point_timeout, max_points and max_memory_mb need isolation='process' or 'fresh': "
+                             "code running in the rank itself cannot be stopped or recycled")
+        for name in ("point_timeout", "max_points", "max_memory_mb"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def evaluate_points(fn, star: bool, args, *, scratch: bool = False, on_point=None):
+    """Evaluate ``fn`` on every point of ``args`` in this process.
+
+    Returns ``(values, failures, durations)``: values in point order (``None``
+    where a point failed), failures as ``{offset: Failure}``, durations as a
+    float64 array of seconds per point.  ``on_point(i)`` is called before point
+    ``i`` (the child uses it to say which point it is on, and to recycle).
+    """
+    n = len(args)
+    values = [None] * n
+    durations = np.empty(n)
+    failures = {}
+    clock = time.perf_counter
+    for i in range(n):
+        if on_point is not None:
+            on_point(i)
+        scratch_dir = _enter_scratch() if scratch else None
+        t0 = clock()
+        try:
+            values[i] = fn(*args[i]) if star else fn(args[i])
+        except (Exception, SystemExit) as exc:
+            failures[i] = Failure.from_exception(exc)
+        durations[i] = clock() - t0
+        if scratch_dir is not None:
+            _leave_scratch(scratch_dir)
+    return values, failures, durations
+
+
+def _enter_scratch() -> str:
+    path = tempfile.mkdtemp(prefix="mpimap-scratch-", dir=_SCRATCH_BASE)
+    os.environ["TMPDIR"] = tempfile.tempdir = path
+    return path
+
+
+def _leave_scratch(path: str) -> None:
+    os.environ["TMPDIR"] = tempfile.tempdir = _SCRATCH_BASE
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_SCRATCH_BASE = tempfile.gettempdir()
+
+
+# -- the child process -----------------------------------------------------------------------------------------
+def _child_setup() -> None:
+    """In the fresh child: die with the rank, default fatal signals, never touch MPI."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a dead rank's child ends when its pipe closes
+        pass
+    for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT,
+                signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    import faulthandler
+
+    faulthandler.disable()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _child_main(conn, slot) -> None:
+    """The child's loop: evaluate chunks, report results in batches, leave when told or when due for recycling."""
+    functions = {}
+    evaluated = 0
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        map_id, blob, args, positions, options = message
+        if blob is not None:
+            functions = {map_id: pickle.loads(blob)[:2]}  # only the current map's function is kept
+        fn, star = functions[map_id]
+        batch, last_report = [], time.monotonic()
+        for k, position in enumerate(positions):
+            slot[:_SLOT.size] = _SLOT.pack(position, time.monotonic())
+            values, failures, durations = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch)
+            batch.append((position, values[0], failures.get(0), durations[0]))
+            evaluated += 1
+            due = (options.max_points and evaluated >= options.max_points) or \
+                (options.max_memory_mb and _rss_mb() > options.max_memory_mb)
+            if due or time.monotonic() - last_report > BATCH_SECONDS:
+                conn.send(batch)
+                batch, last_report = [], time.monotonic()
+            if due:
+                conn.send("recycle")
+                return
+        conn.send(batch)
+        conn.send("done")
+
+
+class ChildProcess:
+    """A supervised child that evaluates points for this rank; restarted after a crash, hang or recycling."""
+
+    def __init__(self):
+        self.pid = None
+        self.conn = None
+        self.map_id = None
+        self.slot = mmap.mmap(-1, _SLOT.size)  # shared (MAP_SHARED) with every child forked later
+        self.starts = 0
+
+    def _start(self) -> None:
+        parent, child = Pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            status = 0
+            try:
+                parent.close()
+                _child_setup()
+                _child_main(child, self.slot)
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)  # never run the rank's atexit handlers (MPI_Finalize)
+        child.close()
+        self.pid, self.conn, self.map_id = pid, parent, None
+        self.starts += 1
+
+    def _stop(self, kill: bool) -> int:
+        """End the child; return its wait status."""
+        if kill:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(self.pid, 0)
+        self.conn.close()
+        self.pid = self.conn = None
+        return status
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self._stop(kill=False)
+
+    def evaluate(self, map_id, blob, args, options: Isolation, tick):
+        """Evaluate a chunk in the child; same result shape as :func:`evaluate_points`.
+
+        ``tick()`` is called at least every 50 ms while the child works; if it
+        returns False the chunk is abandoned (its map was cancelled) and None
+        is returned.
+        """
+        n = len(args)
+        values, failures, durations = [None] * n, {}, np.zeros(n)
+        left = np.ones(n, dtype=bool)  # points with no result yet
+        child_options = _one_point(options) if options.mode == "fresh" else options
+        while left.any():
+            if self.pid is None:
+                self._start()
+            positions = np.flatnonzero(left)
+            part = args if len(positions) == n else (
+                args[positions] if isinstance(args, np.ndarray) else [args[k] for k in positions])
+            self.slot[:_SLOT.size] = _SLOT.pack(positions[0], time.monotonic())
+            self.conn.send((map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
+                            child_options))
+            self.map_id = map_id
+            if not self._watch(options, tick, values, failures, durations, left):
+                self._stop(kill=True)
+                return None
+        return values, failures, durations
+
+    def _watch(self, options, tick, values, failures, durations, left) -> bool:
+        """Collect the child's reports until the chunk is done or the child ends; False if abandoned."""
+        while True:
+            if self.conn.poll(0.05):
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):
+                    self._fail_current("crashed", self._stop(kill=True), failures, durations, left)
+                    return True
+                if message == "done":
+                    return True
+                if message == "recycle":
+                    self._stop(kill=False)
+                    return True
+                for position, value, failure, seconds in message:
+                    values[position] = value
+                    if failure is not None:
+                        failures[position] = failure
+                    durations[position] = seconds
+                    left[position] = False
+                continue
+            if not tick():
+                return False
+            _, started = _SLOT.unpack(self.slot[:_SLOT.size])
+            if options.point_timeout and time.monotonic() - started > options.point_timeout:
+                self._fail_current("timeout", self._stop(kill=True), failures, durations, left)
+                return True
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.conn.close()
+                self.pid = self.conn = None
+                self._fail_current("crashed", status, failures, durations, left)
+                return True
+
+    def _fail_current(self, kind, status, failures, durations, left) -> None:
+        """Record the point the child was on as timed out or crashed (the child is gone)."""
+        position, started = _SLOT.unpack(self.slot[:_SLOT.size])
+        if kind == "timeout":
+            message = f"Timeout: evaluation killed after {time.monotonic() - started:.3g} s (point_timeout)"
+        else:
+            message = f"Crash: {_describe_exit(status)}"
+        failures[position] = Failure(message.split(": ", 1)[0], message.split(": ", 1)[1], "", status=kind)
+        durations[position] = time.monotonic() - started
+        left[position] = False
+
+
+def _one_point(options: Isolation) -> Isolation:
+    return Isolation("process", options.point_timeout, 1, options.max_memory_mb, options.scratch)
+
+
+def _describe_exit(status) -> str:
+    if status is None:
+        return "the evaluation process died"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"the evaluation process was killed by signal {sig} ({signal.Signals(sig).name})"
+    return f"the evaluation process exited with status {os.WEXITSTATUS(status)}"
