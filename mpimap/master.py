@@ -221,7 +221,7 @@ class Master:
                 skip.append(offset)
                 handle.attempts[chunk.start + offset] = made + 1
         if skip:
-            self.scheduler.retry(chunk.map_id, [chunk.start + k for k in skip])
+            self.scheduler.retry(chunk.map_id, [chunk.start + k for k in skip], avoid=rank)
             failures = {k: f for k, f in failures.items() if k not in skip}
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
                                    attempts))

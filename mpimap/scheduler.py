@@ -40,14 +40,14 @@ class MapState:
     priority: int
     order: int
     cursor: int = 0  # first point never handed out
-    requeued: deque = field(default_factory=deque)  # ranges handed out, lost, to hand out again
+    requeued: deque = field(default_factory=deque)  # (start, stop, rank to avoid or None): to hand out again
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
 
     @property
     def unassigned(self) -> int:
-        return self.size - self.cursor + sum(stop - start for start, stop in self.requeued)
+        return self.size - self.cursor + sum(stop - start for start, stop, _ in self.requeued)
 
     @property
     def finished(self) -> bool:
@@ -139,18 +139,19 @@ class Scheduler:
     # -- dispatch --------------------------------------------------------------
     def assign(self, now: float = 0.0) -> list[tuple[int, Chunk]]:
         """Hand out chunks to every rank that has room, while there is work; then copies of stragglers."""
-        out = []
+        out, passed = [], []
         while self._queue:
             rank = self._pop_room()
             if rank is None:
                 break
-            chunk = self._next_chunk()
-            rstate = self.ranks[rank]
+            chunk = self._next_chunk(rank)
             if chunk is None:
-                self._room[len(rstate.in_flight)].appendleft(rank)
-                break
+                passed.append(rank)
+                continue
             self._give(rank, chunk, now)
             out.append((rank, chunk))
+        for rank in reversed(passed):  # they keep their place in line
+            self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
         if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4:
             self._last_scan = now
@@ -217,19 +218,24 @@ class Scheduler:
         if not rstate.lost and held < self.prefetch:
             self._room[held].append(rank)
 
-    def _next_chunk(self) -> Chunk | None:
+    def _next_chunk(self, rank: int) -> Chunk | None:
+        """The next chunk for ``rank``: requeued points first (not those that failed on it), then new ones."""
         while self._queue:
             _, _, map_id = self._queue[0]
             state = self.maps.get(map_id)
             if state is None or state.unassigned == 0:
                 heapq.heappop(self._queue)
                 continue
-            if state.requeued:
-                start, stop = state.requeued.popleft()
-                size = min(stop - start, self.chunk_size(state))
-                if start + size < stop:
-                    state.requeued.appendleft((start + size, stop))
+            for k, (start, stop, avoid) in enumerate(state.requeued):
+                if avoid != rank or self.live <= 1:
+                    del state.requeued[k]
+                    size = min(stop - start, self.chunk_size(state))
+                    if start + size < stop:
+                        state.requeued.insert(k, (start + size, stop, avoid))
+                    break
             else:
+                if state.cursor == state.size:
+                    return None  # only points that failed on this rank are left: another rank takes them
                 start = state.cursor
                 size = min(state.size - start, self.chunk_size(state))
                 state.cursor += size
@@ -279,14 +285,14 @@ class Scheduler:
         state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
         return chunk
 
-    def retry(self, map_id: int, indices) -> None:
-        """Hand these points of a map out again (their result was a failure worth another attempt)."""
+    def retry(self, map_id: int, indices, avoid: int | None = None) -> None:
+        """Hand these points of a map out again, to another rank than ``avoid`` while there is one."""
         state = self.maps.get(map_id)
         if state is None:
             return
         for index in indices:
             state.done_points -= 1
-            state.requeued.append((index, index + 1))
+            state.requeued.append((index, index + 1, avoid))
         heapq.heappush(self._queue, (-state.priority, state.order, map_id))
 
     def heard(self, rank: int, now: float) -> None:
@@ -313,7 +319,7 @@ class Scheduler:
             if twin is not None:  # its copy elsewhere will deliver
                 self._twins.pop(twin[0], None)
                 continue
-            state.requeued.append((chunk.start, chunk.stop))
+            state.requeued.append((chunk.start, chunk.stop, None))
             heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
         return chunks
 

@@ -40,10 +40,11 @@ def mpimap_cli(ranks: int, *args: str, **kwargs):
 def run_script(tmp_path):
     """Write a script into tmp_path and run it under ``mpiexec -n N python -m mpimap``; return stdout."""
 
-    def run(source: str, ranks: int = 3, args=(), plain=False, **kwargs):
+    def run(source: str, ranks: int = 3, args=(), plain=False, full=False, **kwargs):
         path = tmp_path / "script.py"
         path.write_text(source)
         prefix = () if plain else ("-m", "mpimap")
-        return mpiexec(ranks, *prefix, str(path), *args, cwd=tmp_path, **kwargs).stdout
+        proc = mpiexec(ranks, *prefix, str(path), *args, cwd=tmp_path, **kwargs)
+        return proc if full else proc.stdout
 
     return run

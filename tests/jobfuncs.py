@@ -43,3 +43,46 @@ def not_a_function_but(x):
 
 
 NOT_CALLABLE = 42
+
+
+_LEAK = []
+
+
+def misbehave(x):
+    """The resilience scenario: what each point does is decided by its number (and by the rank it runs on)."""
+    import ctypes
+
+    p = int(x)
+    rank = os.environ.get("PMI_RANK", "0")  # set by MPICH's mpiexec; the child process inherits it
+    if p % 10 == 1:
+        raise ValueError(f"point {p} is bad")
+    if p == 3:
+        while True:  # a Python loop that never ends
+            pass
+    if p == 5:
+        ctypes.PyDLL(os.environ["MPIMAP_TEST_CSPIN"]).spin()  # a C loop that never ends, holding the GIL
+    if p == 7:
+        ctypes.string_at(0)  # segmentation fault
+    if p % 10 == 8:
+        _LEAK.append(bytearray(50 * 2 ** 20))  # leaks 50 MB per call
+        for page in range(0, len(_LEAK[-1]), 4096):
+            _LEAK[-1][page] = 1
+    if p % 10 == 9 and rank == "2":
+        raise RuntimeError("bad node: rank 2 gets these wrong")
+    time.sleep(0.2 if rank == "1" else 0.01)  # rank 1 is a slow node
+    return float(p * p)
+
+
+def memory_mb(_):
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def scratch_user(x):
+    """Leaves a file in its TMPDIR and reports where that was."""
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    with open(os.path.join(path, "junk"), "w") as f:
+        f.write("x")
+    return os.environ["TMPDIR"]

@@ -204,3 +204,15 @@ def test_slow_rank_does_not_set_the_makespan():
     assert seen == set(range(400))
     ideal = 400 * 0.01 / (3 + 1 / 20)
     assert now < 1.3 * ideal
+
+
+def test_a_retried_point_goes_to_another_rank():
+    sched = Scheduler([1, 2], prefetch=1)
+    sched.add_map(0, 2, chunksize=1)
+    (r1, c1), (r2, c2) = sched.assign()
+    sched.complete(r1, c1.chunk_id, 0.01, 0.0)
+    sched.retry(0, [c1.start], avoid=r1)
+    assert sched.assign() == []  # r1 may not have it, r2 is busy
+    sched.complete(r2, c2.chunk_id, 0.01, 0.0)
+    ((rank, chunk),) = sched.assign()
+    assert rank == r2 and chunk.start == c1.start

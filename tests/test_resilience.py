@@ -1,0 +1,144 @@
+"""Bad points, bad workers, bad nodes: real mpiexec jobs that must finish and lose nothing."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import job_env, mpimap_cli
+from mpimap.store import read_results
+
+
+@pytest.fixture(scope="module")
+def cspin(tmp_path_factory):
+    """A tiny C library whose spin() never returns (compiled with gcc, which every test machine has)."""
+    d = tmp_path_factory.mktemp("cspin")
+    (d / "spin.c").write_text("void spin(void) { volatile unsigned long i = 0; for (;;) i++; }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O0", "-o", str(d / "libspin.so"), str(d / "spin.c")], check=True)
+    return str(d / "libspin.so")
+
+
+def test_one_job_survives_every_kind_of_misbehaviour(tmp_path, cspin):
+    n = 40
+    np.save(tmp_path / "p.npy", np.arange(float(n)))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(3, "run", "jobfuncs:misbehave", "--points", "p.npy", "--out", out, "--point-timeout", "2",
+                      "--retries", "1", "--quarantine", "2", "--max-memory-mb", "250", cwd=tmp_path, timeout=240,
+                      env=job_env(MPIMAP_TEST_CSPIN=cspin))
+    assert "job complete" in proc.stdout
+    r = read_results(out)
+    status = {i: r["status"][i] for i in range(n)}
+    for i in range(n):
+        if i % 10 == 1:
+            assert status[i] == "failed" and r["error"][i].startswith(f"ValueError: point {i} is bad")
+            assert r["attempts"][i] == 2  # retried once, as asked
+        elif i in (3, 5):
+            assert status[i] == "timeout" and r["error"][i].startswith("Timeout: evaluation killed after")
+            assert r["attempts"][i] == 2  # quarantined after two timeouts
+        elif i == 7:
+            assert status[i] == "crashed" and "SIGSEGV" in r["error"][i]
+            assert r["attempts"][i] == 2
+        else:  # good points, including the leaking ones and those that fail only on the bad rank
+            assert status[i] == "done", (i, r["error"][i])
+            assert r["value"][i] == i * i
+    bad_node_points = [i for i in range(n) if i % 10 == 9]
+    assert all(r["rank"][i] == 1 for i in bad_node_points)  # retried elsewhere, stored from the good rank
+    # nothing stored twice: one row per point, and each row written by exactly one run
+    assert len(r["status"]) == n and set(r["run"]) == {0}
+
+
+def test_leaking_function_is_recycled_and_does_not_grow(tmp_path):
+    np.save(tmp_path / "p.npy", np.full(12, 8.0))  # point value 8: leaks 50 MB per call
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(2, "run", "jobfuncs:misbehave", "--points", "p.npy", "--out", out, "--max-memory-mb", "180",
+               cwd=tmp_path, timeout=120)
+    r = read_results(out)
+    assert set(r["status"]) == {"done"}  # 600 MB leaked in all, never more than the limit at once
+
+
+def test_max_points_recycles_and_fresh_isolates(run_script):
+    # process isolation runs points in a child (not the rank); fresh gives each point its own process
+    script = '''
+import os, mpimap
+from jobfuncs import square
+def pid(_):
+    return os.getpid()
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        rank_pids = set(pool.map(pid, range(6)))
+        recycled = set(pool.map(pid, range(6), isolation="process", max_points=2, chunksize=6))
+        child = set(pool.map(pid, range(6), isolation="process"))  # a new child: the last one was due
+        fresh = set(pool.map(pid, range(6), isolation="fresh", chunksize=6))
+        print("PIDS", len(rank_pids), len(child), len(recycled), len(fresh), bool(rank_pids & child))
+'''
+    stdout = run_script(script, ranks=2)
+    line = next(x for x in stdout.splitlines() if x.startswith("PIDS"))
+    assert line.split()[1:] == ["1", "1", "3", "6", "False"]  # rank, child, recycled every 2, fresh
+
+
+def test_scratch_directories_are_private_and_removed(tmp_path, run_script):
+    stdout = run_script('''
+import os, mpimap
+from jobfuncs import scratch_user
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        for iso in ("rank", "process"):
+            dirs = list(pool.map(scratch_user, range(5), isolation=iso, scratch=True))
+            print("SCRATCH", iso, len(set(dirs)), any(os.path.exists(d) for d in dirs))
+''', ranks=2)
+    assert "SCRATCH rank 5 False" in stdout and "SCRATCH process 5 False" in stdout
+
+
+def test_python_api_policies(run_script):
+    stdout = run_script('''
+import mpimap
+from mpimap.failures import PointTimeout, PointCrashed
+from jobfuncs import misbehave
+if __name__ == "__main__":
+    with mpimap.Pool(isolation="process", point_timeout=1) as pool:
+        got = list(pool.map(misbehave, [0, 1, 3, 7], on_error="record", quarantine=1))
+        print("RECORD", got[0], type(got[1]).__name__, type(got[2]).__name__, type(got[3]).__name__)
+        try:
+            list(pool.map(misbehave, [0, 7], quarantine=1))
+        except PointCrashed as exc:
+            print("RAISED", "SIGSEGV" in str(exc))
+        print("AFTER", list(pool.map(misbehave, [2, 4])))
+''', ranks=2, env=job_env(MPIMAP_TEST_CSPIN="unused"))
+    assert "RECORD 0.0 ValueError PointTimeout PointCrashed" in stdout
+    assert "RAISED True" in stdout and "AFTER [4.0, 16.0]" in stdout
+
+
+def test_bad_isolation_options_are_refused(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", "--isolation", "rank",
+                      "--point-timeout", "1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mpimap: error: point_timeout, max_points and max_memory_mb need isolation='process' or 'fresh': "
+        "code running in the rank itself cannot be stopped or recycled"]
+
+
+def test_sigstopped_rank_is_declared_lost_and_its_work_finishes_elsewhere(run_script):
+    proc_out = run_script('''
+import os, signal, time, mpimap
+from jobfuncs import square
+def slow_square(x):
+    time.sleep(0.05)
+    return x * x
+if __name__ == "__main__":
+    with mpimap.Pool(rank_timeout=2.0) as pool:
+        results = pool.map(slow_square, range(200), chunksize=5)
+        first = [next(results) for _ in range(10)]
+        victim = next(r for r in pool.status() if r["rank"] == 2)  # its pid is known once it has answered
+        os.kill(victim["pid"], signal.SIGSTOP)
+        t0 = time.monotonic()
+        rest = list(results)
+        lost = [r["rank"] for r in pool.status() if r["lost"]]
+        print("RESULT", first + rest == [x * x for x in range(200)], lost, round(time.monotonic() - t0, 1),
+              flush=True)
+''', ranks=3, env=job_env(MPIMAP_HEARTBEAT=0.3), check=False, full=True)
+    line = next(x for x in proc_out.stdout.splitlines() if x.startswith("RESULT"))
+    assert line.startswith("RESULT True [2]")  # every result right, rank 2 declared lost
+    assert "rank 2 " in proc_out.stderr and "declared lost" in proc_out.stderr
+    assert proc_out.returncode == 4  # the run finished; the job ended with MPI_Abort because a rank was lost
