@@ -61,10 +61,17 @@ def cli():
               help="Further attempts for a point whose function raised.")
 @click.option("--quarantine", type=click.IntRange(min=1), default=2, show_default=True,
               help="Attempts after which a point that crashed or timed out is failed for good.")
+@click.option("--keep-logs", type=click.Choice(["failed", "slow", "always"]), default=None,
+              help="Store the log records a point's evaluation emitted: for failed points, slow ones, or all.")
+@click.option("--slow-seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="What --keep-logs slow means.")
+@click.option("--debug-rerun", is_flag=True,
+              help="Evaluate a point whose function raised once more with DEBUG logging; store that log.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
 def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
-        point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, rank_timeout):
+        point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, keep_logs, slow_seconds,
+        debug_rerun, rank_timeout):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
     from .inputs import FunctionRef, load_points
     from .pool import Pool, map_settings
@@ -76,7 +83,7 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
     try:
         options = dict(isolation=isolation, point_timeout=point_timeout, max_points=max_points,
                        max_memory_mb=max_memory_mb, scratch=scratch, on_error="record", retries=retries,
-                       quarantine=quarantine)
+                       quarantine=quarantine, keep_logs=keep_logs, slow_seconds=slow_seconds, debug_rerun=debug_rerun)
         map_settings(options)
     except ValueError as exc:
         raise MpimapError(str(exc)) from None
@@ -94,7 +101,8 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
                     host = ranks[chunk.rank].host or socket.gethostname()
                     kept = chunk.delivered()
                     indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
-                    store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts)
+                    store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
+                                kept.logs)
                     per_rank[f"{host}/{chunk.rank}"] += len(indices)
                     meter.update(len(indices), [f.text for f in kept.failures.values()])
                     if on_error == "stop" and kept.failures:

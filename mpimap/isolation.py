@@ -12,6 +12,7 @@ Python exceptions.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import pickle
@@ -26,6 +27,7 @@ from multiprocessing.connection import Pipe
 import numpy as np
 
 from .failures import Failure
+from .pointlogs import PointLogs, capture_level, captured
 
 ISOLATIONS = ("rank", "process", "fresh")
 BATCH_SECONDS = 0.01  # the child reports results at least this often while it works
@@ -54,32 +56,54 @@ class Isolation:
                 raise ValueError(f"{name} must be positive")
 
 
-def evaluate_points(fn, star: bool, args, *, scratch: bool = False, on_point=None):
+def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointLogs | None = None):
     """Evaluate ``fn`` on every point of ``args`` in this process.
 
-    Returns ``(values, failures, durations)``: values in point order (``None``
-    where a point failed), failures as ``{offset: Failure}``, durations as a
-    float64 array of seconds per point.  ``on_point(i)`` is called before point
-    ``i`` (the child uses it to say which point it is on, and to recycle).
+    Returns ``(values, failures, durations, kept_logs)``: values in point
+    order (``None`` where a point failed), failures as ``{offset: Failure}``,
+    durations as a float64 array of seconds per point, and the captured log of
+    the points whose log ``logs`` keeps, as ``{offset: text}``.
     """
     n = len(args)
     values = [None] * n
     durations = np.empty(n)
     failures = {}
+    kept = {}
     clock = time.perf_counter
+    capture = logs is not None and logs.active
+    level = capture_level() if capture else None
     for i in range(n):
-        if on_point is not None:
-            on_point(i)
         scratch_dir = _enter_scratch() if scratch else None
-        t0 = clock()
-        try:
-            values[i] = fn(*args[i]) if star else fn(args[i])
-        except (Exception, SystemExit) as exc:
-            failures[i] = Failure.from_exception(exc)
-        durations[i] = clock() - t0
+        if capture:
+            with captured(level) as lines:
+                t0 = clock()
+                value, failure = _call(fn, star, args[i])
+                durations[i] = clock() - t0
+            if logs.keep is not None and logs.wanted(args[i], value, durations[i], failure is not None):
+                kept[i] = "\n".join(lines)
+            if failure is not None and logs.debug_rerun:
+                with captured(logging.DEBUG) as lines:
+                    _call(fn, star, args[i])
+                kept[i] = (kept.get(i, "") + "\n--- debug re-run ---\n" + "\n".join(lines)).lstrip("\n")
+        else:
+            t0 = clock()
+            value, failure = _call(fn, star, args[i])
+            durations[i] = clock() - t0
+        if failure is None:
+            values[i] = value
+        else:
+            failures[i] = failure
         if scratch_dir is not None:
             _leave_scratch(scratch_dir)
-    return values, failures, durations
+    return values, failures, durations, kept
+
+
+def _call(fn, star: bool, point):
+    """``(value, None)``, or ``(None, Failure)`` if the function raised."""
+    try:
+        return (fn(*point) if star else fn(point)), None
+    except (Exception, SystemExit) as exc:
+        return None, Failure.from_exception(exc)
 
 
 def _enter_scratch() -> str:
@@ -124,15 +148,16 @@ def _child_main(conn, slot) -> None:
         message = conn.recv()
         if message is None:
             return
-        map_id, blob, args, positions, options = message
+        map_id, blob, args, positions, options, logs = message
         if blob is not None:
             functions = {map_id: pickle.loads(blob)[:2]}  # only the current map's function is kept
         fn, star = functions[map_id]
         batch, last_report = [], time.monotonic()
         for k, position in enumerate(positions):
             slot[:_SLOT.size] = _SLOT.pack(position, time.monotonic())
-            values, failures, durations = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch)
-            batch.append((position, values[0], failures.get(0), durations[0]))
+            values, failures, durations, kept = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch,
+                                                                logs=logs)
+            batch.append((position, values[0], failures.get(0), durations[0], kept.get(0)))
             evaluated += 1
             due = (options.max_points and evaluated >= options.max_points) or \
                 (options.max_memory_mb and _rss_mb() > options.max_memory_mb)
@@ -193,7 +218,7 @@ class ChildProcess:
                 pass
             self._stop(kill=False)
 
-    def evaluate(self, map_id, blob, args, options: Isolation, tick):
+    def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick):
         """Evaluate a chunk in the child; same result shape as :func:`evaluate_points`.
 
         ``tick()`` is called at least every 50 ms while the child works; if it
@@ -201,7 +226,7 @@ class ChildProcess:
         is returned.
         """
         n = len(args)
-        values, failures, durations = [None] * n, {}, np.zeros(n)
+        values, failures, durations, kept = [None] * n, {}, np.zeros(n), {}
         left = np.ones(n, dtype=bool)  # points with no result yet
         child_options = _one_point(options) if options.mode == "fresh" else options
         while left.any():
@@ -212,14 +237,14 @@ class ChildProcess:
                 args[positions] if isinstance(args, np.ndarray) else [args[k] for k in positions])
             self.slot[:_SLOT.size] = _SLOT.pack(positions[0], time.monotonic())
             self.conn.send((map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
-                            child_options))
+                            child_options, logs))
             self.map_id = map_id
-            if not self._watch(options, tick, values, failures, durations, left):
+            if not self._watch(options, tick, values, failures, durations, kept, left):
                 self._stop(kill=True)
                 return None
-        return values, failures, durations
+        return values, failures, durations, kept
 
-    def _watch(self, options, tick, values, failures, durations, left) -> bool:
+    def _watch(self, options, tick, values, failures, durations, kept, left) -> bool:
         """Collect the child's reports until the chunk is done or the child ends; False if abandoned."""
         while True:
             if self.conn.poll(0.05):
@@ -233,10 +258,12 @@ class ChildProcess:
                 if message == "recycle":
                     self._stop(kill=False)
                     return True
-                for position, value, failure, seconds in message:
+                for position, value, failure, seconds, log in message:
                     values[position] = value
                     if failure is not None:
                         failures[position] = failure
+                    if log is not None:
+                        kept[position] = log
                     durations[position] = seconds
                     left[position] = False
                 continue

@@ -48,6 +48,7 @@ class ChunkResult:
     rank: int
     skip: frozenset = frozenset()  # offsets whose failure earned another attempt: their result comes later
     attempts: dict = field(default_factory=dict)  # offset -> attempts made, where more than one
+    logs: dict = field(default_factory=dict)  # offset -> captured log text, where kept
 
     def offsets(self):
         """Offsets of the points this chunk delivers."""
@@ -62,7 +63,8 @@ class ChunkResult:
         new = {k: i for i, k in enumerate(keep)}
         return ChunkResult(self.start, self.stop, [self.values[k] for k in keep],
                            {new[k]: f for k, f in self.failures.items()}, self.durations[keep], self.rank,
-                           frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new})
+                           frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new},
+                           {new[k]: t for k, t in self.logs.items() if k in new})
 
 
 class MapHandle:

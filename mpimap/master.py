@@ -206,7 +206,7 @@ class Master:
         return limit
 
     def _result(self, rank: int, body, now: float) -> None:
-        chunk_id, values, failures, durations, seconds = body
+        chunk_id, values, failures, durations, seconds, logs = body
         self._chunk_seconds += (seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
@@ -224,7 +224,7 @@ class Master:
             self.scheduler.retry(chunk.map_id, [chunk.start + k for k in skip], avoid=rank)
             failures = {k: f for k, f in failures.items() if k not in skip}
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
-                                   attempts))
+                                   attempts, logs))
         if self.scheduler.map_finished(chunk.map_id):
             self._end_map(handle)
 
@@ -256,10 +256,10 @@ class InlineMaster(Master):
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
-            values, failures, durations = self._evaluator.run(chunk.map_id, handle.function,
-                                                              self._functions[chunk.map_id],
-                                                              handle.args[chunk.start:chunk.stop])
-            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0),
+            values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
+                                                                    self._functions[chunk.map_id],
+                                                                    handle.args[chunk.start:chunk.stop])
+            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
                          time.monotonic())
 
     def _receive(self, limit: int = 64) -> int:

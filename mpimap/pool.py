@@ -13,12 +13,14 @@ import numpy as np
 from . import world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
+from .pointlogs import PointLogs
 from .master import DEFAULT_RANK_TIMEOUT
 from .worker import DEFAULT_HEARTBEAT, serve
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
 POLICY_OPTIONS = ("on_error", "retries", "quarantine")
-MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS
+LOG_OPTIONS = ("keep_logs", "slow_seconds", "debug_rerun")
+MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS + LOG_OPTIONS
 
 
 class Pool(Executor):
@@ -36,11 +38,13 @@ class Pool(Executor):
 
     def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
-                 scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2):
+                 scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
+                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
         from .master import InlineMaster, Master
 
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine)
+        self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
         self._handles: list[MapHandle] = []
         self._own_master = True
         self._comm = None
@@ -91,15 +95,15 @@ class Pool(Executor):
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
                     ordered=True, future=None, options=None) -> MapHandle:
         master = self._live_master()
-        isolation, policy = self._settings(options or {})
-        handle = MapHandle(_pickle_function(fn, star, pack, isolation), args, chunksize=chunksize,
+        isolation, policy, logs = self._settings(options or {})
+        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
                            priority=priority, ordered=ordered, future=future, policy=policy)
         self._handles = [h for h in self._handles if not h.finished]
         self._handles.append(handle)
         return master.submit(handle)
 
     def _settings(self, options: dict):
-        return map_settings(options, self._isolation, self._policy)
+        return map_settings(options, self._isolation, self._policy, self._logs)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``."""
@@ -175,14 +179,17 @@ class Pool(Executor):
         self._master = None
 
 
-def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy()):
-    """``isolation`` and ``policy`` with one map's options applied (TypeError or ValueError if bad)."""
+def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),
+                 logs: PointLogs = PointLogs()):
+    """``isolation``, ``policy`` and ``logs`` with one map's options applied (TypeError or ValueError if bad)."""
     unknown = set(options) - set(MAP_OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; map options are: {', '.join(MAP_OPTIONS)}")
     iso = {("mode" if k == "isolation" else k): v for k, v in options.items() if k in ISOLATION_OPTIONS}
     pol = {k: v for k, v in options.items() if k in POLICY_OPTIONS}
-    return dataclasses.replace(isolation, **iso), dataclasses.replace(policy, **pol)
+    log = {("keep" if k == "keep_logs" else k): v for k, v in options.items() if k in LOG_OPTIONS}
+    return (dataclasses.replace(isolation, **iso), dataclasses.replace(policy, **pol),
+            dataclasses.replace(logs, **log))
 
 
 def _deadline(timeout):
@@ -202,9 +209,9 @@ def _unordered(handle: MapHandle, deadline, indexed: bool):
             yield (result.start + offset, value) if indexed else value
 
 
-def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation) -> bytes:
+def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
     try:
-        return pickle.dumps((fn, star, pack, isolation), protocol=5)
+        return pickle.dumps((fn, star, pack, isolation, logs), protocol=5)
     except Exception as exc:
         raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
                         "use a function defined at the top level of a module") from None

@@ -14,8 +14,9 @@ kind        direction           body
 HELLO       worker -> master    ``(host, pid)``, once when the worker starts serving
 TASK        master -> worker    ``(chunk_id, map_id, function_or_None, args)``; the
                                 first chunk of a map to a rank carries the pickled
-                                ``(function, star, pack)``, later ones ``None``
-RESULT      worker -> master    ``(chunk_id, values, failures, durations, seconds)``
+                                ``(function, star, pack, isolation, logs)``, later
+                                ones ``None``
+RESULT      worker -> master    ``(chunk_id, values, failures, durations, seconds, logs)``
 HEARTBEAT   worker -> master    ``None``, every heartbeat period
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
 STOP        master -> worker    ``None``: leave the serve loop

@@ -40,6 +40,7 @@ COLUMNS = {
     "run": (np.int16, -1),
     "attempts": (np.int16, 0),
     "error": (TEXT, ""),
+    "log": (TEXT, ""),
 }
 
 
@@ -94,7 +95,7 @@ class ResultStore:
 
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
-              attempts: dict | None = None) -> None:
+              attempts: dict | None = None, logs: dict | None = None) -> None:
         """Take the results of the points ``indices`` (one chunk, in order); they reach the file at the next flush.
 
         Rows are buffered and written in large sorted runs: a write per chunk
@@ -120,7 +121,8 @@ class ResultStore:
             tries[offset] = count
         self._pending.append((indices, status, np.asarray(durations), np.full(n, rank, np.int32),
                               np.full(n, self._host_id(host), np.int32), tries, column,
-                              {int(indices[k]): text for k, text in errors.items()}))
+                              {int(indices[k]): text for k, text in errors.items()},
+                              {int(indices[k]): text for k, text in (logs or {}).items()}))
         self._pending_rows += n
         if self._pending_rows >= FLUSH_ROWS or time.monotonic() - self._last_flush > self.flush_interval:
             self.flush()
@@ -171,9 +173,10 @@ class ResultStore:
             for sel, part in _runs(indices):
                 for name, column in columns.items():
                     f[name][sel] = column[part]
-            for errors in parts[7]:
-                for index, text in errors.items():
-                    f["error"][index] = text
+            for name, texts in (("error", parts[7]), ("log", parts[8])):
+                for chunk_texts in texts:
+                    for index, text in chunk_texts.items():
+                        f[name][index] = text
             self._pending.clear()
             self._pending_rows = 0
         self._file.flush()
@@ -446,7 +449,8 @@ def read_results(path: str) -> dict:
         hosts = [h.decode() for h in f["hosts"][()]]
         out["host"] = np.array([hosts[i] if i >= 0 else "" for i in out["host"]], dtype=object)
         out["status"] = np.array([STATUS_NAMES[s] for s in out["status"]], dtype=object)
-        out["error"] = np.array([e.decode() if isinstance(e, bytes) else e for e in out["error"]], dtype=object)
+        for name in ("error", "log"):
+            out[name] = np.array([e.decode() if isinstance(e, bytes) else e for e in out[name]], dtype=object)
         if "value_json" in f:
             out["value"] = np.array([json.loads(v) if v else None for v in f["value_json"].asstr()[()]],
                                     dtype=object)

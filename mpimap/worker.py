@@ -33,11 +33,11 @@ def _pack(values):
 
 
 def load_function(blob: bytes):
-    """Unpickle a map's ``(function, star, pack, isolation)``; one that cannot be loaded becomes a Failure."""
+    """Unpickle a map's ``(function, star, pack, isolation, logs)``; one that cannot be loaded becomes a Failure."""
     try:
         return pickle.loads(blob)
     except Exception as exc:
-        return Failure.from_exception(exc), False, False, None
+        return Failure.from_exception(exc), False, False, None, None
 
 
 class Evaluator:
@@ -47,23 +47,23 @@ class Evaluator:
         self.child: ChildProcess | None = None
 
     def run(self, map_id, blob: bytes, function, args, tick=lambda: True):
-        """Return ``(values, failures, durations)`` for ``args``, or None if ``tick()`` abandoned the chunk."""
-        fn, star, pack, isolation = function
+        """Return ``(values, failures, durations, logs)`` for ``args``, or None if ``tick()`` abandoned the chunk."""
+        fn, star, pack, isolation, logs = function
         n = len(args)
         if isinstance(fn, Failure):  # the function could not be loaded here: every point fails with why
-            return [None] * n, dict.fromkeys(range(n), fn), np.zeros(n)
+            return [None] * n, dict.fromkeys(range(n), fn), np.zeros(n), {}
         if isolation.mode == "rank":
-            values, failures, durations = evaluate_points(fn, star, args, scratch=isolation.scratch)
+            values, failures, durations, kept = evaluate_points(fn, star, args, scratch=isolation.scratch, logs=logs)
         else:
             if self.child is None:
                 self.child = ChildProcess()
-            out = self.child.evaluate(map_id, blob, args, isolation, tick)
+            out = self.child.evaluate(map_id, blob, args, isolation, logs, tick)
             if out is None:
                 return None
-            values, failures, durations = out
+            values, failures, durations, kept = out
         if pack and not failures:
             values = _pack(values)
-        return values, failures, durations
+        return values, failures, durations, kept
 
     def close(self) -> None:
         if self.child is not None:
@@ -144,8 +144,8 @@ class _Worker:
         out = self.evaluator.run(map_id, blob, function, args, tick)
         if out is None:
             return
-        values, failures, durations = out
-        self.transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0))
+        values, failures, durations, logs = out
+        self.transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0, logs))
         self.evaluated += len(args)
 
 

@@ -86,3 +86,17 @@ def scratch_user(x):
     with open(os.path.join(path, "junk"), "w") as f:
         f.write("x")
     return os.environ["TMPDIR"]
+
+
+def chatty(x):
+    """Logs at INFO and DEBUG; fails on multiples of 5; slow on multiples of 3."""
+    import logging
+
+    log = logging.getLogger("jobfuncs.chatty")
+    log.info("evaluating %s", x)
+    log.debug("debug detail for %s", x)
+    if int(x) % 3 == 0:
+        time.sleep(0.3)
+    if int(x) % 5 == 0:
+        raise ArithmeticError(f"{x} is a multiple of 5")
+    return x

@@ -142,3 +142,36 @@ if __name__ == "__main__":
     assert line.startswith("RESULT True [2]")  # every result right, rank 2 declared lost
     assert "rank 2 " in proc_out.stderr and "declared lost" in proc_out.stderr
     assert proc_out.returncode == 4  # the run finished; the job ended with MPI_Abort because a rank was lost
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_point_logs_kept_on_condition_and_debug_rerun_of_failures(tmp_path, isolation):
+    np.save(tmp_path / "p.npy", np.arange(1.0, 11.0))
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(2, "run", "jobfuncs:chatty", "--points", "p.npy", "--out", out, "--isolation", isolation,
+               "--keep-logs", "slow", "--slow-seconds", "0.2", "--debug-rerun", cwd=tmp_path, timeout=120)
+    r = read_results(out)
+    for i, x in enumerate(range(1, 11)):
+        log = r["log"][i]
+        if x % 3 == 0:  # slow: its own log is kept (at INFO)
+            assert f"INFO jobfuncs.chatty: evaluating {x}.0" in log.split("--- debug re-run ---")[0]
+        if x % 5 == 0:  # failed: re-run with DEBUG captured, stored with the failure
+            assert r["status"][i] == "failed" and "--- debug re-run ---" in log
+            assert f"DEBUG jobfuncs.chatty: debug detail for {x}.0" in log
+        if x % 3 and x % 5:
+            assert log == ""  # neither slow nor failed: nothing kept
+
+
+def test_logs_predicate_from_the_python_api(run_script):
+    stdout = run_script('''
+import mpimap
+from jobfuncs import chatty
+def big(point, value, seconds):
+    return point > 7
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        chunks = list(pool.imap_chunks(chatty, [1.0, 2.0, 8.0, 11.0], keep_logs=big))
+        logs = {c.start + k: t for c in chunks for k, t in c.logs.items()}
+        print("LOGS", sorted(logs), all("evaluating" in t for t in logs.values()))
+''', ranks=2)
+    assert "LOGS [2, 3] True" in stdout
