@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import signal
 import socket
 import sys
@@ -67,17 +68,21 @@ def cli():
               help="What --keep-logs slow means.")
 @click.option("--debug-rerun", is_flag=True,
               help="Evaluate a point whose function raised once more with DEBUG logging; store that log.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="WARNING", show_default=True, help="Level of the job's log (stderr), for every rank.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
 def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
         point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, keep_logs, slow_seconds,
-        debug_rerun, rank_timeout):
+        debug_rerun, log_level, rank_timeout):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
     from .inputs import FunctionRef, load_points
     from .pool import Pool, map_settings
     from .progress import Progress
+    from .control import Watcher
     from .store import ResultStore
 
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fn = FunctionRef(function)
     points = load_points(points_spec)
     try:
@@ -97,19 +102,25 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         if len(todo):
             with Pool(rank_timeout=rank_timeout) as pool:
                 ranks = pool._master.ranks
-                for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options):
-                    host = ranks[chunk.rank].host or socket.gethostname()
-                    kept = chunk.delivered()
-                    indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
-                    store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
-                                kept.logs)
-                    per_rank[f"{host}/{chunk.rank}"] += len(indices)
-                    meter.update(len(indices), [f.text for f in kept.failures.values()])
-                    if on_error == "stop" and kept.failures:
-                        offset, failure = next(iter(kept.failures.items()))
-                        raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error "
-                                          f"stop. Results so far are in {out}: fix the cause and run again "
-                                          "with --retry-failed")
+                pool.set_log_level(log_level, "workers")
+                watcher = Watcher(out, lambda command: _apply(pool, command))
+                watcher.start()
+                try:
+                    for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options):
+                        host = ranks[chunk.rank].host or socket.gethostname()
+                        kept = chunk.delivered()
+                        indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
+                        store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
+                                    kept.logs)
+                        per_rank[f"{host}/{chunk.rank}"] += len(indices)
+                        meter.update(len(indices), [f.text for f in kept.failures.values()])
+                        if on_error == "stop" and kept.failures:
+                            offset, failure = next(iter(kept.failures.items()))
+                            raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error "
+                                              f"stop. Results so far are in {out}: fix the cause and run again "
+                                              "with --retry-failed")
+                finally:
+                    watcher.stop()
         state = "complete"
     except _Interrupted as why:
         state = "interrupted"
@@ -123,6 +134,34 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
     click.echo(meter.summary(out=out, state=state, per_rank=per_rank))
     if state != "complete":
         sys.exit(3)
+
+
+def _apply(pool, command: dict) -> None:
+    """Carry out one command from the job's control file."""
+    if command.get("command") == "loglevel":
+        pool.set_log_level(command["level"], command.get("ranks", "all"))
+        logging.getLogger("mpimap.control").warning("log level of %s set to %s", command.get("ranks", "all"),
+                                                    command["level"])
+    else:
+        raise ValueError(f"unknown command {command.get('command')!r}")
+
+
+@cli.command()
+@click.argument("results")
+@click.argument("level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
+@click.option("--ranks", default="all", show_default=True,
+              help="all, master, workers, or worker ranks such as 2 or 1,3.")
+def loglevel(results, level, ranks):
+    """Change the log level of a running job's master and/or worker ranks."""
+    from .control import send
+
+    if ranks not in ("all", "master", "workers"):
+        try:
+            ranks = [int(r) for r in ranks.split(",")]
+        except ValueError:
+            raise MpimapError(f"--ranks {ranks!r}: use all, master, workers, or rank numbers such as 1,3") from None
+    send(results, {"command": "loglevel", "level": level.upper(), "ranks": ranks})
+    click.echo(f"sent: log level {level.upper()} for {ranks} of the job writing {results}")
 
 
 @cli.command()

@@ -140,15 +140,29 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+class _PipeLog(logging.Handler):
+    """In the child: log records go up the pipe to the rank, which passes them on to the job's log."""
+
+    def __init__(self, conn):
+        super().__init__()
+        self.conn = conn
+
+    def emit(self, record):
+        self.conn.send(("log", record.levelno, record.name, record.getMessage()))
+
+
 def _child_main(conn, slot) -> None:
     """The child's loop: evaluate chunks, report results in batches, leave when told or when due for recycling."""
     functions = {}
     evaluated = 0
+    root = logging.getLogger()
+    root.handlers = [_PipeLog(conn)]  # the rank's own handlers (its MPI forwarder) are not for us
     while True:
         message = conn.recv()
         if message is None:
             return
-        map_id, blob, args, positions, options, logs = message
+        map_id, blob, args, positions, options, logs, level = message
+        root.setLevel(level)
         if blob is not None:
             functions = {map_id: pickle.loads(blob)[:2]}  # only the current map's function is kept
         fn, star = functions[map_id]
@@ -237,7 +251,7 @@ class ChildProcess:
                 args[positions] if isinstance(args, np.ndarray) else [args[k] for k in positions])
             self.slot[:_SLOT.size] = _SLOT.pack(positions[0], time.monotonic())
             self.conn.send((map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
-                            child_options, logs))
+                            child_options, logs, logging.getLogger().level))
             self.map_id = map_id
             if not self._watch(options, tick, values, failures, durations, kept, left):
                 self._stop(kill=True)
@@ -258,6 +272,10 @@ class ChildProcess:
                 if message == "recycle":
                     self._stop(kill=False)
                     return True
+                if isinstance(message, tuple):  # ("log", levelno, name, text) from the evaluation
+                    _, levelno, name, text = message
+                    logging.getLogger(name).log(levelno, "%s", text)
+                    continue
                 for position, value, failure, seconds, log in message:
                     values[position] = value
                     if failure is not None:

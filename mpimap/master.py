@@ -75,6 +75,10 @@ class Master:
     def cancel(self, handle: MapHandle) -> None:
         self._command("cancel", handle)
 
+    def set_log_level(self, level: int, ranks) -> None:
+        """Change the log level of worker ranks (an iterable of ranks, or None for all) while they run."""
+        self._command("level", (level, None if ranks is None else list(ranks)))
+
     def _command(self, name: str, handle) -> None:
         self._inbox.append((name, handle))
         self._wake.set()
@@ -134,6 +138,12 @@ class Master:
         earn long naps.
         """
         return min(20e-3, max(1e-3, self._chunk_seconds / 5))
+
+    def _level(self, request) -> None:
+        level, ranks = request
+        for rank in self.ranks if ranks is None else ranks:
+            if rank in self.ranks and rank not in self.lost and self.transport is not None:
+                self.transport.send(rank, Kind.LEVEL, level)
 
     def _check_silence(self) -> None:
         """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others."""
@@ -200,6 +210,13 @@ class Master:
                 self._dispatch()  # refill that rank at once
             elif kind is Kind.HELLO:
                 self.ranks[source].host, self.ranks[source].pid = body
+                self.scheduler.heard(source, now)
+            elif kind is Kind.LOG:
+                levelno, name, text = body
+                # The rank already applied its own level: the record is logged whatever the master's level.
+                logger = logging.getLogger(f"mpimap.rank{source}")
+                logger.handle(logger.makeRecord(logger.name, levelno, "(worker)", 0, "[rank %d %s] %s: %s",
+                                                (source, self.ranks[source].host, name, text), None))
                 self.scheduler.heard(source, now)
             else:  # HEARTBEAT
                 self.scheduler.heard(source, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pickle
 import time
 from concurrent.futures import Executor, Future
@@ -156,6 +157,20 @@ class Pool(Executor):
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight, points done, busy seconds, seconds since last heard."""
         return self._live_master().status()
+
+    def set_log_level(self, level, ranks="all") -> None:
+        """Change log levels while the pool runs: ``ranks`` is "all", "master", "workers", a rank or a list.
+
+        Worker ranks send records at or above their level to the master, which
+        logs them as ``mpimap.rank<N>`` with rank and host (the job's log).
+        """
+        level = logging._checkLevel(level.upper() if isinstance(level, str) else level)
+        master = self._live_master()
+        if ranks in ("all", "master"):
+            logging.getLogger().setLevel(level)
+        if ranks != "master":
+            targets = None if ranks in ("all", "workers") else ([ranks] if isinstance(ranks, int) else ranks)
+            master.set_log_level(level, targets)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally cancel what is queued; wait for the rest; release the workers."""

@@ -20,6 +20,9 @@ RESULT      worker -> master    ``(chunk_id, values, failures, durations, second
 HEARTBEAT   worker -> master    ``None``, every heartbeat period
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
 STOP        master -> worker    ``None``: leave the serve loop
+LOG         worker -> master    ``(levelno, logger name, message)``: a log record of the rank
+                                (or of its evaluation process), for the job's log
+LEVEL       master -> worker    ``levelno``: the rank's new log level
 OOB         either              a raw buffer belonging to the preceding message
 ==========  ==================  ======================================================
 """
@@ -41,6 +44,8 @@ class Kind(IntEnum):
     FORGET = 5
     STOP = 6
     OOB = 7
+    LOG = 8
+    LEVEL = 9
 
 
 def encode(obj) -> tuple[bytes, list]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import socket
@@ -84,6 +85,21 @@ class _Heartbeat(threading.Thread):
             self.transport.send(0, Kind.HEARTBEAT)
 
 
+class _Forward(logging.Handler):
+    """Sends this rank's log records to the master, which writes them to the job's log with rank and host."""
+
+    def __init__(self, transport: Transport):
+        super().__init__()
+        self.transport = transport
+        self._lock_sends = threading.Lock()
+
+    def emit(self, record):
+        if record.name.startswith("mpimap.rank"):
+            return
+        with self._lock_sends:
+            self.transport.send(0, Kind.LOG, (record.levelno, record.name, record.getMessage()))
+
+
 class _Worker:
     """The state of one serving rank: its queue, its functions, its evaluator."""
 
@@ -93,6 +109,7 @@ class _Worker:
         self.functions = {}  # map_id -> (blob, (fn, star, pack, isolation))
         self.queue: deque = deque()  # (chunk_id, map_id, args)
         self.evaluator = Evaluator()
+        self.forward = _Forward(Transport(comm))
         self.stopping = False
         self.evaluated = 0
 
@@ -105,12 +122,15 @@ class _Worker:
         elif kind is Kind.FORGET:
             self.functions.pop(body, None)
             self.queue = deque(t for t in self.queue if t[1] != body)
+        elif kind is Kind.LEVEL:
+            logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
             self.stopping = True
 
     def serve(self) -> int:
-        self.transport.send(0, Kind.HELLO, (socket.gethostname(), os.getpid()))
+        self.transport.send(0, Kind.HELLO, (host_name(self.transport.rank), os.getpid()))
         self.beat.start()
+        logging.getLogger().addHandler(self.forward)
         waiter = Waiter(window=5e-3)
         try:
             while not self.stopping:
@@ -126,6 +146,7 @@ class _Worker:
                 waiter.activity()
             return self.evaluated
         finally:
+            logging.getLogger().removeHandler(self.forward)
             self.evaluator.close()
             self.beat.stopped.set()
             self.beat.join()
@@ -147,6 +168,15 @@ class _Worker:
         values, failures, durations, logs = out
         self.transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0, logs))
         self.evaluated += len(args)
+
+
+def host_name(rank: int) -> str:
+    """The name of this rank's node: ``MPIMAP_HOST`` if set (``{rank}`` is replaced), else the host name.
+
+    Failures are counted per node; where host names do not tell nodes apart
+    (containers, several VMs with one name), set MPIMAP_HOST.
+    """
+    return os.environ.get("MPIMAP_HOST", socket.gethostname()).replace("{rank}", str(rank))
 
 
 def serve(comm, heartbeat: float = DEFAULT_HEARTBEAT) -> int:

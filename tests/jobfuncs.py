@@ -100,3 +100,19 @@ def chatty(x):
     if int(x) % 5 == 0:
         raise ArithmeticError(f"{x} is a multiple of 5")
     return x
+
+
+def warns(x):
+    import logging
+
+    logging.getLogger("jobfuncs.warns").warning("warning from point %s", x)
+    logging.getLogger("jobfuncs.warns").info("info from point %s", x)
+    return x
+
+
+def slow_chatty(x):
+    import logging
+
+    time.sleep(0.05)
+    logging.getLogger("jobfuncs.slow_chatty").info("working on %s", x)
+    return x

@@ -175,3 +175,56 @@ if __name__ == "__main__":
         print("LOGS", sorted(logs), all("evaluating" in t for t in logs.values()))
 ''', ranks=2)
     assert "LOGS [2, 3] True" in stdout
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_worker_logs_reach_the_job_log_and_levels_change_at_run_time(run_script, isolation):
+    proc = run_script(f'''
+import logging, mpimap
+from jobfuncs import warns
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    with mpimap.Pool(isolation="{isolation}") as pool:
+        list(pool.map(warns, [1], chunksize=1))
+        pool.set_log_level("INFO", ranks=2)
+        list(pool.map(warns, [2, 3, 4, 5], chunksize=1))
+        pool.set_log_level("ERROR", ranks="workers")
+        list(pool.map(warns, [6, 7], chunksize=1))
+        print("DONE", flush=True)
+''', ranks=3, full=True)
+    err = proc.stderr
+    assert "[rank 1 " in err or "[rank 2 " in err
+    assert "jobfuncs.warns: warning from point 1" in err  # WARNING passes the default level
+    assert "info from point 1" not in err
+    infos = [line for line in err.splitlines() if "info from point" in line]
+    assert infos and all("[rank 2 " in line for line in infos)  # only rank 2 was turned up to INFO
+    assert "from point 6" not in err and "from point 7" not in err  # ERROR on every worker
+
+
+def test_cli_changes_the_log_level_of_a_running_job(tmp_path):
+    import sys
+    import time
+
+    from mpimap.launch import find_mpiexec
+
+    np.save(tmp_path / "p.npy", np.arange(200.0))
+    out = str(tmp_path / "r.h5")
+    job = subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:slow_chatty",
+                            "--points", "p.npy", "--out", out, "--chunksize", "1"], cwd=tmp_path, env=job_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(out + ".lock") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    sent = subprocess.run([sys.executable, "-m", "mpimap", "loglevel", out, "info", "--ranks", "workers"],
+                          capture_output=True, text=True, env=job_env())
+    assert sent.returncode == 0, sent.stderr
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    assert "log level of workers set to INFO" in err
+    working = [line for line in err.splitlines() if "jobfuncs.slow_chatty: working on" in line]
+    assert 0 < len(working) < 200  # records appear once the level changed, not before
+    assert all("[rank 1 " in line or "[rank 2 " in line for line in working)
+    refused = subprocess.run([sys.executable, "-m", "mpimap", "loglevel", out, "info"], capture_output=True,
+                             text=True, env=job_env())
+    assert refused.returncode == 2 and "no running job is writing" in refused.stderr
