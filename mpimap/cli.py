@@ -70,11 +70,15 @@ def cli():
               help="Evaluate a point whose function raised once more with DEBUG logging; store that log.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="WARNING", show_default=True, help="Level of the job's log (stderr), for every rank.")
+@click.option("--host-failures", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retire a host once this many points failed there and succeeded elsewhere (0: never).")
+@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Warn when a live rank returns nothing for this long.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
 def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
         point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, keep_logs, slow_seconds,
-        debug_rerun, log_level, rank_timeout):
+        debug_rerun, log_level, host_failures, stall_timeout, rank_timeout):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
     from .inputs import FunctionRef, load_points
     from .pool import Pool, map_settings
@@ -100,7 +104,8 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=progress)
         per_rank: Counter = Counter()
         if len(todo):
-            with Pool(rank_timeout=rank_timeout) as pool:
+            with Pool(rank_timeout=rank_timeout, stall_timeout=stall_timeout,
+                      host_failures=host_failures or None) as pool:
                 ranks = pool._master.ranks
                 pool.set_log_level(log_level, "workers")
                 watcher = Watcher(out, lambda command: _apply(pool, command))

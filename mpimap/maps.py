@@ -80,6 +80,7 @@ class MapHandle:
         self.future = future
         self.policy = policy
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
+        self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
         self.map_id = None  # set by the master
         self.master = None
         self.done = 0

@@ -24,6 +24,7 @@ from .worker import Evaluator, load_function
 
 log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
+DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
 
 
@@ -38,7 +39,8 @@ class RankInfo:
 class Master:
     """Dispatches maps to the worker ranks of ``comm`` (rank 0 is this one)."""
 
-    def __init__(self, comm=None, *, stop_workers: bool = True, rank_timeout: float | None = DEFAULT_RANK_TIMEOUT):
+    def __init__(self, comm=None, *, stop_workers: bool = True, rank_timeout: float | None = DEFAULT_RANK_TIMEOUT,
+                 stall_timeout: float | None = None, host_failures: int | None = DEFAULT_HOST_FAILURES):
         self.transport = Transport(comm) if comm is not None else None
         ranks = self._worker_ranks()
         self.scheduler = Scheduler(ranks, now=time.monotonic())
@@ -46,6 +48,11 @@ class Master:
         self.stop_workers = stop_workers
         self.rank_timeout = rank_timeout  # seconds of silence after which a rank is lost (None: never)
         self.lost: set[int] = set()  # ranks declared lost: never sent to again, their messages dropped
+        self.stall_timeout = stall_timeout  # warn when a busy rank returns nothing for this long
+        self._stalled: set[int] = set()  # ranks warned about, until they return something
+        self.host_failures = host_failures  # failures disproved elsewhere before a host is retired
+        self.host_strikes: dict[str, int] = {}
+        self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
         self._last_check = 0.0
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
@@ -94,7 +101,8 @@ class Master:
         now = time.monotonic()
         return [
             dict(rank=r, host=info.host, pid=info.pid, in_flight=len(s.in_flight), points_done=s.points_done,
-                 busy_seconds=s.busy_seconds, last_heard=now - s.last_heard, lost=s.lost)
+                 busy_seconds=s.busy_seconds, last_heard=now - s.last_heard, lost=r in self.lost,
+                 retired=r in self.retired)
             for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
         ]
 
@@ -109,7 +117,7 @@ class Master:
                         return
                     getattr(self, "_" + command)(handle)
                 self._dispatch()
-                if self.rank_timeout is not None:
+                if self.rank_timeout is not None or self.stall_timeout is not None:
                     self._check_silence()
                 if self._receive():
                     waiter.activity()
@@ -151,12 +159,19 @@ class Master:
         if now - self._last_check < 0.1:
             return
         self._last_check = now
-        for rank in self.scheduler.silent_ranks(now, self.rank_timeout):
+        for rank in self.scheduler.silent_ranks(now, self.rank_timeout) if self.rank_timeout else ():
             info = self.ranks[rank]
             log.warning("rank %d (%s, pid %s) silent for %.1f s: declared lost, its work goes to other ranks",
                         rank, info.host, info.pid, now - self.scheduler.ranks[rank].last_heard)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
+        if self.stall_timeout:
+            stalled = set(self.scheduler.stalled_ranks(now, self.stall_timeout))
+            for rank in stalled - self._stalled:
+                log.warning("rank %d (%s) is alive but has returned nothing for %.1f s: a point may be stuck "
+                            "(isolation='process' with point_timeout stops such points)", rank,
+                            self.ranks[rank].host, self.stall_timeout)
+            self._stalled = stalled
 
     def _add(self, handle: MapHandle) -> None:
         self._handles[handle.map_id] = handle
@@ -240,10 +255,41 @@ class Master:
         if skip:
             self.scheduler.retry(chunk.map_id, [chunk.start + k for k in skip], avoid=rank)
             failures = {k: f for k, f in failures.items() if k not in skip}
+            for k in skip:
+                handle.failed_on[chunk.start + k] = self.ranks[rank].host
+        if handle.failed_on:
+            self._strike_hosts(handle, chunk, failures, skip, rank)
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
                                    attempts, logs))
         if self.scheduler.map_finished(chunk.map_id):
             self._end_map(handle)
+
+    def _strike_hosts(self, handle, chunk, failures, skip, rank) -> None:
+        """A point that failed on one host and now succeeded on another is a strike against the first host."""
+        host = self.ranks[rank].host
+        for k in range(len(chunk)):
+            index = chunk.start + k
+            if k in skip or index not in handle.failed_on:
+                continue
+            bad = handle.failed_on.pop(index)
+            if k in failures:  # it failed everywhere: the point's fault, not the host's
+                continue
+            if bad == host:
+                continue
+            self.host_strikes[bad] = self.host_strikes.get(bad, 0) + 1
+            if self.host_failures and self.host_strikes[bad] >= self.host_failures:
+                self._retire_host(bad)
+
+    def _retire_host(self, host: str) -> None:
+        ranks = [r for r, info in self.ranks.items() if info.host == host and not self.scheduler.ranks[r].lost]
+        others = [r for r, info in self.ranks.items() if info.host != host and not self.scheduler.ranks[r].lost]
+        if not ranks or not others:  # never retire the last healthy capacity
+            return
+        log.warning("host %s: %d points failed there and succeeded elsewhere: its ranks %s get no more work",
+                    host, self.host_strikes[host], ranks)
+        for r in ranks:
+            self.scheduler.lose_rank(r)
+            self.retired.add(r)
 
     def _shutdown_workers(self) -> None:
         if self.stop_workers:

@@ -15,7 +15,7 @@ from . import world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .pointlogs import PointLogs
-from .master import DEFAULT_RANK_TIMEOUT
+from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT
 from .worker import DEFAULT_HEARTBEAT, serve
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
@@ -38,6 +38,7 @@ class Pool(Executor):
     """
 
     def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
+                 stall_timeout=None, host_failures=DEFAULT_HOST_FAILURES,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
                  keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
@@ -52,6 +53,8 @@ class Pool(Executor):
         if comm is None and world.active():
             self._master = world.master()
             self._master.rank_timeout = rank_timeout
+            self._master.stall_timeout = stall_timeout
+            self._master.host_failures = host_failures
             self._own_master = False
             return
         if comm is None:
@@ -63,7 +66,8 @@ class Pool(Executor):
             return
         self._comm = comm.Dup()  # keep our traffic apart from the program's own
         if self._comm.Get_rank() == 0:
-            self._master = Master(self._comm, rank_timeout=rank_timeout)
+            self._master = Master(self._comm, rank_timeout=rank_timeout, stall_timeout=stall_timeout,
+                                  host_failures=host_failures)
         else:
             self._master = None
             serve(self._comm, heartbeat)

@@ -64,7 +64,8 @@ class RankState:
     chunks_done: int = 0
     points_done: int = 0
     busy_seconds: float = 0.0
-    lost: bool = False
+    last_result: float = 0.0  # when its last chunk came back
+    lost: bool = False  # out of service: silent (lost) or retired for failing
 
 
 class Scheduler:
@@ -256,7 +257,7 @@ class Scheduler:
     def complete(self, rank: int, chunk_id: int, seconds: float, now: float) -> Chunk | None:
         """Record a finished chunk; return it, or None if it is unknown (cancelled map, lost rank)."""
         rstate = self.ranks[rank]
-        rstate.last_heard = now
+        rstate.last_heard = rstate.last_result = now
         chunk = rstate.in_flight.pop(chunk_id, None)
         self._sent.pop(chunk_id, None)
         if chunk is None:
@@ -302,8 +303,14 @@ class Scheduler:
         """Live ranks not heard from for longer than ``timeout`` seconds."""
         return [r.rank for r in self.ranks.values() if not r.lost and now - r.last_heard > timeout]
 
+    def stalled_ranks(self, now: float, timeout: float) -> list[int]:
+        """Live ranks that hold work but have returned nothing for longer than ``timeout`` seconds."""
+        return [r.rank for r in self.ranks.values()
+                if not r.lost and r.in_flight and now - max(r.last_result, min(self._sent.get(c, now)
+                                                                                for c in r.in_flight)) > timeout]
+
     def lose_rank(self, rank: int) -> list[Chunk]:
-        """Take a rank out of service; its in-flight chunks go back to their maps' queues."""
+        """Take a rank out of service (lost or retired); its in-flight chunks go back to their maps' queues."""
         rstate = self.ranks[rank]
         if not rstate.lost:
             self.live -= 1

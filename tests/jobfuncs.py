@@ -116,3 +116,11 @@ def slow_chatty(x):
     time.sleep(0.05)
     logging.getLogger("jobfuncs.slow_chatty").info("working on %s", x)
     return x
+
+
+def fails_on_node2(x):
+    """Every point fails when evaluated on node2 (a bad node), and succeeds elsewhere."""
+    time.sleep(0.01)
+    if os.environ.get("PMI_RANK") == "2":
+        raise RuntimeError("bad node")
+    return x * 10

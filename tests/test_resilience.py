@@ -228,3 +228,30 @@ def test_cli_changes_the_log_level_of_a_running_job(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "mpimap", "loglevel", out, "info"], capture_output=True,
                              text=True, env=job_env())
     assert refused.returncode == 2 and "no running job is writing" in refused.stderr
+
+
+def test_a_host_whose_points_keep_failing_is_retired(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(60.0))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(4, "run", "jobfuncs:fails_on_node2", "--points", "p.npy", "--out", out, "--retries", "2",
+                      "--host-failures", "3", "--chunksize", "1", cwd=tmp_path, timeout=120,
+                      env=job_env(MPIMAP_HOST="node{rank}"))
+    r = read_results(out)
+    assert set(r["status"]) == {"done"} and np.array_equal(r["value"], np.arange(60.0) * 10)
+    assert "node2" not in set(r["host"])  # nothing stored from the bad node
+    assert "host node2: 3 points failed there and succeeded elsewhere" in proc.stderr
+    retried = r["attempts"] > 1
+    assert 3 <= retried.sum() <= 15  # a few points paid for finding out, then node2 got no more work
+
+
+def test_stalled_rank_is_reported_while_its_heartbeats_continue(run_script):
+    proc = run_script('''
+import time, mpimap
+if __name__ == "__main__":
+    with mpimap.Pool(stall_timeout=0.5, rank_timeout=5) as pool:
+        list(pool.map(time.sleep, [2.0]))
+        print("DONE", [r["lost"] for r in pool.status()], flush=True)
+''', ranks=2, env=job_env(MPIMAP_HEARTBEAT=0.2), full=True)
+    assert "DONE [False]" in proc.stdout  # heartbeats kept it alive: not lost
+    assert "rank 1 (" in proc.stderr and "has returned nothing for 0.5 s" in proc.stderr
+    assert "is alive but has returned nothing" in proc.stderr
