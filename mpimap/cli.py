@@ -70,6 +70,8 @@ def cli():
               help="Evaluate a point whose function raised once more with DEBUG logging; store that log.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="WARNING", show_default=True, help="Level of the job's log (stderr), for every rank.")
+@click.option("--verify", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="FRACTION",
+              help="Evaluate this fraction of good points once more on another host and report mismatches.")
 @click.option("--host-failures", type=click.IntRange(min=0), default=3, show_default=True,
               help="Retire a host once this many points failed there and succeeded elsewhere (0: never).")
 @click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
@@ -78,7 +80,7 @@ def cli():
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
 def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
         point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, keep_logs, slow_seconds,
-        debug_rerun, log_level, host_failures, stall_timeout, rank_timeout):
+        debug_rerun, log_level, verify, host_failures, stall_timeout, rank_timeout):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
     from .inputs import FunctionRef, load_points
     from .pool import Pool, map_settings
@@ -92,7 +94,8 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
     try:
         options = dict(isolation=isolation, point_timeout=point_timeout, max_points=max_points,
                        max_memory_mb=max_memory_mb, scratch=scratch, on_error="record", retries=retries,
-                       quarantine=quarantine, keep_logs=keep_logs, slow_seconds=slow_seconds, debug_rerun=debug_rerun)
+                       quarantine=quarantine, keep_logs=keep_logs, slow_seconds=slow_seconds, debug_rerun=debug_rerun,
+                       verify=verify)
         map_settings(options)
     except ValueError as exc:
         raise MpimapError(str(exc)) from None
@@ -126,6 +129,13 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
                                               "with --retry-failed")
                 finally:
                     watcher.stop()
+                master = pool._master
+                pool.shutdown(wait=True)  # verifications may still be running
+                checks = [(todo[i], same) for _, i, _, _, same in master.verification]
+                if checks:
+                    store.mark_verified(*zip(*checks))
+                    click.echo(f"mpimap: verified {len(checks)} points on a second host: "
+                               f"{sum(not same for _, same in checks)} mismatches (column 'verified')", err=True)
         state = "complete"
     except _Interrupted as why:
         state = "interrupted"

@@ -24,10 +24,13 @@ class Policy:
     on_error: str = "raise"  # raise: the map raises at the point; record: the failure is its result
     retries: int = 0  # further attempts for a point whose function raised
     quarantine: int = 2  # attempts after which a crashed or timed-out point is failed for good
+    verify: float = 0.0  # fraction of good points evaluated once more on another host, to compare
 
     def __post_init__(self):
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, not {self.on_error!r}")
+        if not 0.0 <= self.verify <= 1.0:
+            raise ValueError("verify must be a fraction between 0 and 1")
         if self.retries < 0 or self.quarantine < 1:
             raise ValueError("retries must be >= 0 and quarantine >= 1")
 
@@ -81,6 +84,8 @@ class MapHandle:
         self.policy = policy
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
+        self.verify = policy.verify  # fraction of good points re-evaluated on another host
+        self.verifying: dict[int, tuple] = {}  # point index -> (first value, its host), while re-evaluated
         self.map_id = None  # set by the master
         self.master = None
         self.done = 0

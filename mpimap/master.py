@@ -16,6 +16,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from .maps import ChunkResult, MapHandle
 from .protocol import Kind
 from .scheduler import Scheduler
@@ -53,6 +55,7 @@ class Master:
         self.host_failures = host_failures  # failures disproved elsewhere before a host is retired
         self.host_strikes: dict[str, int] = {}
         self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
+        self.verification: list = []  # (map_id, index, first host, second host, same result)
         self._last_check = 0.0
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
@@ -244,6 +247,15 @@ class Master:
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
         handle = self._handles[chunk.map_id]
+        if chunk.start in handle.verifying and len(chunk) == 1:
+            self._verified(handle, chunk.start, values, failures, rank)
+        else:
+            self._deliver(handle, chunk, values, failures, durations, rank, logs)
+        if self.scheduler.map_finished(chunk.map_id):
+            self._end_map(handle)
+
+    def _deliver(self, handle, chunk, values, failures, durations, rank, logs) -> None:
+        """Hand a chunk's results to its map: retry what deserves another attempt, sample points to verify."""
         attempts = {k: handle.attempts[i] for k, i in enumerate(range(chunk.start, chunk.stop))
                     if i in handle.attempts} if handle.attempts else {}
         skip = []
@@ -261,8 +273,30 @@ class Master:
             self._strike_hosts(handle, chunk, failures, skip, rank)
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
                                    attempts, logs))
-        if self.scheduler.map_finished(chunk.map_id):
-            self._end_map(handle)
+        if handle.verify:
+            self._sample(handle, chunk, values, failures, skip, rank)
+
+    def _sample(self, handle, chunk, values, failures, skip, rank) -> None:
+        """Re-evaluate a sample of good points on another host, to compare (``verify=`` fraction)."""
+        host = self.ranks[rank].host
+        same_host = {r for r, info in self.ranks.items() if info.host == host}
+        if len(same_host) == len(self.ranks):
+            return  # one host: nothing to compare against
+        for k in range(len(chunk)):
+            index = chunk.start + k
+            if k in skip or k in failures or (index * 2654435761) % 2 ** 32 >= handle.verify * 2 ** 32:
+                continue
+            handle.verifying[index] = (values[k], host)
+            self.scheduler.retry(chunk.map_id, [index], avoid=same_host)
+
+    def _verified(self, handle, index, values, failures, rank) -> None:
+        first, first_host = handle.verifying.pop(index)
+        host = self.ranks[rank].host
+        same = not failures and _same(first, values[0])
+        self.verification.append((handle.map_id, index, first_host, host, same))
+        if not same:
+            log.warning("point %d: verification mismatch: %r on %s, %r on %s", index, first, first_host,
+                        None if failures else values[0], host)
 
     def _strike_hosts(self, handle, chunk, failures, skip, rank) -> None:
         """A point that failed on one host and now succeeded on another is a strike against the first host."""
@@ -297,6 +331,14 @@ class Master:
                 if rank not in self.lost:
                     self.transport.send(rank, Kind.STOP)
         self.transport.flush(timeout=1.0 if self.lost else 10.0)
+
+
+def _same(a, b) -> bool:
+    """Whether two results of one point agree (exactly: numbers bit for bit, arrays element by element)."""
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except Exception:
+        return a == b
 
 
 class InlineMaster(Master):

@@ -19,7 +19,7 @@ from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT
 from .worker import DEFAULT_HEARTBEAT, serve
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
-POLICY_OPTIONS = ("on_error", "retries", "quarantine")
+POLICY_OPTIONS = ("on_error", "retries", "quarantine", "verify")
 LOG_OPTIONS = ("keep_logs", "slow_seconds", "debug_rerun")
 MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS + LOG_OPTIONS
 
@@ -41,11 +41,12 @@ class Pool(Executor):
                  stall_timeout=None, host_failures=DEFAULT_HOST_FAILURES,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
+                 verify: float = 0.0,
                  keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
         from .master import InlineMaster, Master
 
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
-        self._policy = Policy(on_error, retries, quarantine)
+        self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
         self._handles: list[MapHandle] = []
         self._own_master = True
@@ -161,6 +162,11 @@ class Pool(Executor):
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight, points done, busy seconds, seconds since last heard."""
         return self._live_master().status()
+
+    def verification(self) -> list[dict]:
+        """Every point verified so far: index, the two hosts, and whether their results agreed."""
+        return [dict(index=i, first_host=a, second_host=b, same=same)
+                for _, i, a, b, same in self._live_master().verification]
 
     def set_log_level(self, level, ranks="all") -> None:
         """Change log levels while the pool runs: ``ranks`` is "all", "master", "workers", a rank or a list.

@@ -40,7 +40,7 @@ class MapState:
     priority: int
     order: int
     cursor: int = 0  # first point never handed out
-    requeued: deque = field(default_factory=deque)  # (start, stop, rank to avoid or None): to hand out again
+    requeued: deque = field(default_factory=deque)  # (start, stop, ranks to avoid or None): to hand out again
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
@@ -228,7 +228,7 @@ class Scheduler:
                 heapq.heappop(self._queue)
                 continue
             for k, (start, stop, avoid) in enumerate(state.requeued):
-                if avoid != rank or self.live <= 1:
+                if avoid is None or rank not in avoid:
                     del state.requeued[k]
                     size = min(stop - start, self.chunk_size(state))
                     if start + size < stop:
@@ -286,11 +286,14 @@ class Scheduler:
         state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
         return chunk
 
-    def retry(self, map_id: int, indices, avoid: int | None = None) -> None:
-        """Hand these points of a map out again, to another rank than ``avoid`` while there is one."""
+    def retry(self, map_id: int, indices, avoid=None) -> None:
+        """Hand these points of a map out again, to a rank not in ``avoid`` (a rank or a set) while there is one."""
         state = self.maps.get(map_id)
         if state is None:
             return
+        avoid = frozenset([avoid] if isinstance(avoid, int) else avoid or ())
+        if all(r.lost or r.rank in avoid for r in self.ranks.values()):
+            avoid = None  # nobody else is left: any rank may take them
         for index in indices:
             state.done_points -= 1
             state.requeued.append((index, index + 1, avoid))

@@ -39,6 +39,7 @@ COLUMNS = {
     "host": (np.int32, -1),
     "run": (np.int16, -1),
     "attempts": (np.int16, 0),
+    "verified": (np.int8, 0),
     "error": (TEXT, ""),
     "log": (TEXT, ""),
 }
@@ -126,6 +127,13 @@ class ResultStore:
         self._pending_rows += n
         if self._pending_rows >= FLUSH_ROWS or time.monotonic() - self._last_flush > self.flush_interval:
             self.flush()
+
+    def mark_verified(self, indices, same) -> None:
+        """Record the outcome of re-evaluating points on another host: 1 the results agreed, 2 they did not."""
+        self.flush()
+        column = self._file["verified"]
+        for index, ok in zip(indices, same):
+            column[int(index)] = 1 if ok else 2
 
     def _value_column(self, values, failures, n):
         """The chunk's values as one array in the file's layout (fill where failed); misfits as ``{offset: error}``."""

@@ -255,3 +255,17 @@ if __name__ == "__main__":
     assert "DONE [False]" in proc.stdout  # heartbeats kept it alive: not lost
     assert "rank 1 (" in proc.stderr and "has returned nothing for 0.5 s" in proc.stderr
     assert "is alive but has returned nothing" in proc.stderr
+
+
+def test_verification_on_another_host_reports_mismatches(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(40.0))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(3, "run", "jobfuncs:host_dependent", "--points", "p.npy", "--out", out, "--verify", "0.5",
+                      cwd=tmp_path, timeout=120, env=job_env(MPIMAP_HOST="node{rank}"))
+    r = read_results(out)
+    checked = r["verified"] > 0
+    assert 10 <= checked.sum() <= 30  # about half the points
+    expected_bad = np.arange(40) % 4 == 0  # host_dependent differs between nodes on these points only
+    assert ((r["verified"] == 2) == (checked & expected_bad)).all()
+    assert f"{(checked & expected_bad).sum()} mismatches" in proc.stderr
+    assert set(r["status"]) == {"done"}
