@@ -182,7 +182,8 @@ def store_configurations(quick, workdir):
                 "if __name__ == '__main__':\n"
                 "    pts = np.load('points.npy')\n"
                 "    with mpimap.Pool() as pool:\n"
-                "        t0 = time.perf_counter(); r = list(pool.imap_chunks(bench_core.square, pts))\n"
+                "        t0 = time.perf_counter()\n"
+                "        r = list(pool.imap_chunks(bench_core.square, pts, isolation='process'))\n"
                 "        print('BENCH {\"elapsed\": %f}' % (time.perf_counter() - t0))\n")
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     for n_ranks in (2, 3):

@@ -269,3 +269,28 @@ def test_verification_on_another_host_reports_mismatches(tmp_path):
     assert ((r["verified"] == 2) == (checked & expected_bad)).all()
     assert f"{(checked & expected_bad).sum()} mismatches" in proc.stderr
     assert set(r["status"]) == {"done"}
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_cancelling_one_map_keeps_the_pool_serving(run_script, isolation):
+    stdout = run_script(f'''
+import time, mpimap
+def nap(x):
+    time.sleep(0.3)
+    return x
+if __name__ == "__main__":
+    with mpimap.Pool(isolation="{isolation}") as pool:
+        results = pool.map(nap, range(100), chunksize=1)
+        first = [next(results), next(results)]
+        t0 = time.monotonic()
+        results.close()  # cancel the rest of this map
+        future = pool.submit(nap, 7)
+        future.cancel()  # a queued future can be cancelled too
+        after = list(pool.map(abs, [-1, -2, -3]))
+        print("CANCEL", first, after, round(time.monotonic() - t0, 2), flush=True)
+''', ranks=3)
+    line = next(x for x in stdout.splitlines() if x.startswith("CANCEL"))
+    _, rest = line.split(" ", 1)
+    assert rest.startswith("[0, 1] [1, 2, 3]")
+    # the queued points were dropped: the next map did not wait for 98 naps of 0.3 s
+    assert float(rest.rsplit(" ", 1)[1]) < 2.0
