@@ -166,22 +166,42 @@ def _child_main(conn, slot) -> None:
         if blob is not None:
             functions = {map_id: pickle.loads(blob)[:2]}  # only the current map's function is kept
         fn, star = functions[map_id]
-        batch, last_report = [], time.monotonic()
+        # A batch reports positions[first:first + len(values)]: (first, values, failures, durations, logs),
+        # with failures and logs keyed by the offset within the batch.
+        first, values, failures, durations, kept = 0, [], {}, [], {}
+        last_report, last_memory_check = time.monotonic(), 0.0
+        plain = not options.scratch and not (logs is not None and logs.active)
+        clock, perf, pack_slot = time.monotonic, time.perf_counter, _SLOT.pack
         for k, position in enumerate(positions):
-            slot[:_SLOT.size] = _SLOT.pack(position, time.monotonic())
-            values, failures, durations, kept = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch,
-                                                                logs=logs)
-            batch.append((position, values[0], failures.get(0), durations[0], kept.get(0)))
+            started = clock()
+            slot[:_SLOT.size] = pack_slot(position, started)
+            if plain:  # the hot path: no scratch directory, no log capture
+                t0 = perf()
+                value, failure = _call(fn, star, args[k])
+                durations.append(perf() - t0)
+            else:
+                one, fails, secs, logged = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch, logs=logs)
+                value, failure = one[0], fails.get(0)
+                durations.append(secs[0])
+                if 0 in logged:
+                    kept[k - first] = logged[0]
+            values.append(value)
+            if failure is not None:
+                failures[k - first] = failure
             evaluated += 1
-            due = (options.max_points and evaluated >= options.max_points) or \
-                (options.max_memory_mb and _rss_mb() > options.max_memory_mb)
-            if due or time.monotonic() - last_report > BATCH_SECONDS:
-                conn.send(batch)
-                batch, last_report = [], time.monotonic()
+            now = clock()
+            due = bool(options.max_points and evaluated >= options.max_points)
+            if options.max_memory_mb and (now - last_memory_check > 0.005 or now - started > 0.005):
+                last_memory_check = now  # reading /proc costs ~10 µs: not after every microsecond point
+                due = due or _rss_mb() > options.max_memory_mb
+            if due or now - last_report > BATCH_SECONDS:
+                conn.send((first, values, failures, durations, kept))
+                first, values, failures, durations, kept = k + 1, [], {}, [], {}
+                last_report = now
             if due:
                 conn.send("recycle")
                 return
-        conn.send(batch)
+        conn.send((first, values, failures, durations, kept))
         conn.send("done")
 
 
@@ -194,8 +214,10 @@ class ChildProcess:
         self.map_id = None
         self.slot = mmap.mmap(-1, _SLOT.size)  # shared (MAP_SHARED) with every child forked later
         self.starts = 0
+        self._leaving: list[int] = []  # recycled children not yet reaped: their exit need not be waited for
 
     def _start(self) -> None:
+        self._leaving = [pid for pid in self._leaving if os.waitpid(pid, os.WNOHANG)[0] == 0]
         parent, child = Pipe()
         pid = os.fork()
         if pid == 0:  # the child
@@ -231,6 +253,9 @@ class ChildProcess:
             except OSError:
                 pass
             self._stop(kill=False)
+        for pid in self._leaving:
+            os.waitpid(pid, 0)
+        self._leaving = []
 
     def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick):
         """Evaluate a chunk in the child; same result shape as :func:`evaluate_points`.
@@ -253,12 +278,12 @@ class ChildProcess:
             self.conn.send((map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
                             child_options, logs, logging.getLogger().level))
             self.map_id = map_id
-            if not self._watch(options, tick, values, failures, durations, kept, left):
+            if not self._watch(options, tick, positions, values, failures, durations, kept, left):
                 self._stop(kill=True)
                 return None
         return values, failures, durations, kept
 
-    def _watch(self, options, tick, values, failures, durations, kept, left) -> bool:
+    def _watch(self, options, tick, positions, values, failures, durations, kept, left) -> bool:
         """Collect the child's reports until the chunk is done or the child ends; False if abandoned."""
         while True:
             if self.conn.poll(0.05):
@@ -269,21 +294,26 @@ class ChildProcess:
                     return True
                 if message == "done":
                     return True
-                if message == "recycle":
-                    self._stop(kill=False)
+                if message == "recycle":  # the child leaves by itself
+                    self._leaving.append(self.pid)
+                    self.conn.close()
+                    self.pid = self.conn = None
                     return True
-                if isinstance(message, tuple):  # ("log", levelno, name, text) from the evaluation
+                if message[0] == "log":  # ("log", levelno, name, text) from the evaluation
                     _, levelno, name, text = message
                     logging.getLogger(name).log(levelno, "%s", text)
                     continue
-                for position, value, failure, seconds, log in message:
-                    values[position] = value
-                    if failure is not None:
-                        failures[position] = failure
-                    if log is not None:
-                        kept[position] = log
-                    durations[position] = seconds
-                    left[position] = False
+                first, got, failed, seconds, logged = message
+                where = positions[first:first + len(got)]
+                if len(where) and where[-1] - where[0] == len(where) - 1:
+                    values[where[0]:where[-1] + 1] = got
+                else:
+                    for position, value in zip(where, got):
+                        values[position] = value
+                durations[where] = seconds
+                left[where] = False
+                failures.update((int(where[k]), f) for k, f in failed.items())
+                kept.update((int(where[k]), t) for k, t in logged.items())
                 continue
             if not tick():
                 return False
