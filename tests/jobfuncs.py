@@ -130,3 +130,9 @@ def host_dependent(x):
     """Differs between ranks on every 4th point (like a node with flaky floating point)."""
     bump = float(os.environ.get("PMI_RANK", "0")) * 1e-9 if int(x) % 4 == 0 else 0.0
     return x + bump
+
+
+def exits_on_2(x):
+    if int(x) == 2:
+        os._exit(3)
+    return x

@@ -23,10 +23,11 @@ def test_one_job_survives_every_kind_of_misbehaviour(tmp_path, cspin):
     n = 40
     np.save(tmp_path / "p.npy", np.arange(float(n)))
     out = str(tmp_path / "r.h5")
+    # The C loop holds the GIL for 2 s, longer than --rank-timeout: its rank must still not look dead.
     proc = mpimap_cli(3, "run", "jobfuncs:misbehave", "--points", "p.npy", "--out", out, "--point-timeout", "2",
-                      "--retries", "1", "--quarantine", "2", "--max-memory-mb", "250", cwd=tmp_path, timeout=240,
-                      env=job_env(MPIMAP_TEST_CSPIN=cspin))
-    assert "job complete" in proc.stdout
+                      "--retries", "1", "--quarantine", "2", "--max-memory-mb", "250", "--rank-timeout", "1.5",
+                      cwd=tmp_path, timeout=240, env=job_env(MPIMAP_TEST_CSPIN=cspin, MPIMAP_HEARTBEAT=0.3))
+    assert "job complete" in proc.stdout and "declared lost" not in proc.stderr
     r = read_results(out)
     status = {i: r["status"][i] for i in range(n)}
     for i in range(n):
@@ -294,3 +295,20 @@ if __name__ == "__main__":
     assert rest.startswith("[0, 1] [1, 2, 3]")
     # the queued points were dropped: the next map did not wait for 98 naps of 0.3 s
     assert float(rest.rsplit(" ", 1)[1]) < 2.0
+
+
+def test_on_error_stop_and_exit_crashes(tmp_path):
+    np.save(tmp_path / "p.npy", np.array([0.0, 2.0, 11.0, 4.0]))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(2, "run", "jobfuncs:misbehave", "--points", "p.npy", "--out", out, "--on-error", "stop",
+                      "--chunksize", "1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("mpimap: error: point 2 failed (ValueError: point 11")
+    r = read_results(out)
+    assert r["attrs"]["state"] == "failed" and r["status"][2] == "failed" and r["status"][0] == "done"
+    np.save(tmp_path / "q.npy", np.array([1.0, 2.0, 3.0]))
+    proc = mpimap_cli(2, "run", "jobfuncs:exits_on_2", "--points", "q.npy", "--out", "q.h5", "--quarantine", "1",
+                      cwd=tmp_path)
+    r = read_results(str(tmp_path / "q.h5"))
+    assert list(r["status"]) == ["done", "crashed", "done"]
+    assert r["error"][1] == "Crash: the evaluation process exited with status 3"
