@@ -192,14 +192,16 @@ def show(results, show_errors):
     n = len(r["status"])
     click.echo(f"{results}: {attrs['function']} over {n} points, job {attrs['state']} "
                f"(format {attrs['format_version']}, mpimap {attrs['mpimap_version']}, {attrs['runs']} run(s))")
-    click.echo("  " + ", ".join(f"{name} {status.get(name, 0)}" for name in ("done", "failed", "pending")))
+    click.echo("  " + ", ".join(f"{name} {status.get(name, 0)}" for name in ("done", "failed", "pending"))
+               + "".join(f", {name} {status[name]}" for name in ("timeout", "crashed") if status.get(name)))
     done = r["status"] == "done"
     if done.any():
         seconds = r["seconds"][done]
         click.echo(f"  seconds per point: mean {seconds.mean():.3g}, max {seconds.max():.3g}")
-    errors = Counter(e.split("\n", 1)[0] for e in r["error"][r["status"] == "failed"])
+    bad = np.isin(r["status"], ["failed", "timeout", "crashed"])
+    errors = Counter(e.split("\n", 1)[0] for e in r["error"][bad])
     if show_errors:
-        for i in np.flatnonzero(r["status"] == "failed"):
+        for i in np.flatnonzero(bad):
             click.echo(f"  point {i}: {r['error'][i].split(chr(10), 1)[0]}")
     else:
         for text, count in errors.most_common(5):

@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -47,6 +48,9 @@ def test_one_job_survives_every_kind_of_misbehaviour(tmp_path, cspin):
     assert all(r["rank"][i] == 1 for i in bad_node_points)  # retried elsewhere, stored from the good rank
     # nothing stored twice: one row per point, and each row written by exactly one run
     assert len(r["status"]) == n and set(r["run"]) == {0}
+    shown = subprocess.run([sys.executable, "-m", "mpimap", "show", out], capture_output=True, text=True,
+                           env=job_env())
+    assert "done 33, failed 4, pending 0, timeout 2, crashed 1" in shown.stdout
 
 
 def test_leaking_function_is_recycled_and_does_not_grow(tmp_path):
@@ -203,7 +207,6 @@ if __name__ == "__main__":
 
 
 def test_cli_changes_the_log_level_of_a_running_job(tmp_path):
-    import sys
     import time
 
     from mpimap.launch import find_mpiexec
