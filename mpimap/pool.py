@@ -14,8 +14,8 @@ import numpy as np
 from . import world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
+from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master
 from .pointlogs import PointLogs
-from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT
 from .worker import DEFAULT_HEARTBEAT, serve
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
@@ -35,6 +35,11 @@ class Pool(Executor):
       (``with Pool(comm) as pool:`` gives them ``None``).
     * In a single process (no mpiexec), points are evaluated in-process, in a
       thread of the pool.
+
+    The keyword options set the pool's defaults for isolation, timeouts,
+    failure policy and point logs; each map can override them
+    (``pool.map(f, xs, isolation="process", point_timeout=60)``).  What each
+    one does: docs/resilience.rst.
     """
 
     def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
@@ -43,8 +48,6 @@ class Pool(Executor):
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
                  verify: float = 0.0,
                  keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
-        from .master import InlineMaster, Master
-
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
