@@ -213,7 +213,6 @@ class ChildProcess:
         self.conn = None
         self.map_id = None
         self.slot = mmap.mmap(-1, _SLOT.size)  # shared (MAP_SHARED) with every child forked later
-        self.starts = 0
         self._leaving: list[int] = []  # recycled children not yet reaped: their exit need not be waited for
 
     def _start(self) -> None:
@@ -232,7 +231,6 @@ class ChildProcess:
                 os._exit(status)  # never run the rank's atexit handlers (MPI_Finalize)
         child.close()
         self.pid, self.conn, self.map_id = pid, parent, None
-        self.starts += 1
 
     def _stop(self, kill: bool) -> int:
         """End the child; return its wait status."""

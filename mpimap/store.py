@@ -90,10 +90,6 @@ class ResultStore:
             wanted |= status >= STATUS["failed"]
         return np.flatnonzero(wanted)
 
-    def counts(self) -> dict:
-        status = self._file["status"][()]
-        return {name: int(np.count_nonzero(status == code)) for name, code in STATUS.items()}
-
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
               attempts: dict | None = None, logs: dict | None = None) -> None:
