@@ -109,33 +109,17 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         if len(todo):
             with Pool(rank_timeout=rank_timeout, stall_timeout=stall_timeout,
                       host_failures=host_failures or None) as pool:
-                ranks = pool._master.ranks
                 pool.set_log_level(log_level, "workers")
                 watcher = Watcher(out, lambda command: _apply(pool, command))
                 watcher.start()
                 try:
-                    for chunk in pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options):
-                        host = ranks[chunk.rank].host or socket.gethostname()
-                        kept = chunk.delivered()
-                        indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
-                        store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
-                                    kept.logs)
-                        per_rank[f"{host}/{chunk.rank}"] += len(indices)
-                        meter.update(len(indices), [f.text for f in kept.failures.values()])
-                        if on_error == "stop" and kept.failures:
-                            offset, failure = next(iter(kept.failures.items()))
-                            raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error "
-                                              f"stop. Results so far are in {out}: fix the cause and run again "
-                                              "with --retry-failed")
+                    _stream(pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options), pool, todo, store,
+                            meter, per_rank, stop_on_error=on_error == "stop")
                 finally:
                     watcher.stop()
                 master = pool._master
                 pool.shutdown(wait=True)  # verifications may still be running
-                checks = [(todo[i], same) for _, i, _, _, same in master.verification]
-                if checks:
-                    store.mark_verified(*zip(*checks))
-                    click.echo(f"mpimap: verified {len(checks)} points on a second host: "
-                               f"{sum(not same for _, same in checks)} mismatches (column 'verified')", err=True)
+                _store_verification(store, todo, master.verification)
         state = "complete"
     except _Interrupted as why:
         state = "interrupted"
@@ -149,6 +133,31 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
     click.echo(meter.summary(out=out, state=state, per_rank=per_rank))
     if state != "complete":
         sys.exit(3)
+
+
+def _stream(chunks, pool, todo, store, meter, per_rank: Counter, stop_on_error: bool) -> None:
+    """Write each chunk's results to the store as it arrives (``todo`` maps map positions to file rows)."""
+    ranks = pool._master.ranks
+    for chunk in chunks:
+        host = ranks[chunk.rank].host or socket.gethostname()
+        kept = chunk.delivered()  # without the points that went to another attempt
+        indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
+        store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts, kept.logs)
+        per_rank[f"{host}/{chunk.rank}"] += len(indices)
+        meter.update(len(indices), [f.text for f in kept.failures.values()])
+        if stop_on_error and kept.failures:
+            offset, failure = next(iter(kept.failures.items()))
+            raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error stop. "
+                              f"Results so far are in {store.path}: fix the cause and run again with --retry-failed")
+
+
+def _store_verification(store, todo, verification) -> None:
+    """Record which points a second host agreed on (``--verify``) and say how many did not."""
+    checks = [(todo[i], same) for _, i, _, _, same in verification]
+    if checks:
+        store.mark_verified(*zip(*checks))
+        click.echo(f"mpimap: verified {len(checks)} points on a second host: "
+                   f"{sum(not same for _, same in checks)} mismatches (column 'verified')", err=True)
 
 
 def _apply(pool, command: dict) -> None:
