@@ -38,7 +38,8 @@ def cli():
 @click.argument("function")
 @click.option("--points", "points_spec", required=True, metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET.")
-@click.option("--out", required=True, metavar="RESULTS.h5", help="Results file; an existing one of the same job is resumed.")
+@click.option("--out", required=True, metavar="RESULTS.h5",
+              help="Results file; an existing one of the same job is resumed.")
 @click.option("--chunksize", type=click.IntRange(min=1), default=None,
               help="Points per message (default: chosen from the measured cost of a point).")
 @click.option("--fresh", is_flag=True, help="Start over, replacing an existing results file.")

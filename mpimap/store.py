@@ -354,7 +354,8 @@ def _take_lock(path: str):
         lock.seek(0)
         owner = lock.read().strip() or "unknown"
         lock.close()
-        raise MpimapError(f"{path} is being written by another running job ({owner}); wait for it or use another --out") from None
+        raise MpimapError(f"{path} is being written by another running job ({owner}); "
+                          "wait for it or use another --out") from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
