@@ -202,7 +202,11 @@ class Pool(Executor):
                         handle._cond.wait()
         if self._own_master:
             self._master.close()
-            if self._comm is not None and not self._master.lost:  # freeing waits for every rank
+            if self._master.lost:
+                logging.getLogger("mpimap.pool").error(
+                    "ranks %s were lost: they never returned from Pool(comm), so collective calls that include "
+                    "them will hang; store what you need and end the job with comm.Abort()", sorted(self._master.lost))
+            elif self._comm is not None:  # freeing waits for every rank
                 self._comm.Free()
         self._master = None
 
