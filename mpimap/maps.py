@@ -75,7 +75,7 @@ class MapHandle:
 
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None,
                  policy: Policy = Policy()):
-        self.function = function  # pickled (fn, star, pack)
+        self.function = function  # pickled (fn, star, pack, isolation, logs)
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
         self.chunksize = chunksize
@@ -84,7 +84,6 @@ class MapHandle:
         self.policy = policy
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
-        self.verify = policy.verify  # fraction of good points re-evaluated on another host
         self.verifying: dict[int, tuple] = {}  # point index -> (first value, its host), while re-evaluated
         self.map_id = None  # set by the master
         self.master = None

@@ -273,7 +273,7 @@ class Master:
             self._strike_hosts(handle, chunk, failures, skip, rank)
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
                                    attempts, logs))
-        if handle.verify:
+        if handle.policy.verify:
             self._sample(handle, chunk, values, failures, skip, rank)
 
     def _sample(self, handle, chunk, values, failures, skip, rank) -> None:
@@ -284,7 +284,7 @@ class Master:
             return  # one host: nothing to compare against
         for k in range(len(chunk)):
             index = chunk.start + k
-            if k in skip or k in failures or (index * 2654435761) % 2 ** 32 >= handle.verify * 2 ** 32:
+            if k in skip or k in failures or (index * 2654435761) % 2 ** 32 >= handle.policy.verify * 2 ** 32:
                 continue
             handle.verifying[index] = (values[k], host)
             self.scheduler.retry(chunk.map_id, [index], avoid=same_host)

@@ -42,8 +42,7 @@ class Transport:
         waiter = Waiter(window=0.0)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            while self._sending and MPI.Request.Testall(self._sending[0][0]):
-                self._sending.popleft()
+            self._reap()
             if not self._sending:
                 return True
             if deadline is not None and time.monotonic() > deadline:
