@@ -378,5 +378,6 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        """True when nothing is queued or in flight."""
-        return not self._queue and not any(r.in_flight for r in self.ranks.values())
+        """True when no map has points to hand out and nothing is in flight."""
+        return (not any(state.unassigned for state in self.maps.values())
+                and not any(r.in_flight for r in self.ranks.values()))

@@ -324,3 +324,37 @@ def test_a_straggler_copy_never_goes_to_a_rank_the_point_avoids():
     ((rank, chunk),) = sched.assign(0.02)
     assert rank == 2
     assert sched.assign(10.0) == []  # late, but rank 1 is the one to avoid: no copy there
+
+
+def test_idle_once_every_map_has_ended():
+    """As the master does: the result that ends a map is followed by remove_map, not by another assign."""
+    sched = Scheduler([1], prefetch=1)
+    sched.add_map(0, 1)
+    ((rank, chunk),) = sched.assign(0.0)
+    sched.complete(rank, chunk.chunk_id, 0.01, 0.1)
+    assert sched.map_finished(0)
+    sched.remove_map(0)
+    assert sched.idle
+
+
+def test_assign_survives_a_rank_listed_twice_for_room():
+    """Found by the property tests: a rank passed over (the top map's points avoid it) and then served from a
+    second place in the line for room was put back beyond the last line, and assign raised IndexError
+    (the master thread died)."""
+    Y, X, W, Z = range(4)  # map ids
+    sched = Scheduler([1, 2], prefetch=2, straggler_factor=None)
+    sched.add_map(Y, 1, chunksize=1, priority=9)
+    sched.add_map(X, 3, chunksize=1, priority=5)
+    first = sched.assign(0.0)
+    assert [(r, c.map_id) for r, c in first] == [(1, Y), (2, X), (1, X), (2, X)]
+    (x1,) = [c for r, c in first if r == 1 and c.map_id == X]
+    x0 = first[1][1]
+    sched.complete(1, x1.chunk_id, 0.01, 0.1)
+    sched.complete(2, x0.chunk_id, 0.01, 0.1)
+    sched.remove_map(Y)  # rank 1 now holds nothing and stands in two lines for room
+    sched.add_map(W, 1)
+    assert [r for r, _ in sched.assign(0.2)] == [1]
+    sched.retry(X, [x1.start], avoid=1)
+    sched.add_map(Z, 5, chunksize=1)
+    out = sched.assign(0.3)
+    assert sorted((r, c.map_id) for r, c in out) == [(1, Z), (2, X)]
