@@ -250,3 +250,64 @@ def test_progress_line(tmp_path):
     assert "[########################] 300/300 points, 0 failed," in proc.stderr and "ETA" in proc.stderr
     quiet = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "q.h5", cwd=tmp_path)
     assert quiet.stderr == ""  # not a terminal: no progress line unless asked
+
+
+def test_an_integer_first_result_does_not_truncate_later_floats(tmp_path):
+    # default chunking: the first chunks hold one point each, and point 0 (an int) comes back first
+    (tmp_path / "model3.py").write_text("import time\ndef f(x):\n    x = float(x)\n    time.sleep(0 if x == 0 else 0.2)\n"
+                                        "    return 0 if x == 0 else x / 3\n")
+    np.save(tmp_path / "p.npy", np.arange(20.0))
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(3, "run", "model3.py:f", "--points", "p.npy", "--out", out, "--no-progress", cwd=tmp_path)
+    r = read_results(out)
+    assert set(r["status"]) == {"done"} and r["value"].dtype == np.float64
+    assert np.array_equal(r["value"], np.arange(20.0) / 3)
+
+
+def test_retry_failed_clears_the_old_error_and_log_and_counts_attempts(tmp_path):
+    (tmp_path / "model4.py").write_text(
+        "import logging, os\n"
+        "def f(x):\n"
+        "    if x == 2 and not os.path.exists('fixed4'):\n"
+        "        logging.getLogger('model4').warning('about to fail on %s', x)\n"
+        "        raise RuntimeError('flaky backend')\n"
+        "    return float(x) * 10\n")
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    out = str(tmp_path / "r.h5")
+    args = ("run", "model4.py:f", "--points", "p.npy", "--out", out, "--keep-logs", "failed", "--no-progress")
+    mpimap_cli(2, *args, cwd=tmp_path)
+    first = read_results(out)
+    assert first["error"][2].startswith("RuntimeError: flaky backend") and "about to fail" in first["log"][2]
+    (tmp_path / "fixed4").touch()
+    mpimap_cli(2, *args, "--retry-failed", cwd=tmp_path)
+    r = read_results(out)
+    assert list(r["status"]) == ["done"] * 3 and list(r["value"]) == [0.0, 10.0, 20.0]
+    assert r["error"][2] == "" and r["log"][2] == "" and r["attempts"][2] == 2 and r["run"][2] == 1
+    subprocess.run([sys.executable, "-m", "mpimap", "export", out, "--csv", "r.csv"], cwd=tmp_path, check=True,
+                   env=job_env(), timeout=60)
+    assert (tmp_path / "r.csv").read_text().splitlines()[3].endswith(",")  # no stale error in the CSV
+
+
+def test_flush_interval_bounds_what_a_kill_loses_even_when_no_other_result_arrives(tmp_path):
+    (tmp_path / "model9.py").write_text("import time\ndef f(x):\n    time.sleep(0.3 if x < 2 else 120)\n"
+                                        "    return float(x)\n")
+    np.save(tmp_path / "p.npy", np.arange(4.0))
+    out = str(tmp_path / "r.h5")
+    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "model9.py:f", "--points", "p.npy",
+               "--out", out, "--isolation", "rank", "--flush-interval", "0.5", "--chunksize", "1", "--no-progress"]
+    job = subprocess.Popen(command, cwd=tmp_path, env=job_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        done = 0
+        while done < 2 and time.monotonic() < deadline:  # points 0 and 1 come back; 2 and 3 take two minutes
+            time.sleep(0.5)
+            try:
+                done = int((read_results(out)["status"] == "done").sum())
+            except Exception:
+                continue
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+    r = read_results(out)  # after kill -9: both results received were on disk
+    assert list(r["status"]) == ["done", "done", "pending", "pending"] and list(r["value"][:2]) == [0.0, 1.0]

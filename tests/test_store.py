@@ -92,3 +92,45 @@ def test_newer_format_and_foreign_files_are_refused(tmp_path):
         f["x"] = 1
     with pytest.raises(MpimapError, match="not an mpimap results file"):
         ResultStore.open(other, np.arange(3.0), "m:f")
+
+
+def test_later_values_widen_the_column_instead_of_being_cast(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(8.0), "m:f", flush_interval=0)  # every write reaches the file
+    store.write(np.array([0]), np.array([0]), {}, np.zeros(1), 1, "h")  # an int first: the file's column is int64
+    store.write(np.array([1, 2]), np.array([1 / 3, 2 / 3]), {}, np.zeros(2), 1, "h")
+    store.write(np.array([3]), [1 + 2j], {}, np.zeros(1), 1, "h")
+    store.write(np.array([4, 5, 6]), [True, "3.5", 2 ** 60], {}, np.zeros(3), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done"] * 5 + ["failed", "failed", "pending"]
+    assert r["value"].dtype == np.complex128 and list(r["value"][:5]) == [0, 1 / 3, 2 / 3, 1 + 2j, 1]
+    assert r["error"][5].startswith("StoreError: result of type str does not fit") and "not a number" in r["error"][5]
+    assert r["error"][6].startswith("StoreError: result of type int does not fit") and "exactly" in r["error"][6]
+
+
+def test_integers_that_a_float_column_cannot_hold_exactly_are_kept_and_the_float_fails(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f", flush_interval=0)
+    store.write(np.array([0]), [2 ** 60 + 1], {}, np.zeros(1), 1, "h")
+    store.write(np.array([1, 2]), [0.5, True], {}, np.zeros(2), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done", "failed", "done"] and r["value"].dtype == np.int64
+    assert r["value"][0] == 2 ** 60 + 1 and r["value"][2] == 1 and r["error"][1].startswith("StoreError")
+
+
+def test_retried_rows_lose_their_old_error_and_log_and_attempts_accumulate(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f")
+    failure = Failure.from_exception(RuntimeError("flaky backend"))
+    store.write(np.arange(3), [0.0, None, 2.0], {1: failure}, np.zeros(3), 1, "h", {1: 2}, {1: "WARNING about to fail"})
+    store.close("complete")
+    store = ResultStore.open(path, np.arange(3.0), "m:f")
+    assert list(store.todo()) == [] and list(store.todo(retry_failed=True)) == [1]
+    store.write(np.array([1]), [10.0], {}, np.zeros(1), 2, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done"] * 3 and list(r["value"]) == [0.0, 10.0, 2.0]
+    assert r["error"][1] == "" and r["log"][1] == ""
+    assert list(r["attempts"]) == [1, 3, 1] and list(r["run"]) == [0, 1, 0]  # 2 attempts in run 0, 1 in run 1
