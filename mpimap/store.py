@@ -579,25 +579,47 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
     return file
 
 
+# flock errors that mean "this file system does not do flock" (Lustre without -o flock, some NFS setups)
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
 def _take_lock(path: str):
-    """Hold ``PATH.lock`` while writing, so two jobs never write one file (released by the kernel on any kill)."""
+    """Hold ``PATH.lock`` while writing, so two jobs never write one file (released by the kernel on any kill).
+
+    The lock file is removed at release, so a lock taken on a file that was
+    removed (or replaced) meanwhile is not the lock: check and take it again.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise MpimapError(f"cannot write {path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise MpimapError(f"cannot write {path}: it is a directory; give a file name such as results.h5")
-    try:
-        lock = open(f"{path}.lock", "a+")
-    except OSError as exc:
-        raise MpimapError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or "unknown"
-        lock.close()
-        raise MpimapError(f"{path} is being written by another running job ({owner}); "
-                          "wait for it or use another --out") from None
+    while True:
+        try:
+            lock = open(f"{path}.lock", "a+")
+        except OSError as exc:
+            raise MpimapError(f"cannot write {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in NO_FLOCK:
+                logging.getLogger("mpimap.store").warning(
+                    "the file system of %s does not support flock (%s): nothing stops a second job from writing "
+                    "it at the same time; run one job at a time on it", path, exc.strerror)
+                break
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            lock.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MpimapError(f"{path} is being written by another running job ({owner}); "
+                                  "wait for it or use another --out") from None
+            raise MpimapError(f"cannot lock {path}.lock: {exc.strerror}") from None
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(f"{path}.lock")):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # the previous holder removed this file after we opened it
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -606,6 +628,7 @@ def _take_lock(path: str):
 
 
 def _release_lock(lock, path: str) -> None:
+    """Remove ``PATH.lock`` while still holding it (a job that opened it meanwhile sees it is gone), then unlock."""
     try:
         os.unlink(f"{path}.lock")
     except OSError:
