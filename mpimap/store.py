@@ -549,6 +549,7 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
 
 
 def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
+    _check_header(path, RESUME_FIX)
     try:
         file = h5py.File(path, "r+", libver="latest", locking=False)
     except OSError as exc:
@@ -569,10 +570,14 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         if attrs["function"] != function:
             raise MpimapError(f"{path} holds results of {attrs['function']}, not {function}; "
                               "use another --out, or --fresh to start over")
+        _check_datasets(file, path, RESUME_FIX)
         if attrs["points_checksum"] != digest or len(file["status"]) != n:
             raise MpimapError(f"{path} was computed for different points; use another --out, or --fresh to start over")
         _finish_replacements(file)
         _repair_texts(file)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        file.close()
+        raise _damaged(path, exc, RESUME_FIX) from None
     except BaseException:
         file.close()
         raise
@@ -724,9 +729,34 @@ def _bounded_read_access():
     return fapl
 
 
-def _damaged(path: str, why) -> MpimapError:
-    return MpimapError(f"{path} is damaged or not an mpimap results file ({why}); "
-                       "if it was copied or truncated, use the original")
+READ_FIX = "if it was copied or truncated, use the original"
+RESUME_FIX = "use another --out, or --fresh to start over"
+
+
+def _damaged(path: str, why, fix: str = READ_FIX) -> MpimapError:
+    return MpimapError(f"{path} is damaged or not an mpimap results file ({why}); {fix}")
+
+
+def _check_header(path: str, fix: str = READ_FIX) -> None:
+    """Refuse at once what is not a whole HDF5 file: HDF5 itself can take for ever to find out (see READ_ATTEMPTS)."""
+    if os.path.isdir(path):
+        raise MpimapError(f"{path} is a directory, not a results file")
+    try:
+        with open(path, "rb") as f:
+            block = f.read(48)
+    except OSError as exc:
+        raise MpimapError(f"cannot read results file {path}: {exc.strerror}") from None
+    if len(block) < 48 or block[:8] != HDF5_SIGNATURE:
+        raise _damaged(path, "no HDF5 signature" if block else "the file is empty", fix)
+    allocated = struct.unpack_from("<Q", block, 28)[0] if block[8] in (2, 3) else 0  # end of the file's data
+    if os.path.getsize(path) < allocated:  # (a SWMR writer never lets the file lag behind it: checked)
+        raise _damaged(path, f"truncated: {os.path.getsize(path)} bytes of {allocated}", fix)
+
+
+def _check_datasets(f: h5py.File, path: str, fix: str = READ_FIX) -> None:
+    missing = [name for name in ("points", "hosts", *COLUMNS) if name not in f]
+    if missing:
+        raise _damaged(path, f"datasets missing: {', '.join(missing)}", fix)
 
 
 def open_for_reading(path: str) -> h5py.File:
@@ -737,17 +767,7 @@ def open_for_reading(path: str) -> h5py.File:
     """
     if not os.path.exists(path):
         raise MpimapError(f"results file {path} does not exist")
-    if os.path.isdir(path):
-        raise MpimapError(f"{path} is a directory, not a results file")
-    try:
-        with open(path, "rb") as f:
-            block = f.read(48)
-    except OSError as exc:
-        raise MpimapError(f"cannot read results file {path}: {exc.strerror}") from None
-    if len(block) < 48 or block[:8] != HDF5_SIGNATURE:
-        raise _damaged(path, "no HDF5 signature" if block else "the file is empty")
-    if block[8] in (2, 3) and block[11] == 0 and os.path.getsize(path) < struct.unpack_from("<Q", block, 28)[0]:
-        raise _damaged(path, f"truncated: {os.path.getsize(path)} bytes of {struct.unpack_from('<Q', block, 28)[0]}")
+    _check_header(path)
     try:
         file_id = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
                                 fapl=_bounded_read_access())
@@ -777,6 +797,7 @@ def _read_columns(f: h5py.File, path: str) -> dict:
     """Every column of an open results file, checked to be of our format."""
     if f.attrs.get("format") != FORMAT:
         raise MpimapError(f"{path} is not an mpimap results file")
+    _check_datasets(f, path)
     out = {name: f[name][()] for name in f if name in COLUMNS and COLUMNS[name][0] is not TEXT or name in ("points", "value")}
     out["attrs"] = dict(f.attrs)
     hosts = [h.decode() for h in f["hosts"][()]]

@@ -311,3 +311,69 @@ def test_flush_interval_bounds_what_a_kill_loses_even_when_no_other_result_arriv
         job.communicate()
     r = read_results(out)  # after kill -9: both results received were on disk
     assert list(r["status"]) == ["done", "done", "pending", "pending"] and list(r["value"][:2]) == [0.0, 1.0]
+
+
+def _damaged_files(tmp_path):
+    """Results files as a user may find them: truncated (after a clean end, or after a kill), empty, not HDF5..."""
+    import multiprocessing
+
+    import store_writer
+    from mpimap.store import ResultStore
+
+    complete = str(tmp_path / "complete.h5")
+    store = ResultStore.open(complete, np.arange(3000.0), "jobfuncs:square")
+    store.write(np.arange(3000), np.arange(3000.0), {}, np.zeros(3000), 1, "h")
+    store.close("complete")
+    killed = str(tmp_path / "killed.h5")
+    ready = multiprocessing.get_context("fork").Event()
+    writer = multiprocessing.get_context("fork").Process(target=store_writer.main, args=(killed, 1, 0, False, ready))
+    writer.start()
+    ready.wait(60)
+    time.sleep(0.3)
+    writer.kill()
+    writer.join()
+    files = {}
+    for name, source in (("complete", complete), ("killed", killed)):
+        data = open(source, "rb").read()
+        for size in (48, 100, 2000, len(data) // 2, len(data) - 100):
+            files[f"{name}-{size}"] = data[:size]
+    files["empty"] = b""
+    files["text"] = b"time,value\n1,2\n"
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    files["other-hdf5"] = (tmp_path / "other.h5").read_bytes()
+    with h5py.File(complete, "r+") as f:
+        del f["status"]
+    files["no-status"] = open(complete, "rb").read()
+    for name, data in files.items():
+        (tmp_path / f"{name}.h5").write_bytes(data)
+    return sorted(files)
+
+
+def test_every_command_gives_one_line_for_a_damaged_results_file_and_never_hangs(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3000.0))
+    for name in _damaged_files(tmp_path):
+        before = (tmp_path / f"{name}.h5").read_bytes()
+        commands = [["show", f"{name}.h5"], ["export", f"{name}.h5", "--csv", "out.csv"],
+                    ["loglevel", f"{name}.h5", "DEBUG"]]
+        for command in commands:
+            proc = subprocess.run([sys.executable, "-m", "mpimap", *command], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=60, env=job_env())
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("mpimap: error:"), (name, proc)
+            assert "Traceback" not in proc.stdout + proc.stderr
+        if name in ("killed-100", "killed-2000", "empty", "text", "no-status"):
+            proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", f"{name}.h5", cwd=tmp_path,
+                              check=False, timeout=60)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (name, proc.stderr)
+            assert "damaged" in proc.stderr and "--fresh" in proc.stderr, proc.stderr
+        assert (tmp_path / f"{name}.h5").read_bytes() == before  # never changed by a refused command
+
+
+def test_export_to_an_unwritable_path_is_one_line(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "export", "r.h5", "--csv", "nodir/r.csv"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=job_env())
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "mpimap: error: cannot write nodir/r.csv: No such file or directory; choose another --csv"]
