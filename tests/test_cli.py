@@ -1,6 +1,7 @@
 """``python -m mpimap run`` end to end under real mpiexec: results, file layout, resume after kill -9, bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -377,3 +378,42 @@ def test_export_to_an_unwritable_path_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=60, env=job_env())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "mpimap: error: cannot write nodir/r.csv: No such file or directory; choose another --csv"]
+
+
+def _run_on_a_terminal(tmp_path, *command):
+    """Run ``command`` in a new session whose controlling terminal is a pseudo-terminal; return all it wrote there."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader, the pty its controlling terminal and its stdin/stdout/stderr
+        os.chdir(tmp_path)
+        os.execve(command[0], list(command), job_env())
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and b"results              :" not in out:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the terminal closed: everything was read
+                    break
+                out += data
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace")
+
+
+def test_an_interactive_run_shows_progress_on_the_terminal_and_a_detached_one_does_not(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(300.0))
+    run = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run", "jobfuncs:square", "--points", "p.npy"]
+    shown = _run_on_a_terminal(tmp_path, *run, "--out", "a.h5")  # as typed at a shell prompt
+    assert "[########################] 300/300 points, 0 failed," in shown and "job complete" in shown
+    # output to the same terminal, but mpiexec detached from it (no controlling terminal): no progress line
+    detached = _run_on_a_terminal(tmp_path, shutil.which("setsid"), "-w", *run, "--out", "b.h5")
+    assert "job complete" in detached and "points/s, ETA" not in detached.split("mpimap: job complete")[0]
