@@ -9,6 +9,7 @@ leaves behind, and evaluates only the rows still pending.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -191,8 +192,9 @@ class ResultStore:
                 if due is not None and due <= 0:
                     try:
                         self.flush()
-                    except Exception:  # the next write, flush or close raises it again, in the caller's thread
-                        logging.getLogger("mpimap.store").exception("flushing %s failed; will retry", self.path)
+                    except Exception as exc:  # close() flushes again and raises it in the caller's thread
+                        logging.getLogger("mpimap.store").warning("flushing %s failed (%s); will retry",
+                                                                  self.path, exc)
                         self._wake.wait(self.flush_interval)
                     continue
                 self._wake.wait(due)
@@ -205,12 +207,21 @@ class ResultStore:
         stored so far converts exactly; a value that cannot be stored exactly
         fails its point with a ``StoreError``.
         """
-        good = [i for i in range(n) if i not in failures]
+        good = [i for i in range(n) if i not in failures] if failures else range(n)
         if self._layout is None:
             if not good:  # every point of every chunk so far failed
                 return None, {}
             self._layout = _layout_of(values[good[0]])
         layout = self._layout
+        if (not layout.text and isinstance(values, np.ndarray) and values.dtype.kind in KINDS
+                and values.shape[1:] == layout.shape):
+            fitted = self._fit(values[good] if failures else values)
+            if fitted is not None and not failures:
+                return fitted, {}
+            if fitted is not None:
+                column = self._layout.filled(n)
+                column[good] = fitted
+                return column, {}
         column = layout.filled(n)
         misfits = {}
         if layout.text:
@@ -220,15 +231,9 @@ class ResultStore:
                 except MpimapError as exc:
                     misfits[i] = f"StoreError: {exc}"
             return column, misfits
-        if isinstance(values, np.ndarray) and values.dtype.kind in KINDS and values.shape[1:] == layout.shape:
-            fitted = self._fit(values[good] if failures else values)
-            if fitted is not None:
-                column = self._layout.filled(n)
-                column[good] = fitted
-                return column, {}
         for i in good:  # one by one, so that each misfit gets its own message
             value = values[i]
-            array = np.asarray(value) if _is_numeric(value) else None
+            array = _as_numbers(value)
             if array is None or array.shape != self._layout.shape:
                 reason = "not a number" if array is None else f"shape {array.shape}"
             else:
@@ -243,7 +248,7 @@ class ResultStore:
         return self._widened(column), misfits
 
     def _fit(self, array: np.ndarray):
-        """``array`` (points along axis 0) converted exactly to the layout, widening it if need be; None if it cannot be."""
+        """``array`` (points along axis 0) converted exactly to the layout, widened if need be; else None."""
         kind = array.dtype.kind
         if kind == "u":
             if array.size and array.max() > np.iinfo(np.int64).max:
@@ -346,22 +351,14 @@ class ResultStore:
             with self._restructuring() as f:
                 _widen_value_dataset(f, self._layout)
 
+    @contextlib.contextmanager
     def _restructuring(self):
         """Reopen the file without SWMR for a change of structure (new datasets), then return to SWMR."""
-        store = self
-
-        class Reopened:
-            def __enter__(self):
-                store._file.close()
-                store._file = h5py.File(store.path, "r+", libver="latest", locking=False)
-                return store._file
-
-            def __exit__(self, *exc):
-                if exc[0] is None:
-                    store._file.flush()
-                    store._file.swmr_mode = True
-
-        return Reopened()
+        self._file.close()
+        self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
+        yield self._file
+        self._file.flush()
+        self._file.swmr_mode = True
 
     def _host_id(self, host: str) -> int:
         if host not in self._hosts:
@@ -382,7 +379,7 @@ class ResultStore:
             self._flusher.join()
         try:
             with self._mutex:
-                if not self._file.id.valid or self._file.mode != "r+" or not self._file.swmr_mode:
+                if not self._file.id.valid or not self._file.swmr_mode:
                     self._recover_after_interrupt()
                 self.flush()
         finally:
@@ -486,6 +483,19 @@ def _existing_layout(file):
         return Layout(file["value"].dtype.type, file["value"].shape[1:])
     if "value_json" in file:
         return Layout(TEXT)
+    return None
+
+
+def _as_numbers(value):
+    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None."""
+    if _is_numeric(value):
+        return np.asarray(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            return None
+        return array if array.dtype.kind in KINDS else None
     return None
 
 
@@ -798,7 +808,8 @@ def _read_columns(f: h5py.File, path: str) -> dict:
     if f.attrs.get("format") != FORMAT:
         raise MpimapError(f"{path} is not an mpimap results file")
     _check_datasets(f, path)
-    out = {name: f[name][()] for name in f if name in COLUMNS and COLUMNS[name][0] is not TEXT or name in ("points", "value")}
+    numeric = [name for name, (dtype, _) in COLUMNS.items() if dtype is not TEXT] + ["points", "value"]
+    out = {name: f[name][()] for name in numeric if name in f}
     out["attrs"] = dict(f.attrs)
     hosts = [h.decode() for h in f["hosts"][()]]
     out["host"] = np.array([hosts[i] if i >= 0 else "" for i in out["host"]], dtype=object)

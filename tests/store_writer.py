@@ -48,7 +48,8 @@ def write_rows(store: ResultStore, rows: np.ndarray, rng: np.random.Generator, p
     while start < len(rows):
         chunk = rows[start:start + int(rng.integers(1, 120))]
         start += len(chunk)
-        failures = {k: Failure("ValueError", f"point {int(i)} failed", "") for k, i in enumerate(chunk) if fails(int(i))}
+        failures = {k: Failure("ValueError", f"point {int(i)} failed", "")
+                    for k, i in enumerate(chunk) if fails(int(i))}
         values = [None if fails(int(i)) else expected(int(i)) for i in chunk]
         if packed and not failures and len({type(v) for v in values}) == 1:
             values = np.asarray(values)

@@ -255,8 +255,8 @@ def test_progress_line(tmp_path):
 
 def test_an_integer_first_result_does_not_truncate_later_floats(tmp_path):
     # default chunking: the first chunks hold one point each, and point 0 (an int) comes back first
-    (tmp_path / "model3.py").write_text("import time\ndef f(x):\n    x = float(x)\n    time.sleep(0 if x == 0 else 0.2)\n"
-                                        "    return 0 if x == 0 else x / 3\n")
+    (tmp_path / "model3.py").write_text("import time\ndef f(x):\n    x = float(x)\n"
+                                        "    time.sleep(0 if x == 0 else 0.2)\n    return 0 if x == 0 else x / 3\n")
     np.save(tmp_path / "p.npy", np.arange(20.0))
     out = str(tmp_path / "r.h5")
     mpimap_cli(3, "run", "model3.py:f", "--points", "p.npy", "--out", out, "--no-progress", cwd=tmp_path)
