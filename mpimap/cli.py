@@ -229,7 +229,11 @@ def export(results, csv_path):
     points = r["points"].reshape(len(r["points"]), -1)
     values = r.get("value")
     flat = None if values is None or values.dtype == object else values.reshape(len(values), -1)
-    with open(csv_path, "w", newline="") as f:
+    try:
+        f = open(csv_path, "w", newline="")
+    except OSError as exc:
+        raise MpimapError(f"cannot write {csv_path}: {exc.strerror}; choose another --csv") from None
+    with f:
         writer = csv.writer(f)
         header = ["index", "status"] + [f"x{j}" for j in range(points.shape[1])]
         header += ["value"] if flat is None else [f"y{j}" for j in range(flat.shape[1])]

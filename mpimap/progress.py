@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat as stat_module
 import sys
 import time
 from collections import Counter
@@ -12,12 +14,59 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def user_terminal():
+    """The terminal this job's output goes to, if the job runs in its foreground; else None.
+
+    Under mpiexec rank 0's stderr is a pipe to the launcher, which relays it,
+    so follow stderr up the ancestors while it is a pipe: the first one whose
+    stderr is not decides.  It counts if that is a terminal which is its
+    controlling terminal, with its process group in the foreground.  A batch
+    job (output to a file, no terminal), a job in the background (``&``) or
+    detached from the terminal (``setsid``) shows nothing.
+    """
+    if sys.stderr.isatty():
+        return sys.stderr
+    pid = os.getpid()
+    for _ in range(32):  # the chain is short: rank, launcher proxy, mpiexec, maybe a wrapper
+        try:
+            mode = os.stat(f"/proc/{pid}/fd/2").st_mode
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        # after "pid (command)": state, ppid, pgrp, session, tty_nr, tpgid
+        fields = stat[stat.rindex(")") + 2:].split()
+        ppid, pgrp, tty, foreground = int(fields[1]), int(fields[2]), int(fields[4]), int(fields[5])
+        if not (stat_module.S_ISFIFO(mode) or stat_module.S_ISSOCK(mode)):
+            return _open_terminal(pid, tty) if tty and foreground == pgrp else None
+        if ppid <= 1:
+            return None
+        pid = ppid
+    return None
+
+
+def _open_terminal(pid: int, tty: int):
+    """Process ``pid``'s stderr opened for writing, if it is the terminal ``tty`` (a device number)."""
+    try:
+        fd = os.open(f"/proc/{pid}/fd/2", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        return None
+    if os.isatty(fd) and os.fstat(fd).st_rdev == tty:
+        return os.fdopen(fd, "w")
+    os.close(fd)
+    return None
+
+
 class Progress:
     """Counts points as they finish; redraws one line (at most ``rate`` times a second) when enabled."""
 
     def __init__(self, total: int, *, already: int = 0, enabled: bool | None = None, stream=None, rate: float = 5.0):
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        """``enabled=None``: show the line when the job runs in the foreground of a terminal (:func:`user_terminal`)."""
+        terminal = user_terminal() if stream is None and enabled is not False else None
+        self._own = terminal is not None and terminal is not sys.stderr
+        self.stream = stream or terminal or sys.stderr
+        self.enabled = (terminal is not None if stream is None else self.stream.isatty()) if enabled is None \
+            else enabled
         self.total = total  # points to evaluate in this run
         self.already = already  # points done in earlier runs
         self.done = 0
@@ -52,6 +101,8 @@ class Progress:
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()
+        if self._own:
+            self.stream.close()
 
     def summary(self, *, out: str, state: str, per_rank: dict) -> str:
         """A one-screen summary of the run."""

@@ -9,12 +9,19 @@ leaves behind, and evaluates only the rows still pending.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import json
+import logging
 import os
 import socket
 import struct
+import threading
 import time
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -30,6 +37,7 @@ STATUS = {"pending": 0, "done": 1, "failed": 2, "timeout": 3, "crashed": 4}
 STATUS_NAMES = {v: k for k, v in STATUS.items()}
 STATUS_DTYPE = h5py.enum_dtype(STATUS, basetype="i1")
 TEXT = h5py.string_dtype()
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 # Per-point columns other than the value: name -> (dtype, fill value).
 COLUMNS = {
@@ -45,8 +53,37 @@ COLUMNS = {
 }
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How values are stored: numbers of one dtype and per-point shape in ``value``, or JSON text in ``value_json``."""
+
+    dtype: object  # np.bool_, np.int64, np.float64, np.complex128, or TEXT
+    shape: tuple = ()
+
+    @property
+    def text(self) -> bool:
+        return self.dtype is TEXT
+
+    @property
+    def fill(self):
+        return "" if self.text else (np.nan if np.dtype(self.dtype).kind in "fc" else 0)
+
+    def filled(self, n: int) -> np.ndarray:
+        return np.full(n, "", dtype=object) if self.text else np.full((n, *self.shape), self.fill, dtype=self.dtype)
+
+
+# Numeric kinds in the order values may be promoted: a later value of a higher kind promotes the column.
+KINDS = {"b": (0, np.bool_), "i": (1, np.int64), "u": (1, np.int64), "f": (2, np.float64), "c": (3, np.complex128)}
+EXACT_INT = 2 ** 53  # integers up to this size are exact in float64
+
+
 class ResultStore:
-    """The results file of one running job; only rank 0 writes it."""
+    """The results file of one running job; only rank 0 writes it.
+
+    Rows are buffered by :meth:`write` and reach the file at :meth:`flush`,
+    which a background thread runs once the oldest buffered row is
+    ``flush_interval`` seconds old: a kill loses at most that much.
+    """
 
     def __init__(self, path: str, file: h5py.File, lock, run: int, flush_interval: float):
         self.path = path
@@ -54,12 +91,22 @@ class ResultStore:
         self._lock = lock
         self.run = run
         self.flush_interval = flush_interval
-        self._last_flush = time.monotonic()
         self._hosts = {name.decode(): i for i, name in enumerate(file["hosts"][()])}
         self.size = len(file["status"])
         self._pending: list = []  # buffered chunks, see write()
         self._pending_rows = 0
-        self._layout = _existing_layout(file)  # (dtype, shape) of values, TEXT for JSON; None until known
+        self._oldest = None  # when the oldest buffered row arrived
+        self._layout = _existing_layout(file)  # None until the first good value
+        self._ints_exact = _ints_exact(file, self._layout)  # every stored integer is exact as a float64
+        self._retried = np.zeros(0, np.int64)  # rows of earlier runs evaluated again (--retry-failed), sorted
+        self._retried_attempts = np.zeros(0, np.int16)
+        self._mutex = threading.RLock()  # the file and the buffer: write() and the flusher thread
+        self._wake = threading.Condition(self._mutex)
+        self._closing = False
+        self._flusher = None
+        if flush_interval > 0:
+            self._flusher = threading.Thread(target=self._flush_when_due, name="mpimap-flush", daemon=True)
+            self._flusher.start()
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -84,11 +131,15 @@ class ResultStore:
 
     def todo(self, retry_failed: bool = False) -> np.ndarray:
         """Indices of the points still to evaluate: pending ones (and failed ones if asked)."""
-        status = self._file["status"][()]
-        wanted = status == STATUS["pending"]
-        if retry_failed:
-            wanted |= status >= STATUS["failed"]
-        return np.flatnonzero(wanted)
+        with self._mutex:
+            status = self._file["status"][()]
+            wanted = status == STATUS["pending"]
+            if retry_failed:
+                retried = status >= STATUS["failed"]
+                wanted |= retried
+                self._retried = np.flatnonzero(retried)
+                self._retried_attempts = self._file["attempts"][()][self._retried]
+            return np.flatnonzero(wanted)
 
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
@@ -96,8 +147,9 @@ class ResultStore:
         """Take the results of the points ``indices`` (one chunk, in order); they reach the file at the next flush.
 
         Rows are buffered and written in large sorted runs: a write per chunk
-        and column costs far more than the data.  A flush happens every
-        ``flush_interval`` seconds, at ``FLUSH_ROWS`` buffered rows, and at close.
+        and column costs far more than the data.  A flush happens once the
+        oldest buffered row is ``flush_interval`` seconds old, at
+        ``FLUSH_ROWS`` buffered rows, and at close.
         """
         n = len(indices)
         status = np.full(n, STATUS["done"], dtype=np.int8)
@@ -105,107 +157,208 @@ class ResultStore:
         for offset, failure in failures.items():
             status[offset] = STATUS[failure.status]
             errors[offset] = f"{failure.text}\n\n{failure.traceback}" if failure.traceback else failure.text
-        if self._layout is None:
-            first_good = next((i for i in range(n) if i not in failures), None)
-            if first_good is not None:
-                self._layout = _layout_of(values[first_good])
-        column, misfits = self._value_column(values, failures, n)
-        for offset, text in misfits.items():
-            status[offset] = STATUS["failed"]
-            errors[offset] = text
         tries = np.ones(n, np.int16)
         for offset, count in (attempts or {}).items():
             tries[offset] = count
-        self._pending.append((indices, status, np.asarray(durations), np.full(n, rank, np.int32),
-                              np.full(n, self._host_id(host), np.int32), tries, column,
-                              {int(indices[k]): text for k, text in errors.items()},
-                              {int(indices[k]): text for k, text in (logs or {}).items()}))
-        self._pending_rows += n
-        if self._pending_rows >= FLUSH_ROWS or time.monotonic() - self._last_flush > self.flush_interval:
-            self.flush()
+        with self._mutex:
+            column, misfits = self._value_column(values, failures, n)
+            for offset, text in misfits.items():
+                status[offset] = STATUS["failed"]
+                errors[offset] = text
+            self._pending.append((indices, status, np.asarray(durations), np.full(n, rank, np.int32),
+                                  np.full(n, self._host_id(host), np.int32), tries, column,
+                                  {int(indices[k]): text for k, text in errors.items()},
+                                  {int(indices[k]): text for k, text in (logs or {}).items()}))
+            self._pending_rows += n
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+                self._wake.notify()
+            if self._pending_rows >= FLUSH_ROWS or self.flush_interval <= 0:
+                self.flush()
 
     def mark_verified(self, indices, same) -> None:
         """Record the outcome of re-evaluating points on another host: 1 the results agreed, 2 they did not."""
-        self.flush()
-        column = self._file["verified"]
-        for index, ok in zip(indices, same):
-            column[int(index)] = 1 if ok else 2
+        with self._mutex:
+            self.flush()
+            column = self._file["verified"]
+            for index, ok in zip(indices, same):
+                column[int(index)] = 1 if ok else 2
+            self._file.flush()
+
+    def _flush_when_due(self) -> None:
+        """The flusher thread: flush once the oldest buffered row is ``flush_interval`` old."""
+        with self._wake:
+            while not self._closing:
+                due = None if self._oldest is None else self._oldest + self.flush_interval - time.monotonic()
+                if due is not None and due <= 0:
+                    try:
+                        self.flush()
+                    except Exception as exc:  # close() flushes again and raises it in the caller's thread
+                        logging.getLogger("mpimap.store").warning("flushing %s failed (%s); will retry",
+                                                                  self.path, exc)
+                        self._wake.wait(self.flush_interval)
+                    continue
+                self._wake.wait(due)
 
     def _value_column(self, values, failures, n):
-        """The chunk's values as one array in the file's layout (fill where failed); misfits as ``{offset: error}``."""
-        if self._layout is None:  # every point of every chunk so far failed
-            return None, {}
-        dtype, shape = self._layout
-        if dtype is TEXT:
-            column = np.array(["" if i in failures else _to_json(values[i]) for i in range(n)], dtype=object)
-            return column, {}
-        if isinstance(values, np.ndarray) and values.shape[1:] == shape:
-            return values.astype(dtype, copy=False), {}
-        column = np.full((n, *shape), np.nan if np.dtype(dtype).kind in "fc" else 0, dtype=dtype)
+        """The chunk's values as one array in the file's layout (fill where failed); misfits as ``{offset: error}``.
+
+        The first good value chooses the layout.  A later value of a wider
+        numeric kind (bool < int < float < complex) widens it when every value
+        stored so far converts exactly; a value that cannot be stored exactly
+        fails its point with a ``StoreError``.
+        """
+        good = [i for i in range(n) if i not in failures] if failures else range(n)
+        if self._layout is None:
+            if not good:  # every point of every chunk so far failed
+                return None, {}
+            self._layout = _layout_of(values[good[0]])
+        layout = self._layout
+        if (not layout.text and isinstance(values, np.ndarray) and values.dtype.kind in KINDS
+                and values.shape[1:] == layout.shape):
+            fitted = self._fit(values[good] if failures else values)
+            if fitted is not None and not failures:
+                return fitted, {}
+            if fitted is not None:
+                column = self._layout.filled(n)
+                column[good] = fitted
+                return column, {}
+        column = layout.filled(n)
         misfits = {}
-        for i in range(n):
-            if i in failures:
-                continue
-            try:
-                value = np.asarray(values[i], dtype=dtype)
-                if value.shape != shape:
-                    raise ValueError(f"shape {value.shape}")
-            except (ValueError, TypeError) as exc:
-                misfits[i] = (f"StoreError: result {_describe(values[i])} does not fit the stored results "
-                              f"(of type {np.dtype(dtype)}, shape {shape}): {exc}")
-                continue
-            column[i] = value
-        return column, misfits
+        if layout.text:
+            for i in good:
+                try:
+                    column[i] = _to_json(values[i])
+                except MpimapError as exc:
+                    misfits[i] = f"StoreError: {exc}"
+            return column, misfits
+        for i in good:  # one by one, so that each misfit gets its own message
+            value = values[i]
+            array = _as_numbers(value)
+            if array is None or array.shape != self._layout.shape:
+                reason = "not a number" if array is None else f"shape {array.shape}"
+            else:
+                fitted = self._fit(array[None])
+                if fitted is not None:
+                    column = self._widened(column)
+                    column[i] = fitted[0]
+                    continue
+                reason = "it cannot be converted exactly"
+            misfits[i] = (f"StoreError: result {_describe(value)} does not fit the stored results (of type "
+                          f"{np.dtype(self._layout.dtype)}, shape {self._layout.shape}): {reason}")
+        return self._widened(column), misfits
+
+    def _fit(self, array: np.ndarray):
+        """``array`` (points along axis 0) converted exactly to the layout, widened if need be; else None."""
+        kind = array.dtype.kind
+        if kind == "u":
+            if array.size and array.max() > np.iinfo(np.int64).max:
+                return None
+            array = array.astype(np.int64)
+        rank, dtype = KINDS[kind]
+        current = KINDS[np.dtype(self._layout.dtype).kind][0]
+        if rank > current:
+            if current == 1 < rank and not self._ints_exact:
+                return None
+            self._widen(dtype)
+        target = np.dtype(self._layout.dtype)
+        if kind in "iu" and target.kind in "fc" and array.size and not _exact_in_float(array):
+            return None
+        if kind in "iu" and target.kind == "i" and array.size and not _exact_in_float(array):
+            self._ints_exact = False
+        return array.astype(target, copy=False)
+
+    def _widen(self, dtype) -> None:
+        """Widen the layout to ``dtype``: buffered values now, the file's column at the next flush."""
+        self._layout = Layout(dtype, self._layout.shape)
+        for k, entry in enumerate(self._pending):
+            if entry[6] is not None:
+                self._pending[k] = entry[:6] + (self._widened(entry[6]),) + entry[7:]
+
+    def _widened(self, column: np.ndarray) -> np.ndarray:
+        """A buffered column in the current layout (failed rows keep the fill value)."""
+        if column.dtype == np.dtype(self._layout.dtype):
+            return column
+        return column.astype(self._layout.dtype)
 
     def flush(self) -> None:
-        """Write the buffered rows, in sorted contiguous runs, and make them visible to readers."""
-        if self._pending:
-            if self._layout is not None and "value" not in self._file and "value_json" not in self._file:
-                self._create_value_dataset()  # replaces self._file
-            f = self._file
-            parts = list(zip(*self._pending))
-            indices = np.concatenate(parts[0])
-            order = np.argsort(indices, kind="stable")
-            indices = indices[order]
-            columns = {name: np.concatenate(part)[order] for name, part in
-                       zip(("status", "seconds", "rank", "host", "attempts"), parts[1:6])}
-            if self._layout is not None:
-                filler = self._fill_column
-                columns["value_json" if self._layout[0] is TEXT else "value"] = np.concatenate(
-                    [c if c is not None else filler(len(i)) for i, c in zip(parts[0], parts[6])])[order]
-            columns["run"] = np.full(len(indices), self.run, np.int16)
-            for sel, part in _runs(indices):
-                for name, column in columns.items():
-                    f[name][sel] = column[part]
-            for name, texts in (("error", parts[7]), ("log", parts[8])):
-                for chunk_texts in texts:
-                    for index, text in chunk_texts.items():
+        """Write the buffered rows, in sorted contiguous runs, and make them visible to readers.
+
+        Order matters for a kill at any instant: every column but ``status``
+        (values, error and log texts included) is written and flushed first;
+        only then the status, so a row never says done before its data is in
+        the file.  Rows of earlier runs written again (``--retry-failed``) go
+        back to ``pending`` in that first step.
+        """
+        with self._mutex:
+            if self._pending:
+                self._prepare_value_dataset()
+                f = self._file
+                parts = list(zip(*self._pending))
+                indices = np.concatenate(parts[0])
+                order = np.argsort(indices, kind="stable")
+                indices = indices[order]
+                status = np.concatenate(parts[1])[order]
+                columns = {name: np.concatenate(part)[order] for name, part in
+                           zip(("seconds", "rank", "host", "attempts"), parts[2:6])}
+                if self._layout is not None:
+                    values = np.concatenate(
+                        [c if c is not None else self._layout.filled(len(i)) for i, c in zip(parts[0], parts[6])]
+                    )[order]
+                    values[status != STATUS["done"]] = self._layout.fill
+                    columns["value_json" if self._layout.text else "value"] = values
+                columns["run"] = np.full(len(indices), self.run, np.int16)
+                texts = {"error": {k: t for chunk in parts[7] for k, t in chunk.items()},
+                         "log": {k: t for chunk in parts[8] for k, t in chunk.items()}}
+                again = np.isin(indices, self._retried, assume_unique=True) if len(self._retried) else None
+                if again is not None and again.any():
+                    rows = indices[again]
+                    columns["attempts"][again] += self._retried_attempts[np.searchsorted(self._retried, rows)]
+                    f["status"][rows] = np.zeros(len(rows), np.int8)  # pending until the new result is complete
+                    for name in texts:
+                        for row in rows.tolist():
+                            texts[name].setdefault(row, "")  # the old error and log go with the old result
+                for sel, part in _runs(indices):
+                    for name, column in columns.items():
+                        f[name][sel] = column[part]
+                for name, by_row in texts.items():
+                    for index, text in by_row.items():
                         f[name][index] = text
-            self._pending.clear()
-            self._pending_rows = 0
-        self._file.flush()
-        self._last_flush = time.monotonic()
+                f.flush()
+                for sel, part in _runs(indices):
+                    f["status"][sel] = status[part]
+                if again is not None and again.any():
+                    keep = ~np.isin(self._retried, indices[again], assume_unique=True)
+                    self._retried, self._retried_attempts = self._retried[keep], self._retried_attempts[keep]
+                self._pending.clear()
+                self._pending_rows = 0
+                self._oldest = None
+            self._file.flush()
 
-    def _fill_column(self, n):
-        dtype, shape = self._layout
-        if dtype is TEXT:
-            return np.full(n, "", dtype=object)
-        return np.full((n, *shape), np.nan if np.dtype(dtype).kind in "fc" else 0, dtype=dtype)
+    def _prepare_value_dataset(self) -> None:
+        """Make the file's value column match the layout: create it, or widen its dtype."""
+        if self._layout is None:
+            return
+        f = self._file
+        if self._layout.text:
+            if "value_json" not in f:
+                with self._restructuring() as f:
+                    f.create_dataset("value_json", shape=(self.size,), maxshape=(None,),
+                                     chunks=(min(self.size, 4096),), dtype=TEXT, fillvalue="")
+        elif "value" not in f:
+            with self._restructuring() as f:
+                _new_value_dataset(f, "value", self.size, self._layout)
+        elif f["value"].dtype != np.dtype(self._layout.dtype):
+            with self._restructuring() as f:
+                _widen_value_dataset(f, self._layout)
 
-    def _create_value_dataset(self) -> None:
-        """Create the value dataset in the layout chosen from the first value: numeric, or JSON text."""
-        dtype, shape = self._layout
-        # Datasets cannot be created in SWMR mode: reopen briefly without it.
+    @contextlib.contextmanager
+    def _restructuring(self):
+        """Reopen the file without SWMR for a change of structure (new datasets), then return to SWMR."""
         self._file.close()
         self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
-        n = self.size
-        if dtype is TEXT:
-            self._file.create_dataset("value_json", shape=(n,), maxshape=(None,), chunks=(min(n, 4096),),
-                                      dtype=TEXT, fillvalue="")
-        else:
-            fill = np.nan if np.dtype(dtype).kind in "fc" else 0
-            self._file.create_dataset("value", shape=(n, *shape), maxshape=(None, *shape), chunks=True,
-                                      dtype=dtype, fillvalue=fill)
+        yield self._file
+        self._file.flush()
         self._file.swmr_mode = True
 
     def _host_id(self, host: str) -> int:
@@ -220,8 +373,16 @@ class ResultStore:
         """Flush, record the job's ``state`` (complete, interrupted, failed) and release the file."""
         if self._file is None:
             return
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._flusher is not None:
+            self._flusher.join()
         try:
-            self.flush()
+            with self._mutex:
+                if not self._file.id.valid or not self._file.swmr_mode:
+                    self._recover_after_interrupt()
+                self.flush()
         finally:
             self._file.close()
         with h5py.File(self.path, "r+", libver="latest", locking=False) as f:
@@ -230,22 +391,112 @@ class ResultStore:
         self._file = None
         _release_lock(self._lock, self.path)
 
+    def _recover_after_interrupt(self) -> None:
+        """An exception (SIGTERM) left a change of structure half done: finish it as a resume would."""
+        if self._file.id.valid:
+            self._file.close()
+        self._file = h5py.File(self.path, "r+", libver="latest", locking=False)
+        _finish_replacements(self._file)
+        self._file.swmr_mode = True
 
-def _layout_of(value):
-    """How values like this one are stored: (numeric dtype, shape), or (TEXT, ()) for JSON."""
+
+def _new_value_dataset(f: h5py.File, name: str, n: int, layout: Layout) -> h5py.Dataset:
+    return f.create_dataset(name, shape=(n, *layout.shape), maxshape=(None, *layout.shape), chunks=True,
+                            dtype=layout.dtype, fillvalue=np.dtype(layout.dtype).type(layout.fill))
+
+
+def _widen_value_dataset(f: h5py.File, layout: Layout) -> None:
+    """Give ``value`` a wider dtype (a copy that replaces it)."""
+    done = f["status"][()] == STATUS["done"]
+
+    def copy(name):
+        old, new = f["value"], _new_value_dataset(f, name, len(f["value"]), layout)
+        step = 1 << 16
+        for a in range(0, len(old), step):
+            block = old[a:a + step].astype(layout.dtype)
+            block[~done[a:a + step]] = layout.fill
+            new[a:a + step] = block
+
+    _replace_dataset(f, "value", copy)
+
+
+def _replace_dataset(f: h5py.File, name: str, build) -> None:
+    """Replace dataset ``name`` by what ``build(NAME.new)`` creates; a kill at any step leaves one of the two whole.
+
+    The copy is complete on disk before the old dataset goes; after a kill
+    :func:`_finish_replacements` drops an incomplete copy or renames a complete one.
+    """
+    if f"{name}.new" in f:
+        del f[f"{name}.new"]
+    build(f"{name}.new")
+    f.flush()
+    del f[name]
+    f.move(f"{name}.new", name)
+
+
+def _finish_replacements(f: h5py.File) -> None:
+    """Complete or drop what a kill interrupted in :func:`_replace_dataset` (the file open without SWMR)."""
+    for key in [k for k in f if k.endswith(".new")]:
+        if key[:-4] in f:
+            del f[key]
+        else:
+            f.move(key, key[:-4])
+
+
+def _repair_texts(f: h5py.File) -> None:
+    """Rebuild a text column some of whose rows a kill left unreadable (they are pending; see _read_texts).
+
+    HDF5 cannot overwrite such a row (it would free the old text first), so
+    the column is replaced by a readable copy.
+    """
+    pending = f["status"][()] == STATUS["pending"]
+    for name in ("error", "log", "value_json"):
+        if name in f:
+            texts, lost = _read_texts(f[name], pending)
+            if lost:
+                _replace_dataset(f, name, lambda new: f.create_dataset(
+                    new, data=texts.astype(object), maxshape=(None,), chunks=f[name].chunks, dtype=TEXT, fillvalue=""))
+
+
+def _exact_in_float(array: np.ndarray) -> bool:
+    return bool(((array >= -EXACT_INT) & (array <= EXACT_INT)).all())
+
+
+def _ints_exact(file, layout) -> bool:
+    """Whether every integer already stored converts exactly to float64 (only an int64 column can hold others)."""
+    if layout is None or layout.text or np.dtype(layout.dtype).kind != "i":
+        return True
+    done = file["status"][()] == STATUS["done"]
+    return _exact_in_float(file["value"][()][done])
+
+
+def _layout_of(value) -> Layout:
+    """How values like this one are stored: numbers of a dtype and shape, or JSON text."""
     if _is_numeric(value):
         array = np.asarray(value)
-        kind = {"b": np.bool_, "i": np.int64, "u": np.int64, "f": np.float64, "c": np.complex128}[array.dtype.kind]
-        return kind, array.shape
+        return Layout(KINDS[array.dtype.kind][1], array.shape)
     _to_json(value)  # fails with a clear message if it cannot be stored at all
-    return TEXT, ()
+    return Layout(TEXT)
 
 
 def _existing_layout(file):
     if "value" in file:
-        return file["value"].dtype.type, file["value"].shape[1:]
+        return Layout(file["value"].dtype.type, file["value"].shape[1:])
     if "value_json" in file:
-        return TEXT, ()
+        return Layout(TEXT)
+    return None
+
+
+def _as_numbers(value):
+    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None."""
+    if _is_numeric(value):
+        return np.asarray(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            return None
+        return array if array.dtype.kind in KINDS else None
     return None
 
 
@@ -309,6 +560,7 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
 
 
 def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
+    _check_header(path, RESUME_FIX)
     try:
         file = h5py.File(path, "r+", libver="latest", locking=False)
     except OSError as exc:
@@ -329,33 +581,61 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         if attrs["function"] != function:
             raise MpimapError(f"{path} holds results of {attrs['function']}, not {function}; "
                               "use another --out, or --fresh to start over")
+        _check_datasets(file, path, RESUME_FIX)
         if attrs["points_checksum"] != digest or len(file["status"]) != n:
             raise MpimapError(f"{path} was computed for different points; use another --out, or --fresh to start over")
+        _finish_replacements(file)
+        _repair_texts(file)
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        file.close()
+        raise _damaged(path, exc, RESUME_FIX) from None
     except BaseException:
         file.close()
         raise
     return file
 
 
+# flock errors that mean "this file system does not do flock" (Lustre without -o flock, some NFS setups)
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
 def _take_lock(path: str):
-    """Hold ``PATH.lock`` while writing, so two jobs never write one file (released by the kernel on any kill)."""
+    """Hold ``PATH.lock`` while writing, so two jobs never write one file (released by the kernel on any kill).
+
+    The lock file is removed at release, so a lock taken on a file that was
+    removed (or replaced) meanwhile is not the lock: check and take it again.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise MpimapError(f"cannot write {path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise MpimapError(f"cannot write {path}: it is a directory; give a file name such as results.h5")
-    try:
-        lock = open(f"{path}.lock", "a+")
-    except OSError as exc:
-        raise MpimapError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or "unknown"
-        lock.close()
-        raise MpimapError(f"{path} is being written by another running job ({owner}); "
-                          "wait for it or use another --out") from None
+    while True:
+        try:
+            lock = open(f"{path}.lock", "a+")
+        except OSError as exc:
+            raise MpimapError(f"cannot write {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in NO_FLOCK:
+                logging.getLogger("mpimap.store").warning(
+                    "the file system of %s does not support flock (%s): nothing stops a second job from writing "
+                    "it at the same time; run one job at a time on it", path, exc.strerror)
+                break
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            lock.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MpimapError(f"{path} is being written by another running job ({owner}); "
+                                  "wait for it or use another --out") from None
+            raise MpimapError(f"cannot lock {path}.lock: {exc.strerror}") from None
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(f"{path}.lock")):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()  # the previous holder removed this file after we opened it
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -364,6 +644,7 @@ def _take_lock(path: str):
 
 
 def _release_lock(lock, path: str) -> None:
+    """Remove ``PATH.lock`` while still holding it (a job that opened it meanwhile sees it is gone), then unlock."""
     try:
         os.unlink(f"{path}.lock")
     except OSError:
@@ -420,7 +701,7 @@ def clear_write_flags(path: str) -> None:
     """
     with open(path, "r+b") as f:
         block = bytearray(f.read(48))
-        if block[:8] != b"\x89HDF\r\n\x1a\n" or block[8] not in (2, 3) or block[9] != 8:
+        if block[:8] != HDF5_SIGNATURE or block[8] not in (2, 3) or block[9] != 8:
             raise MpimapError(f"{path}: unexpected HDF5 superblock; cannot clear its write flags")
         eoa = struct.unpack_from("<Q", block, 28)[0]
         block[11] = 0
@@ -430,14 +711,84 @@ def clear_write_flags(path: str) -> None:
         f.write(block)
 
 
-def open_for_reading(path: str) -> h5py.File:
-    """Open a results file for reading, whether its job is running, finished or was killed."""
+# A SWMR reader retries a metadata block whose checksum fails, sleeping 2**k ns before attempt k: HDF5's default
+# of 100 attempts makes a damaged file hang for ever.  26 attempts wait 67 ms in all, ample for a writer mid-flush.
+READ_ATTEMPTS = 26
+
+
+@functools.lru_cache(maxsize=1)
+def _hdf5_library():
+    """The HDF5 library h5py is using (for the one call h5py does not wrap), or None if it cannot be found."""
     try:
-        return h5py.File(path, "r", swmr=True, locking=False)
-    except FileNotFoundError:
-        raise MpimapError(f"results file {path} does not exist") from None
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libhdf5" in line and "libhdf5_hl" not in line}
+        library = ctypes.CDLL(paths.pop())
+        library.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+        return library
+    except (OSError, KeyError, AttributeError, IndexError):
+        return None
+
+
+def _bounded_read_access():
+    """File access properties for a SWMR reader whose reads of a damaged file fail at once instead of hanging."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_file_locking(False, True)
+    library = _hdf5_library()
+    if library is not None:  # else (no /proc) HDF5's default: the header checks still catch a truncated file
+        library.H5Pset_metadata_read_attempts(fapl.id, READ_ATTEMPTS)
+    return fapl
+
+
+READ_FIX = "if it was copied or truncated, use the original"
+RESUME_FIX = "use another --out, or --fresh to start over"
+
+
+def _damaged(path: str, why, fix: str = READ_FIX) -> MpimapError:
+    return MpimapError(f"{path} is damaged or not an mpimap results file ({why}); {fix}")
+
+
+def _check_header(path: str, fix: str = READ_FIX) -> None:
+    """Refuse at once what is not a whole HDF5 file: HDF5 itself can take for ever to find out (see READ_ATTEMPTS)."""
+    if os.path.isdir(path):
+        raise MpimapError(f"{path} is a directory, not a results file")
+    try:
+        with open(path, "rb") as f:
+            block = f.read(48)
     except OSError as exc:
-        raise MpimapError(f"cannot read results file {path}: {exc}") from None
+        raise MpimapError(f"cannot read results file {path}: {exc.strerror}") from None
+    if len(block) < 48 or block[:8] != HDF5_SIGNATURE:
+        raise _damaged(path, "no HDF5 signature" if block else "the file is empty", fix)
+    allocated = struct.unpack_from("<Q", block, 28)[0] if block[8] in (2, 3) else 0  # end of the file's data
+    if os.path.getsize(path) < allocated:  # (a SWMR writer never lets the file lag behind it: checked)
+        raise _damaged(path, f"truncated: {os.path.getsize(path)} bytes of {allocated}", fix)
+
+
+def _check_datasets(f: h5py.File, path: str, fix: str = READ_FIX) -> None:
+    missing = [name for name in ("points", "hosts", *COLUMNS) if name not in f]
+    if missing:
+        raise _damaged(path, f"datasets missing: {', '.join(missing)}", fix)
+
+
+def open_for_reading(path: str) -> h5py.File:
+    """Open a results file for reading, whether its job is running, finished or was killed.
+
+    Every read of a damaged file (truncated, overwritten, not HDF5) fails
+    quickly with an OSError or RuntimeError: catch them with :func:`_damaged`.
+    """
+    if not os.path.exists(path):
+        raise MpimapError(f"results file {path} does not exist")
+    _check_header(path)
+    try:
+        file_id = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                                fapl=_bounded_read_access())
+        return h5py.File(file_id)
+    except (OSError, RuntimeError) as exc:
+        if "not already open for SWMR writing" in str(exc):
+            raise MpimapError(f"{path} is being changed by its job, or was left so by a killed job: try again in a "
+                              "moment; if its job was killed, running it again repairs the file "
+                              "(or h5clear -s --increment FILE)") from None
+        raise _damaged(path, exc) from None
 
 
 def read_results(path: str) -> dict:
@@ -447,16 +798,55 @@ def read_results(path: str) -> dict:
     names, and JSON-encoded values decoded.
     """
     with open_for_reading(path) as f:
-        if f.attrs.get("format") != FORMAT:
-            raise MpimapError(f"{path} is not an mpimap results file")
-        out = {name: f[name][()] for name in f if name not in ("hosts", "value_json")}
-        out["attrs"] = dict(f.attrs)
-        hosts = [h.decode() for h in f["hosts"][()]]
-        out["host"] = np.array([hosts[i] if i >= 0 else "" for i in out["host"]], dtype=object)
-        out["status"] = np.array([STATUS_NAMES[s] for s in out["status"]], dtype=object)
-        for name in ("error", "log"):
-            out[name] = np.array([e.decode() if isinstance(e, bytes) else e for e in out[name]], dtype=object)
-        if "value_json" in f:
-            out["value"] = np.array([json.loads(v) if v else None for v in f["value_json"].asstr()[()]],
-                                    dtype=object)
+        try:
+            return _read_columns(f, path)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise _damaged(path, exc) from None
+
+
+def _read_columns(f: h5py.File, path: str) -> dict:
+    """Every column of an open results file, checked to be of our format."""
+    if f.attrs.get("format") != FORMAT:
+        raise MpimapError(f"{path} is not an mpimap results file")
+    _check_datasets(f, path)
+    numeric = [name for name, (dtype, _) in COLUMNS.items() if dtype is not TEXT] + ["points", "value"]
+    out = {name: f[name][()] for name in numeric if name in f}
+    out["attrs"] = dict(f.attrs)
+    hosts = [h.decode() for h in f["hosts"][()]]
+    out["host"] = np.array([hosts[i] if i >= 0 else "" for i in out["host"]], dtype=object)
+    pending = out["status"] == STATUS["pending"]
+    out["status"] = np.array([STATUS_NAMES[s] for s in out["status"]], dtype=object)
+    for name in ("error", "log"):
+        out[name] = _read_texts(f[name], pending)[0]
+    if "value_json" in f:
+        out["value"] = np.array([json.loads(v) if v else None for v in _read_texts(f["value_json"], pending)[0]],
+                                dtype=object)
     return out
+
+
+def _read_texts(dataset: h5py.Dataset, pending: np.ndarray):
+    """A text column as str objects, and how many of its rows were unreadable.
+
+    HDF5 keeps texts in a heap that reaches the disk later than the rows
+    pointing at it, so a kill can leave a row's text unreadable; the flush
+    order makes such rows pending, and they read as "".  Anywhere else it
+    means the file is damaged.
+    """
+    out = np.empty(len(dataset), dtype=object)
+    lost = 0
+    step = 1 << 14
+    for a in range(0, len(out), step):
+        try:
+            out[a:a + step] = dataset.asstr()[a:a + step]
+            continue
+        except (OSError, RuntimeError):
+            pass
+        for i in range(a, min(a + step, len(out))):
+            try:
+                out[i] = dataset.asstr()[i]
+            except (OSError, RuntimeError):
+                if not pending[i]:
+                    raise
+                out[i] = ""
+                lost += 1
+    return out, lost

@@ -1,6 +1,7 @@
 """``python -m mpimap run`` end to end under real mpiexec: results, file layout, resume after kill -9, bad input."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,3 +252,169 @@ def test_progress_line(tmp_path):
     assert "[########################] 300/300 points, 0 failed," in proc.stderr and "ETA" in proc.stderr
     quiet = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "q.h5", cwd=tmp_path)
     assert quiet.stderr == ""  # not a terminal: no progress line unless asked
+
+
+def test_an_integer_first_result_does_not_truncate_later_floats(tmp_path):
+    # default chunking: the first chunks hold one point each, and point 0 (an int) comes back first
+    (tmp_path / "model3.py").write_text("import time\ndef f(x):\n    x = float(x)\n"
+                                        "    time.sleep(0 if x == 0 else 0.2)\n    return 0 if x == 0 else x / 3\n")
+    np.save(tmp_path / "p.npy", np.arange(20.0))
+    out = str(tmp_path / "r.h5")
+    mpimap_cli(3, "run", "model3.py:f", "--points", "p.npy", "--out", out, "--no-progress", cwd=tmp_path)
+    r = read_results(out)
+    assert set(r["status"]) == {"done"} and r["value"].dtype == np.float64
+    assert np.array_equal(r["value"], np.arange(20.0) / 3)
+
+
+def test_retry_failed_clears_the_old_error_and_log_and_counts_attempts(tmp_path):
+    (tmp_path / "model4.py").write_text(
+        "import logging, os\n"
+        "def f(x):\n"
+        "    if x == 2 and not os.path.exists('fixed4'):\n"
+        "        logging.getLogger('model4').warning('about to fail on %s', x)\n"
+        "        raise RuntimeError('flaky backend')\n"
+        "    return float(x) * 10\n")
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    out = str(tmp_path / "r.h5")
+    args = ("run", "model4.py:f", "--points", "p.npy", "--out", out, "--keep-logs", "failed", "--no-progress")
+    mpimap_cli(2, *args, cwd=tmp_path)
+    first = read_results(out)
+    assert first["error"][2].startswith("RuntimeError: flaky backend") and "about to fail" in first["log"][2]
+    (tmp_path / "fixed4").touch()
+    mpimap_cli(2, *args, "--retry-failed", cwd=tmp_path)
+    r = read_results(out)
+    assert list(r["status"]) == ["done"] * 3 and list(r["value"]) == [0.0, 10.0, 20.0]
+    assert r["error"][2] == "" and r["log"][2] == "" and r["attempts"][2] == 2 and r["run"][2] == 1
+    subprocess.run([sys.executable, "-m", "mpimap", "export", out, "--csv", "r.csv"], cwd=tmp_path, check=True,
+                   env=job_env(), timeout=60)
+    assert (tmp_path / "r.csv").read_text().splitlines()[3].endswith(",")  # no stale error in the CSV
+
+
+def test_flush_interval_bounds_what_a_kill_loses_even_when_no_other_result_arrives(tmp_path):
+    (tmp_path / "model9.py").write_text("import time\ndef f(x):\n    time.sleep(0.3 if x < 2 else 120)\n"
+                                        "    return float(x)\n")
+    np.save(tmp_path / "p.npy", np.arange(4.0))
+    out = str(tmp_path / "r.h5")
+    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "model9.py:f", "--points", "p.npy",
+               "--out", out, "--isolation", "rank", "--flush-interval", "0.5", "--chunksize", "1", "--no-progress"]
+    job = subprocess.Popen(command, cwd=tmp_path, env=job_env(), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        done = 0
+        while done < 2 and time.monotonic() < deadline:  # points 0 and 1 come back; 2 and 3 take two minutes
+            time.sleep(0.5)
+            try:
+                done = int((read_results(out)["status"] == "done").sum())
+            except Exception:
+                continue
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+    r = read_results(out)  # after kill -9: both results received were on disk
+    assert list(r["status"]) == ["done", "done", "pending", "pending"] and list(r["value"][:2]) == [0.0, 1.0]
+
+
+def _damaged_files(tmp_path):
+    """Results files as a user may find them: truncated (after a clean end, or after a kill), empty, not HDF5..."""
+    import multiprocessing
+
+    import store_writer
+    from mpimap.store import ResultStore
+
+    complete = str(tmp_path / "complete.h5")
+    store = ResultStore.open(complete, np.arange(3000.0), "jobfuncs:square")
+    store.write(np.arange(3000), np.arange(3000.0), {}, np.zeros(3000), 1, "h")
+    store.close("complete")
+    killed = str(tmp_path / "killed.h5")
+    ready = multiprocessing.get_context("fork").Event()
+    writer = multiprocessing.get_context("fork").Process(target=store_writer.main, args=(killed, 1, 0, False, ready))
+    writer.start()
+    ready.wait(60)
+    time.sleep(0.3)
+    writer.kill()
+    writer.join()
+    files = {}
+    for name, source in (("complete", complete), ("killed", killed)):
+        data = open(source, "rb").read()
+        for size in (48, 100, 2000, len(data) // 2, len(data) - 100):
+            files[f"{name}-{size}"] = data[:size]
+    files["empty"] = b""
+    files["text"] = b"time,value\n1,2\n"
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.arange(3)
+    files["other-hdf5"] = (tmp_path / "other.h5").read_bytes()
+    with h5py.File(complete, "r+") as f:
+        del f["status"]
+    files["no-status"] = open(complete, "rb").read()
+    for name, data in files.items():
+        (tmp_path / f"{name}.h5").write_bytes(data)
+    return sorted(files)
+
+
+def test_every_command_gives_one_line_for_a_damaged_results_file_and_never_hangs(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3000.0))
+    for name in _damaged_files(tmp_path):
+        before = (tmp_path / f"{name}.h5").read_bytes()
+        commands = [["show", f"{name}.h5"], ["export", f"{name}.h5", "--csv", "out.csv"],
+                    ["loglevel", f"{name}.h5", "DEBUG"]]
+        for command in commands:
+            proc = subprocess.run([sys.executable, "-m", "mpimap", *command], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=60, env=job_env())
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("mpimap: error:"), (name, proc)
+            assert "Traceback" not in proc.stdout + proc.stderr
+        if name in ("killed-100", "killed-2000", "empty", "text", "no-status"):
+            proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", f"{name}.h5", cwd=tmp_path,
+                              check=False, timeout=60)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (name, proc.stderr)
+            assert "damaged" in proc.stderr and "--fresh" in proc.stderr, proc.stderr
+        assert (tmp_path / f"{name}.h5").read_bytes() == before  # never changed by a refused command
+
+
+def test_export_to_an_unwritable_path_is_one_line(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "export", "r.h5", "--csv", "nodir/r.csv"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=job_env())
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "mpimap: error: cannot write nodir/r.csv: No such file or directory; choose another --csv"]
+
+
+def _run_on_a_terminal(tmp_path, *command):
+    """Run ``command`` in a new session whose controlling terminal is a pseudo-terminal; return all it wrote there."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: session leader, the pty its controlling terminal and its stdin/stdout/stderr
+        os.chdir(tmp_path)
+        os.execve(command[0], list(command), job_env())
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and b"results              :" not in out:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the terminal closed: everything was read
+                    break
+                out += data
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode(errors="replace")
+
+
+def test_an_interactive_run_shows_progress_on_the_terminal_and_a_detached_one_does_not(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(300.0))
+    run = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run", "jobfuncs:square", "--points", "p.npy"]
+    shown = _run_on_a_terminal(tmp_path, *run, "--out", "a.h5")  # as typed at a shell prompt
+    assert "[########################] 300/300 points, 0 failed," in shown and "job complete" in shown
+    # output to the same terminal, but mpiexec detached from it (no controlling terminal): no progress line
+    detached = _run_on_a_terminal(tmp_path, shutil.which("setsid"), "-w", *run, "--out", "b.h5")
+    assert "job complete" in detached and "points/s, ETA" not in detached.split("mpimap: job complete")[0]

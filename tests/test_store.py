@@ -1,5 +1,8 @@
 """The results file on its own: layout details, recovery after a killed writer, format checks."""
 
+import errno
+import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from mpimap import store as store_module
 from mpimap.errors import MpimapError
 from mpimap.failures import Failure
 from mpimap.store import ResultStore, _lookup3, read_results
@@ -92,3 +96,87 @@ def test_newer_format_and_foreign_files_are_refused(tmp_path):
         f["x"] = 1
     with pytest.raises(MpimapError, match="not an mpimap results file"):
         ResultStore.open(other, np.arange(3.0), "m:f")
+
+
+def test_later_values_widen_the_column_instead_of_being_cast(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(8.0), "m:f", flush_interval=0)  # every write reaches the file
+    store.write(np.array([0]), np.array([0]), {}, np.zeros(1), 1, "h")  # an int first: the file's column is int64
+    store.write(np.array([1, 2]), np.array([1 / 3, 2 / 3]), {}, np.zeros(2), 1, "h")
+    store.write(np.array([3]), [1 + 2j], {}, np.zeros(1), 1, "h")
+    store.write(np.array([4, 5, 6]), [True, "3.5", 2 ** 60], {}, np.zeros(3), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done"] * 5 + ["failed", "failed", "pending"]
+    assert r["value"].dtype == np.complex128 and list(r["value"][:5]) == [0, 1 / 3, 2 / 3, 1 + 2j, 1]
+    assert r["error"][5].startswith("StoreError: result of type str does not fit") and "not a number" in r["error"][5]
+    assert r["error"][6].startswith("StoreError: result of type int does not fit") and "exactly" in r["error"][6]
+
+
+def test_integers_that_a_float_column_cannot_hold_exactly_are_kept_and_the_float_fails(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f", flush_interval=0)
+    store.write(np.array([0]), [2 ** 60 + 1], {}, np.zeros(1), 1, "h")
+    store.write(np.array([1, 2]), [0.5, True], {}, np.zeros(2), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done", "failed", "done"] and r["value"].dtype == np.int64
+    assert r["value"][0] == 2 ** 60 + 1 and r["value"][2] == 1 and r["error"][1].startswith("StoreError")
+
+
+def test_retried_rows_lose_their_old_error_and_log_and_attempts_accumulate(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f")
+    failure = Failure.from_exception(RuntimeError("flaky backend"))
+    store.write(np.arange(3), [0.0, None, 2.0], {1: failure}, np.zeros(3), 1, "h", {1: 2}, {1: "WARNING about to fail"})
+    store.close("complete")
+    store = ResultStore.open(path, np.arange(3.0), "m:f")
+    assert list(store.todo()) == [] and list(store.todo(retry_failed=True)) == [1]
+    store.write(np.array([1]), [10.0], {}, np.zeros(1), 2, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done"] * 3 and list(r["value"]) == [0.0, 10.0, 2.0]
+    assert r["error"][1] == "" and r["log"][1] == ""
+    assert list(r["attempts"]) == [1, 3, 1] and list(r["run"]) == [0, 1, 0]  # 2 attempts in run 0, 1 in run 1
+
+
+def test_a_file_system_without_flock_runs_one_job_with_a_warning(tmp_path, monkeypatch, caplog):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_flock)
+    path = str(tmp_path / "r.h5")
+    with caplog.at_level(logging.WARNING):
+        store = ResultStore.open(path, np.arange(3.0), "m:f")
+    store.write(np.arange(3), [1.0, 2.0, 3.0], {}, np.zeros(3), 1, "h")
+    store.close("complete")
+    assert list(read_results(path)["value"]) == [1.0, 2.0, 3.0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "does not support flock" in warnings[0]
+
+
+def test_other_flock_errors_are_named(tmp_path, monkeypatch):
+    def failing(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(store_module.fcntl, "flock", failing)
+    with pytest.raises(MpimapError, match=r"cannot lock .*r.h5.lock: Input/output error"):
+        ResultStore.open(str(tmp_path / "r.h5"), np.arange(3.0), "m:f")
+
+
+def test_a_lock_file_removed_by_the_job_that_released_it_is_not_taken(tmp_path, monkeypatch):
+    path = str(tmp_path / "r.h5")
+    first = store_module._take_lock(path)
+    real_flock = fcntl.flock
+
+    def first_job_ends_between_open_and_flock(fd, operation):
+        if not first.closed:
+            store_module._release_lock(first, path)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", first_job_ends_between_open_and_flock)
+    second = store_module._take_lock(path)  # it opened the first job's lock file, which is then removed
+    monkeypatch.undo()
+    with pytest.raises(MpimapError, match="is being written by another running job"):
+        store_module._take_lock(path)  # a third job: the second must hold the lock file that exists
+    store_module._release_lock(second, path)
