@@ -59,36 +59,76 @@ def workload(name, npoints, seed=7):
 
 
 # -- systems, each run inside mpiexec -------------------------------------------------------------------------------
-def run_raw(fn, points):
-    """The anchor: master sends an index, worker replies, 2 in flight per worker, blocking receives."""
+def run_raw(fn, points, chunksize=1):
+    """The anchor: master sends a chunk's first index, worker replies with the chunk's values as a list.
+
+    Two chunks in flight per worker, blocking receives: what a user writes by hand with mpi4py.
+    """
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    n = len(points)
     if rank > 0:
         while True:
             i = comm.recv(source=0)
             if i is None:
                 return None
-            comm.send((i, fn(points[i])), dest=0)
-    results = [None] * len(points)
+            if chunksize == 1:
+                comm.send((i, fn(points[i])), dest=0)
+            else:
+                comm.send((i, [fn(points[j]) for j in range(i, min(i + chunksize, n))]), dest=0)
+    results = [None] * n
     t0, cpu0 = time.perf_counter(), _cpu()
     nxt, status = 0, MPI.Status()
     for _ in range(2):
         for w in range(1, size):
-            if nxt < len(points):
+            if nxt < n:
                 comm.send(nxt, dest=w)
-                nxt += 1
-    for _ in range(len(points)):
+                nxt += chunksize
+    for _ in range(-(-n // chunksize)):
         i, value = comm.recv(source=MPI.ANY_SOURCE, status=status)
-        results[i] = value
-        if nxt < len(points):
+        if chunksize == 1:
+            results[i] = value
+        else:
+            results[i:i + len(value)] = value
+        if nxt < n:
             comm.send(nxt, dest=status.Get_source())
-            nxt += 1
+            nxt += chunksize
     elapsed, cpu = time.perf_counter() - t0, _cpu() - cpu0
     for w in range(1, size):
         comm.send(None, dest=w)
     return elapsed, cpu, results
+
+
+def run_serial(fn, points):
+    """The in-process reference: ``list(map(f, xs))``."""
+    list(map(fn, points[:20]))
+    t0, cpu0 = time.perf_counter(), _cpu()
+    results = list(map(fn, points))
+    return time.perf_counter() - t0, _cpu() - cpu0, results
+
+
+def run_ppe_submit(fn, points):
+    """``ProcessPoolExecutor(2).submit`` once per point, then every result."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        [f.result() for f in [pool.submit(fn, p) for p in points[:20]]]
+        t0, cpu0 = time.perf_counter(), _cpu()
+        results = [f.result() for f in [pool.submit(fn, p) for p in points]]
+        return time.perf_counter() - t0, _cpu() - cpu0, results
+
+
+def run_mpimap_submit(fn, points):
+    """``Pool.submit`` once per point, then every result."""
+    import mpimap
+
+    with mpimap.Pool() as pool:
+        [f.result() for f in [pool.submit(fn, p) for p in points[:20]]]
+        t0, cpu0 = time.perf_counter(), _cpu()
+        results = [f.result() for f in [pool.submit(fn, p) for p in points]]
+        return time.perf_counter() - t0, _cpu() - cpu0, results
 
 
 def run_futures(fn, points):
@@ -119,14 +159,20 @@ def _cpu():
 
 def one_configuration(args):
     fn, points = workload(args.workload, args.points, args.seed)
+    chunksize = None if args.chunksize == 0 else args.chunksize
     if args.system == "raw":
-        out = run_raw(fn, points)
+        out = run_raw(fn, points, chunksize or 1)
         if out is None:  # a worker rank
             return
     elif args.system == "futures":
         out = run_futures(fn, points)
+    elif args.system == "serial":
+        out = run_serial(fn, points)
+    elif args.system == "ppe-submit":
+        out = run_ppe_submit(fn, points)
+    elif args.system == "mpimap-submit":
+        out = run_mpimap_submit(fn, points)
     else:
-        chunksize = None if args.chunksize == 0 else args.chunksize
         out = run_mpimap(fn, points, chunksize)
     elapsed, master_cpu, results = out
     if args.workload == "trivial":
@@ -237,11 +283,11 @@ def drive(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", choices=["raw", "futures", "mpimap"])
+    parser.add_argument("--system", choices=["raw", "futures", "mpimap", "serial", "ppe-submit", "mpimap-submit"])
     parser.add_argument("--workload", default="trivial")
     parser.add_argument("--points", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=7, help="placement of the slow points (skewed workload)")
-    parser.add_argument("--chunksize", type=int, default=0, help="mpimap chunksize (0: automatic)")
+    parser.add_argument("--chunksize", type=int, default=0, help="mpimap chunksize (0: automatic); raw loop: points per message")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller trivial runs")
     args = parser.parse_args()

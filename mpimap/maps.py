@@ -7,6 +7,7 @@ results arrive (``chunks``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 
 ON_ERROR = ("raise", "record")
+_SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))  # immutable, small, not weak-referable
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,14 @@ class MapHandle:
                     if end == i:  # finished without this point: only a cancelled or failed master
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
+                if not failures or not any(j in failures for j in range(i, end)):
+                    run = values[i:end]
+                    if _SCALARS.issuperset(map(type, run)):
+                        # Values nobody can hold a reference to that matters: yield them at C speed.
+                        values[i:end] = itertools.repeat(None, end - i)
+                        i = end
+                        yield from run
+                        continue
                 record = self.policy.on_error == "record"
                 for j in range(i, end):
                     if failures and j in failures:

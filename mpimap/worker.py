@@ -54,7 +54,8 @@ class Evaluator:
         if isinstance(fn, Failure):  # the function could not be loaded here: every point fails with why
             return [None] * n, dict.fromkeys(range(n), fn), np.zeros(n), {}
         if isolation.mode == "rank":
-            values, failures, durations, kept = evaluate_points(fn, star, args, scratch=isolation.scratch, logs=logs)
+            values, failures, durations, kept = evaluate_points(fn, star, args, scratch=isolation.scratch, logs=logs,
+                                                                timed=pack)
         else:
             if self.child is None:
                 self.child = ChildProcess()
