@@ -75,14 +75,16 @@ class ChunkResult:
 class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
-    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None,
+    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
                  policy: Policy = Policy()):
         self.function = function  # pickled (fn, star, pack, isolation, logs)
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
         self.chunksize = chunksize
         self.priority = priority
-        self.future = future
+        # A batch of submit() calls: one future per point; calls join it until the master takes it (seal).
+        self.futures = futures
+        self.sealed = futures is None
         self.policy = policy
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
@@ -102,20 +104,74 @@ class MapHandle:
         else:
             self._chunks = deque()
 
+    # -- batches of submit() calls ----------------------------------------------
+    def join(self, args, future) -> bool:
+        """Add one call to this batch (caller side); False if the master has taken the batch already."""
+        with self._cond:
+            if self.sealed:
+                return False
+            self.args.append(args)
+            self.futures.append(future)
+            return True
+
+    def seal(self) -> None:
+        """The master takes the batch: its size is final."""
+        with self._cond:
+            self.sealed = True
+            self.size = len(self.args)
+            self._started = bytearray(self.size)  # calls whose future was told it runs (or that it was cancelled)
+
+    def start_calls(self, start: int, stop: int) -> list[int]:
+        """Offsets of the calls ``start .. stop-1`` of a batch to evaluate now; the others were cancelled.
+
+        Each future hears ``set_running_or_notify_cancel`` exactly once, the
+        first time its call leaves (``concurrent.futures.wait`` counts a
+        cancelled future only then); a call sent again (a retry) is live while
+        its future runs.
+        """
+        live = []
+        for k in range(start, stop):
+            future = self.futures[k]
+            if not self._started[k]:
+                self._started[k] = 1
+                if future.set_running_or_notify_cancel():
+                    live.append(k - start)
+            elif future.running():
+                live.append(k - start)
+        return live
+
+    def _settle(self, result: ChunkResult) -> None:
+        """Set the futures of a batch's chunk (outside the lock: their callbacks run here)."""
+        futures, failures, values = self.futures, result.failures, result.values
+        for offset in result.offsets():
+            future = futures[result.start + offset]
+            if future.done():  # cancelled before it ran
+                continue
+            if offset in failures:
+                future.set_exception(failures[offset].exception())
+            else:
+                future.set_result(values[offset])
+
     # -- master side -------------------------------------------------------------
     def deliver(self, result: ChunkResult) -> None:
+        if self.futures is not None:
+            self._settle(result)
         with self._cond:
-            if self._ordered:
-                self._values[result.start:result.stop] = result.values
-                for offset, failure in result.failures.items():
-                    self._failures[result.start + offset] = failure
-                self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
-                for offset in result.skip:
-                    self._ready[result.start + offset] = 0
-            else:
-                self._chunks.append(result)
+            if self.futures is None:  # a batch keeps nothing: its futures hold the results
+                self._store(result)
             self.done += result.stop - result.start - len(result.skip)
             self._cond.notify_all()
+
+    def _store(self, result: ChunkResult) -> None:
+        if self._ordered:
+            self._values[result.start:result.stop] = result.values
+            for offset, failure in result.failures.items():
+                self._failures[result.start + offset] = failure
+            self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
+            for offset in result.skip:
+                self._ready[result.start + offset] = 0
+        else:
+            self._chunks.append(result)
 
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
         with self._cond:
@@ -123,15 +179,15 @@ class MapHandle:
             self.error = error
             self.cancelled = cancelled
             self._cond.notify_all()
-        if self.future is not None and not self.future.done():
-            if cancelled:
-                self.future.cancel()
-            elif error is not None:
-                self.future.set_exception(error)
-            elif self._failures:
-                self.future.set_exception(self._failures[0].exception())
-            else:
-                self.future.set_result(self._values[0])
+        for k, future in enumerate(self.futures or ()):
+            if not self._started[k]:  # never sent: it fails or is cancelled, and its waiters hear of it
+                self._started[k] = 1
+                if error is None:
+                    future.cancel()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            elif future.running():  # sent, and will never complete now
+                future.set_exception(error or CancelledError("the pool stopped before this call completed"))
 
     # -- caller side -------------------------------------------------------------
     def cancel(self) -> None:
@@ -151,7 +207,10 @@ class MapHandle:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 raise TimeoutError(f"map results not ready: {self.done} of {self.size} points done")
-            self._cond.wait(timeout)
+            if self.master is not None and self.master.drivable:
+                self.master.drive(self._cond, timeout)  # run the master loop here: no hand-off between threads
+            else:
+                self._cond.wait(timeout)
 
     def ordered(self, deadline: float | None = None):
         """Yield values in input order; raise a point's exception when its turn comes."""

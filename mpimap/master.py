@@ -28,6 +28,8 @@ log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
+SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
+DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
 
 
 @dataclass
@@ -61,10 +63,20 @@ class Master:
         self._handles: dict[int, MapHandle] = {}
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
+        self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
+        self._costs: dict[bytes, float] = {}  # pickled function -> seconds per point, from its last map
         self._map_ids = itertools.count()
         self._closing = False
         self._chunk_seconds = 0.0  # moving average of how long a chunk takes to evaluate
         self._wake = threading.Event()  # set with every command: an idle master waits on it
+        # Whoever holds _turn_lock runs a turn of the loop: the master thread, or a caller that waits for
+        # results and drives the loop itself (no hand-off between threads, no fight for the GIL).
+        self._turn_lock = threading.Lock()
+        self._drivers = 0  # callers driving the loop right now: the master thread keeps out of their way
+        self._drivers_lock = threading.Lock()
+        self._last_driven = 0.0
+        self._stopped = False  # the loop has ended (closed, or failed): nobody drives it any more
+        self._waiter = Waiter(window=5e-5, hot_window=5e-3)
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
         self._thread.start()
 
@@ -110,35 +122,104 @@ class Master:
         ]
 
     # -- the loop ----------------------------------------------------------------
-    def _run(self) -> None:
-        waiter = Waiter(window=5e-5, hot_window=5e-3)
+    drivable = True  # callers may run turns of the loop while they wait
+
+    def drive(self, cond: threading.Condition, timeout: float | None) -> None:
+        """Called by a caller waiting for results, holding ``cond`` (once): run a turn of the loop, or wait a little.
+
+        ``cond`` is released meanwhile, so the turn can deliver to its handle
+        and other threads are never blocked on it.
+        """
+        if self._stopped:
+            cond.wait(IDLE_WAIT if timeout is None else min(timeout, IDLE_WAIT))
+            return
+        with self._drivers_lock:
+            self._drivers += 1
+        cond.release()
         try:
-            while True:
-                while self._inbox:
-                    command, handle = self._inbox.popleft()
-                    if command == "close":
-                        return
-                    getattr(self, "_" + command)(handle)
-                self._dispatch()
-                if self.rank_timeout is not None or self.stall_timeout is not None:
-                    self._check_silence()
-                if self._receive():
+            if self._turn_lock.acquire(timeout=1e-3):  # else another caller drives: look at our results again
+                try:
+                    busy = self._turn()
+                except BaseException as exc:
+                    self._fail(exc)
+                    return
+                finally:
+                    self._turn_lock.release()
+                if busy:
+                    self._waiter.activity()
+                else:
+                    self._idle(IDLE_WAIT if timeout is None else max(timeout, 0.0))
+        finally:
+            self._last_driven = time.monotonic()
+            with self._drivers_lock:
+                self._drivers -= 1
+            cond.acquire()
+
+    def _turn(self) -> bool:
+        """One turn of the loop: commands, dispatch, liveness, messages; True if messages came."""
+        while self._inbox:
+            command, handle = self._inbox.popleft()
+            if command == "close":
+                self._stopped = True
+                self._wake.set()
+                return False
+            getattr(self, "_" + command)(handle)
+        self._dispatch()
+        if self.rank_timeout is not None or self.stall_timeout is not None:
+            self._check_silence()
+        return bool(self._receive())
+
+    def _fail(self, exc: BaseException) -> None:
+        """The master must never die silently: every waiter hears of it."""
+        log.error("mpimap master failed", exc_info=exc)
+        self.error = exc
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        waiter = self._waiter
+        try:
+            while not self._stopped:
+                if self._drivers or time.monotonic() - self._last_driven < DRIVEN_GRACE:
+                    # A caller drives the loop; it may stop any moment (to use a result: then it is back soon).
+                    self._wake.wait(DRIVEN_GRACE)
+                    self._wake.clear()
+                    continue
+                if not self._turn_lock.acquire(timeout=IDLE_WAIT):
+                    continue
+                try:
+                    busy = self._turn()
+                except BaseException as exc:
+                    self._fail(exc)
+                    break
+                finally:
+                    self._turn_lock.release()
+                if busy:
                     waiter.activity()
                 elif not self._handles:
                     # Nothing to do but hear heartbeats: a command wakes us at once.
                     self._wake.wait(IDLE_WAIT)
                     self._wake.clear()
                 else:
-                    waiter.cap = self._sleep_cap()
-                    waiter.idle()
-        except BaseException as exc:  # the master must never die silently: every waiter hears of it
-            log.exception("mpimap master failed")
-            self.error = exc
+                    self._idle(IDLE_WAIT)
         finally:
-            for handle in list(self._handles.values()):
-                handle.finish(error=self.error, cancelled=self.error is None)
-            self._handles.clear()
-            self._shutdown_workers()
+            with self._turn_lock:
+                self._stopped = True
+                for handle in list(self._handles.values()):
+                    handle.finish(error=self.error, cancelled=self.error is None)
+                self._handles.clear()
+                try:
+                    self._shutdown_workers()
+                except BaseException as exc:
+                    self._fail(exc)
+
+    def _idle(self, limit: float) -> None:
+        """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap."""
+        waiter = self._waiter
+        if self._chunk_seconds < SHORT_CHUNK:
+            waiter.window = waiter.hot_window
+        waiter.cap = min(self._sleep_cap(), limit)
+        waiter.idle()
 
     def _sleep_cap(self) -> float:
         """The longest nap between polls: 1 ms, up to 20 ms while long chunks are in flight.
@@ -177,9 +258,14 @@ class Master:
             self._stalled = stalled
 
     def _add(self, handle: MapHandle) -> None:
+        handle.seal()
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
-        self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
+        # A batch of submit() calls of a function seen before starts with its measured cost: a batch is often
+        # small, and learning the cost again from one-point chunks would send it one call per message.
+        cost = self._costs.get(handle.function) if handle.futures is not None else None
+        self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
+                               cost=cost)
         if handle.size == 0:
             self._end_map(handle)
 
@@ -188,30 +274,44 @@ class Master:
             self._end_map(handle, cancelled=True)
 
     def _end_map(self, handle: MapHandle, cancelled: bool = False) -> None:
+        state = self.scheduler.maps.get(handle.map_id)
+        if handle.futures is not None and state is not None and state.cost is not None:
+            if len(self._costs) > 256:
+                self._costs.clear()
+            self._costs[handle.function] = state.cost
         self.scheduler.remove_map(handle.map_id)
         del self._handles[handle.map_id]
         for rank in self._holders.pop(handle.map_id):
             self.transport.send(rank, Kind.FORGET, handle.map_id)
         handle.finish(cancelled=cancelled)
 
-    def _claim(self, chunk) -> MapHandle | None:
-        """The handle a chunk belongs to, as it leaves; None if its future was cancelled while queued."""
+    def _claim(self, chunk):
+        """The handle and the arguments of a chunk as it leaves; a batch's cancelled calls are left out.
+
+        Where calls are left out, the chunk's positions are kept in ``_holes``
+        so that its results can be put back in place (:func:`_fill_holes`).
+        """
         handle = self._handles.get(chunk.map_id)
-        if handle is not None and handle.future is not None and not handle.future.set_running_or_notify_cancel():
-            self._end_map(handle, cancelled=True)
-            return None
-        return handle
+        if handle is None:
+            return None, None
+        args = handle.args[chunk.start:chunk.stop]
+        if handle.futures is None:
+            return handle, args
+        live = handle.start_calls(chunk.start, chunk.stop)
+        if len(live) < len(args):
+            self._holes[chunk.chunk_id] = live
+            args = [args[k] for k in live]
+        return handle, args
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle = self._claim(chunk)
+            handle, args = self._claim(chunk)
             if handle is None:
                 continue
             holders = self._holders[chunk.map_id]
             function = None if rank in holders else handle.function
             holders.add(rank)
-            self.transport.send(rank, Kind.TASK,
-                                (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+            self.transport.send(rank, Kind.TASK, (chunk.chunk_id, chunk.map_id, function, args))
 
     def _receive(self, limit: int = 64) -> int:
         """Handle up to ``limit`` waiting messages; return how many there were."""
@@ -244,8 +344,11 @@ class Master:
         chunk_id, values, failures, durations, seconds, logs = body
         self._chunk_seconds += (seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
+        live = self._holes.pop(chunk_id, None)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
+        if live is not None:
+            values, failures, durations, logs = _fill_holes(live, len(chunk), values, failures, durations, logs)
         handle = self._handles[chunk.map_id]
         if chunk.start in handle.verifying and len(chunk) == 1:
             self._verified(handle, chunk.start, values, failures, rank)
@@ -333,6 +436,16 @@ class Master:
         self.transport.flush(timeout=1.0 if self.lost else 10.0)
 
 
+def _fill_holes(live, n, values, failures, durations, logs):
+    """The results of a chunk evaluated without its cancelled calls, put back at the positions ``live``."""
+    full = [None] * n
+    for j, k in enumerate(live):
+        full[k] = values[j]
+    spread = np.zeros(n)
+    spread[live] = durations
+    return (full, {live[j]: f for j, f in failures.items()}, spread, {live[j]: t for j, t in logs.items()})
+
+
 def _same(a, b) -> bool:
     """Whether two results of one point agree (exactly: numbers bit for bit, arrays element by element)."""
     try:
@@ -343,6 +456,8 @@ def _same(a, b) -> bool:
 
 class InlineMaster(Master):
     """The same loop without MPI: evaluates every chunk itself (a pool of one process)."""
+
+    drivable = False  # chunks are evaluated in the loop: a caller's timeout must not wait for one
 
     def __init__(self):
         self._evaluator = Evaluator()
@@ -355,15 +470,14 @@ class InlineMaster(Master):
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle = self._claim(chunk)
+            handle, args = self._claim(chunk)
             if handle is None:
                 continue
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
             values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
-                                                                    self._functions[chunk.map_id],
-                                                                    handle.args[chunk.start:chunk.stop])
+                                                                    self._functions[chunk.map_id], args)
             self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
                          time.monotonic())
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import logging
 import pickle
+import threading
 import time
 from concurrent.futures import Executor, Future
 
@@ -52,6 +53,9 @@ class Pool(Executor):
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
         self._handles: list[MapHandle] = []
+        self._kept = 16  # finished handles are dropped from _handles when it grows past twice this
+        self._batch = None  # (function, handle) of the latest batch of submit() calls, which others may join
+        self._batch_lock = threading.Lock()
         self._own_master = True
         self._comm = None
         if comm is None and world.active():
@@ -102,23 +106,36 @@ class Pool(Executor):
         return self._master
 
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
-                    ordered=True, future=None, options=None) -> MapHandle:
+                    ordered=True, futures=None, options=None) -> MapHandle:
         master = self._live_master()
         isolation, policy, logs = self._settings(options or {})
         handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
-                           priority=priority, ordered=ordered, future=future, policy=policy)
-        self._handles = [h for h in self._handles if not h.finished]
+                           priority=priority, ordered=ordered, futures=futures, policy=policy)
         self._handles.append(handle)
+        if len(self._handles) > 2 * self._kept:  # forget finished maps now and then, not at every submit
+            self._handles = [h for h in self._handles if not h.finished]
+            self._kept = max(16, len(self._handles))
         return master.submit(handle)
 
     def _settings(self, options: dict):
+        if not options:
+            return self._isolation, self._policy, self._logs
         return map_settings(options, self._isolation, self._policy, self._logs)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``."""
-        future = Future()
+        """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``.
+
+        Calls of one function submitted while the master is busy join one batch,
+        which travels in chunks like a map's points: a submit costs about what a
+        point of a map costs.
+        """
+        future = _DrivenFuture(self._live_master())
         call = functools.partial(fn, **kwargs) if kwargs else fn
-        self._submit_map(call, [args], star=True, future=future)
+        with self._batch_lock:
+            if self._batch is not None and self._batch[0] is call and self._batch[1].join(args, future):
+                return future
+            handle = self._submit_map(call, [args], star=True, futures=[future])
+            self._batch = (call, handle)
         return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
@@ -191,10 +208,11 @@ class Pool(Executor):
             return
         if cancel_futures:
             for handle in self._handles:
-                if handle.future is None:
+                if handle.futures is None:
                     handle.cancel()
                 else:
-                    handle.future.cancel()  # only if still queued; a running one completes
+                    for future in handle.futures:
+                        future.cancel()  # only if still queued; a running one completes
         if wait:
             for handle in self._handles:
                 with handle._cond:
@@ -209,6 +227,34 @@ class Pool(Executor):
             elif self._comm is not None:  # freeing waits for every rank
                 self._comm.Free()
         self._master = None
+
+
+class _DrivenFuture(Future):
+    """A Future whose ``result()`` and ``exception()`` run the master loop while they wait: no thread hand-off."""
+
+    def __init__(self, master):
+        super().__init__()
+        self._master = master
+
+    def result(self, timeout=None):
+        self._drive(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._drive(timeout)
+        return super().exception(timeout)
+
+    def _drive(self, timeout) -> None:
+        master = self._master
+        if not master.drivable:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not self.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                master.drive(self._condition, left)
 
 
 def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),
