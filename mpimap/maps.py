@@ -52,6 +52,7 @@ class ChunkResult:
     skip: frozenset = frozenset()  # offsets whose failure earned another attempt: their result comes later
     attempts: dict = field(default_factory=dict)  # offset -> attempts made, where more than one
     logs: dict = field(default_factory=dict)  # offset -> captured log text, where kept
+    host: str | None = None  # the node of the rank that evaluated them
 
     def offsets(self):
         """Offsets of the points this chunk delivers."""
@@ -67,7 +68,7 @@ class ChunkResult:
         return ChunkResult(self.start, self.stop, [self.values[k] for k in keep],
                            {new[k]: f for k, f in self.failures.items()}, self.durations[keep], self.rank,
                            frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new},
-                           {new[k]: t for k, t in self.logs.items() if k in new})
+                           {new[k]: t for k, t in self.logs.items() if k in new}, self.host)
 
 
 class MapHandle:
@@ -90,7 +91,8 @@ class MapHandle:
         self.done = 0
         self.finished = False
         self.cancelled = False
-        self.error: BaseException | None = None  # the master itself failed
+        self.error: BaseException | None = None  # the master failed, or this map could not be sent
+        self._started = False  # the future was told it runs (or that it was cancelled)
         self._cond = threading.Condition()
         self._ordered = ordered
         if ordered:
@@ -115,21 +117,38 @@ class MapHandle:
             self.done += result.stop - result.start - len(result.skip)
             self._cond.notify_all()
 
+    def start(self) -> bool:
+        """As a chunk leaves: mark the future running the first time; False if it was cancelled while queued."""
+        if self.future is None or self._started:
+            return True
+        self._started = True
+        return self.future.set_running_or_notify_cancel()
+
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
         with self._cond:
             self.finished = True
             self.error = error
             self.cancelled = cancelled
             self._cond.notify_all()
-        if self.future is not None and not self.future.done():
+        future = self.future
+        if future is None:
+            return
+        if not self._started:
             if cancelled:
-                self.future.cancel()
-            elif error is not None:
-                self.future.set_exception(error)
-            elif self._failures:
-                self.future.set_exception(self._failures[0].exception())
-            else:
-                self.future.set_result(self._values[0])
+                future.cancel()
+            # A cancelled future must be notified to be seen done by concurrent.futures.wait and as_completed.
+            if not self.start():
+                return
+        if future.done():
+            return
+        if cancelled:
+            future.set_exception(CancelledError("the map was cancelled"))
+        elif error is not None:
+            future.set_exception(error)
+        elif self._failures:
+            future.set_exception(self._failures[0].exception())
+        else:
+            future.set_result(_take(self._values, 0))  # the future alone keeps the result alive
 
     # -- caller side -------------------------------------------------------------
     def cancel(self) -> None:
@@ -169,10 +188,8 @@ class MapHandle:
                         if not record:
                             raise failures[j].exception()
                         values[j] = failures[j].exception()
-                    value = values[j]
-                    values[j] = None  # the caller holds it now
                     i = j + 1
-                    yield value
+                    yield _take(values, j)  # not held by a local: the caller alone keeps it alive
         finally:
             if i < n:
                 self.cancel()
@@ -192,3 +209,9 @@ class MapHandle:
         finally:
             if taken < self.size:
                 self.cancel()
+
+
+def _take(values: list, j: int):
+    """``values[j]``, leaving None in its place."""
+    value, values[j] = values[j], None
+    return value

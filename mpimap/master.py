@@ -7,6 +7,7 @@ read results from the :class:`~mpimap.maps.MapHandle` objects it fills.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -28,6 +29,8 @@ log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
+RECEIVE_LIMIT = 64  # messages handled per pass of the loop before it dispatches again
+AWAY_FRACTION = 0.25  # a pass of the loop this late (in rank_timeout) means the master was away, not the ranks
 
 
 @dataclass
@@ -42,7 +45,8 @@ class Master:
     """Dispatches maps to the worker ranks of ``comm`` (rank 0 is this one)."""
 
     def __init__(self, comm=None, *, stop_workers: bool = True, rank_timeout: float | None = DEFAULT_RANK_TIMEOUT,
-                 stall_timeout: float | None = None, host_failures: int | None = DEFAULT_HOST_FAILURES):
+                 stall_timeout: float | None = None, host_failures: int | None = DEFAULT_HOST_FAILURES,
+                 free_comm: bool = False):
         self.transport = Transport(comm) if comm is not None else None
         ranks = self._worker_ranks()
         self.scheduler = Scheduler(ranks, now=time.monotonic())
@@ -57,12 +61,17 @@ class Master:
         self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
         self.verification: list = []  # (map_id, index, first host, second host, same result)
         self._last_check = 0.0
+        self._last_pass = time.monotonic()  # when the loop last looked at the ranks' silence
+        self._free_comm = free_comm  # free comm once the workers are stopped (unless ranks were lost)
+        self._workers_stopped = False
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
         self._map_ids = itertools.count()
         self._closing = False
+        self._draining = False  # close was asked for: finish the open maps, accept no new ones, then end
+        self._lock = threading.Lock()  # a submit and a close never interleave: nothing is added after "close"
         self._chunk_seconds = 0.0  # moving average of how long a chunk takes to evaluate
         self._wake = threading.Event()  # set with every command: an idle master waits on it
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
@@ -73,13 +82,14 @@ class Master:
 
     # -- called from the caller's threads ----------------------------------------
     def submit(self, handle: MapHandle) -> MapHandle:
-        if self.error is not None:
-            raise RuntimeError("the mpimap master has failed") from self.error
-        if self._closing:
-            raise RuntimeError("cannot submit to a pool that has been shut down")
-        handle.map_id = next(self._map_ids)
-        handle.master = self
-        self._command("add", handle)
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError("the mpimap master has failed") from self.error
+            if self._closing:
+                raise RuntimeError("cannot submit to a pool that has been shut down")
+            handle.map_id = next(self._map_ids)
+            handle.master = self
+            self._command("add", handle)
         return handle
 
     def cancel(self, handle: MapHandle) -> None:
@@ -93,11 +103,22 @@ class Master:
         self._inbox.append((name, handle))
         self._wake.set()
 
-    def close(self) -> None:
-        """Cancel what is left, stop the workers if this master owns them, and end the thread."""
-        self._closing = True
-        self._command("close", None)
+    def close(self, wait: bool = True, cancel: bool = False) -> None:
+        """Accept no more maps; finish the open ones (``cancel``: drop them), stop the workers if this
+        master owns them, and end the thread.  ``wait=False`` returns at once; the interpreter waits at exit."""
+        with self._lock:
+            self._closing = True
+            self._command("close", cancel)
+        if wait:
+            self.join()
+        else:
+            atexit.register(self.join)
+
+    def join(self) -> None:
+        """Wait for the thread to end; if it died early, stop the workers it was to stop."""
         self._thread.join()
+        if self.stop_workers and not self._workers_stopped:
+            self._shutdown_workers()
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight, points done, busy time, seconds since last heard."""
@@ -114,15 +135,15 @@ class Master:
         waiter = Waiter(window=5e-5, hot_window=5e-3)
         try:
             while True:
-                while self._inbox:
-                    command, handle = self._inbox.popleft()
-                    if command == "close":
-                        return
-                    getattr(self, "_" + command)(handle)
+                self._commands()
+                if self._draining and not self._handles:
+                    return
                 self._dispatch()
+                received = self._receive()
                 if self.rank_timeout is not None or self.stall_timeout is not None:
-                    self._check_silence()
-                if self._receive():
+                    # Silence is judged only once every message waiting has been read.
+                    self._check_silence(drained=received < RECEIVE_LIMIT)
+                if received:
                     waiter.activity()
                 elif not self._handles:
                     # Nothing to do but hear heartbeats: a command wakes us at once.
@@ -135,10 +156,28 @@ class Master:
             log.exception("mpimap master failed")
             self.error = exc
         finally:
-            for handle in list(self._handles.values()):
+            with self._lock:  # no submit slips in between: each one either raises or is finished here
+                self._closing = True
+                queued = [h for command, h in self._inbox if command == "add"]
+                self._inbox.clear()
+            for handle in list(self._handles.values()) + queued:
                 handle.finish(error=self.error, cancelled=self.error is None)
             self._handles.clear()
             self._shutdown_workers()
+            if self._free_comm and not self.lost:
+                self.transport.comm.Free()  # collective with the workers, which free it as they return
+
+    def _commands(self) -> None:
+        """Carry out the caller's commands (in a call of its own: no local outlives it to keep a map alive)."""
+        while self._inbox:
+            command, argument = self._inbox.popleft()
+            getattr(self, "_" + command)(argument)
+
+    def _close(self, cancel: bool) -> None:
+        self._draining = True
+        if cancel:
+            for handle in list(self._handles.values()):
+                self._end_map(handle, cancelled=True)
 
     def _sleep_cap(self) -> float:
         """The longest nap between polls: 1 ms, up to 20 ms while long chunks are in flight.
@@ -156,16 +195,32 @@ class Master:
             if rank in self.ranks and rank not in self.lost and self.transport is not None:
                 self.transport.send(rank, Kind.LEVEL, level)
 
-    def _check_silence(self) -> None:
-        """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others."""
+    def _check_silence(self, drained: bool) -> None:
+        """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others.
+
+        A long gap since the last look means this loop did not run (the job was
+        suspended, rank 0 stopped, another thread held the GIL): the ranks'
+        silence is then the master's own absence, so their clocks restart.
+        """
         now = time.monotonic()
-        if now - self._last_check < 0.1:
+        away, self._last_pass = now - self._last_pass, now
+        if self.rank_timeout and away > AWAY_FRACTION * self.rank_timeout:
+            log.warning("the master did not run for %.1f s (job suspended, or a thread held the GIL): "
+                        "no rank is judged silent for that time", away)
+            for rank in self.scheduler.ranks:
+                self.scheduler.heard(rank, now)
+            return
+        if not drained or now - self._last_check < 0.1:
             return
         self._last_check = now
         for rank in self.scheduler.silent_ranks(now, self.rank_timeout) if self.rank_timeout else ():
             info = self.ranks[rank]
+            silence = now - self.scheduler.ranks[rank].last_heard
+            if self.scheduler.live == 1:
+                self._no_rank_left(rank, silence)
+                break
             log.warning("rank %d (%s, pid %s) silent for %.1f s: declared lost, its work goes to other ranks",
-                        rank, info.host, info.pid, now - self.scheduler.ranks[rank].last_heard)
+                        rank, info.host, info.pid, silence)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
         if self.stall_timeout:
@@ -176,10 +231,27 @@ class Master:
                             self.ranks[rank].host, self.stall_timeout)
             self._stalled = stalled
 
+    def _no_rank_left(self, rank: int, silence: float) -> None:
+        """The last live rank is silent: it is kept (it may come back) but the open maps fail, rather than wait."""
+        error = RuntimeError(
+            f"no worker rank is left: rank {rank} ({self.ranks[rank].host}), the last one in service, has been "
+            f"silent for {silence:.1f} s (rank_timeout {self.rank_timeout:g} s)"
+            + (f" and ranks {sorted(self.lost)} were lost" if self.lost else "")
+            + "; results received so far are kept: run again (with a larger rank_timeout if the ranks are busy "
+            "in code that holds the GIL, or isolation='process')")
+        log.error("%s", error)
+        for handle in list(self._handles.values()):
+            self._end_map(handle, error=error)
+        self.scheduler.heard(rank, time.monotonic())  # later maps give it a full rank_timeout again
+
     def _add(self, handle: MapHandle) -> None:
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
-        self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
+        try:
+            self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
+        except Exception as exc:  # the map's own fault: it fails, the master serves on
+            self._end_map(handle, error=exc)
+            return
         if handle.size == 0:
             self._end_map(handle)
 
@@ -187,17 +259,18 @@ class Master:
         if self._handles.get(handle.map_id) is handle:
             self._end_map(handle, cancelled=True)
 
-    def _end_map(self, handle: MapHandle, cancelled: bool = False) -> None:
+    def _end_map(self, handle: MapHandle, cancelled: bool = False, error: BaseException | None = None) -> None:
         self.scheduler.remove_map(handle.map_id)
         del self._handles[handle.map_id]
         for rank in self._holders.pop(handle.map_id):
-            self.transport.send(rank, Kind.FORGET, handle.map_id)
-        handle.finish(cancelled=cancelled)
+            if rank not in self.lost:
+                self.transport.send(rank, Kind.FORGET, handle.map_id)
+        handle.finish(error=error, cancelled=cancelled)
 
     def _claim(self, chunk) -> MapHandle | None:
-        """The handle a chunk belongs to, as it leaves; None if its future was cancelled while queued."""
+        """The handle a chunk belongs to, as it leaves; None if the map ended or its future was cancelled."""
         handle = self._handles.get(chunk.map_id)
-        if handle is not None and handle.future is not None and not handle.future.set_running_or_notify_cancel():
+        if handle is not None and not handle.start():
             self._end_map(handle, cancelled=True)
             return None
         return handle
@@ -210,10 +283,13 @@ class Master:
             holders = self._holders[chunk.map_id]
             function = None if rank in holders else handle.function
             holders.add(rank)
-            self.transport.send(rank, Kind.TASK,
-                                (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+            try:
+                self.transport.send(rank, Kind.TASK,
+                                    (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+            except Exception as exc:  # points that cannot be pickled: that map fails, the master serves on
+                self._end_map(handle, error=exc)
 
-    def _receive(self, limit: int = 64) -> int:
+    def _receive(self, limit: int = RECEIVE_LIMIT) -> int:
         """Handle up to ``limit`` waiting messages; return how many there were."""
         for count in range(limit):
             message = self.transport.poll()
@@ -272,7 +348,7 @@ class Master:
         if handle.failed_on:
             self._strike_hosts(handle, chunk, failures, skip, rank)
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
-                                   attempts, logs))
+                                   attempts, logs, self.ranks[rank].host))
         if handle.policy.verify:
             self._sample(handle, chunk, values, failures, skip, rank)
 
@@ -330,6 +406,7 @@ class Master:
             for rank in self.ranks:
                 if rank not in self.lost:
                     self.transport.send(rank, Kind.STOP)
+            self._workers_stopped = True
         self.transport.flush(timeout=1.0 if self.lost else 10.0)
 
 
@@ -361,14 +438,19 @@ class InlineMaster(Master):
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
-            values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
-                                                                    self._functions[chunk.map_id],
-                                                                    handle.args[chunk.start:chunk.stop])
+            try:
+                values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
+                                                                        self._functions[chunk.map_id],
+                                                                        handle.args[chunk.start:chunk.stop])
+            except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
+                self._end_map(handle, error=exc)
+                continue
             self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
                          time.monotonic())
 
-    def _receive(self, limit: int = 64) -> int:
+    def _receive(self, limit: int = RECEIVE_LIMIT) -> int:
         return 1 if self._handles else 0
 
     def _shutdown_workers(self) -> None:
         self._evaluator.close()
+        self._workers_stopped = True

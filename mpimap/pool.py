@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import numbers
 import pickle
 import time
+import weakref
 from concurrent.futures import Executor, Future
 
 import numpy as np
@@ -18,10 +20,27 @@ from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, M
 from .pointlogs import PointLogs
 from .worker import DEFAULT_HEARTBEAT, serve
 
+try:  # optional: sends lambdas, closures and functions of __main__ by value
+    import cloudpickle
+except ImportError:
+    cloudpickle = None
+
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
 POLICY_OPTIONS = ("on_error", "retries", "quarantine", "verify")
 LOG_OPTIONS = ("keep_logs", "slow_seconds", "debug_rerun")
 MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS + LOG_OPTIONS
+
+
+class RanksLostError(RuntimeError):
+    """``Pool(comm).shutdown()``: worker ranks were lost; they never return, so the program must end with Abort."""
+
+    def __init__(self, ranks):
+        self.ranks = sorted(ranks)
+        super().__init__(
+            f"worker ranks {self.ranks} were lost (silent for longer than rank_timeout) and never return from "
+            "Pool(comm): every result was still delivered (their work ran on other ranks), but a collective call "
+            "that includes them, MPI_Finalize too, would hang. Store what you need, then end the job with "
+            "comm.Abort()")
 
 
 class Pool(Executor):
@@ -51,7 +70,9 @@ class Pool(Executor):
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
-        self._handles: list[MapHandle] = []
+        self._handles = weakref.WeakSet()  # this pool's maps that still exist (the master holds the open ones)
+        self._verify_maps: set[int] = set()  # maps with verify=: their entries make up verification()
+        self._verification: list = []  # the master's record of verified points, kept for after shutdown
         self._own_master = True
         self._comm = None
         if comm is None and world.active():
@@ -60,6 +81,7 @@ class Pool(Executor):
             self._master.stall_timeout = stall_timeout
             self._master.host_failures = host_failures
             self._own_master = False
+            self._verification = self._master.verification
             return
         if comm is None:
             from mpi4py import MPI
@@ -67,11 +89,13 @@ class Pool(Executor):
             comm = MPI.COMM_WORLD
         if comm.Get_size() == 1:
             self._master = InlineMaster()
+            self._verification = self._master.verification
             return
         self._comm = comm.Dup()  # keep our traffic apart from the program's own
         if self._comm.Get_rank() == 0:
             self._master = Master(self._comm, rank_timeout=rank_timeout, stall_timeout=stall_timeout,
-                                  host_failures=host_failures)
+                                  host_failures=host_failures, free_comm=True)
+            self._verification = self._master.verification
         else:
             self._master = None
             serve(self._comm, heartbeat)
@@ -104,12 +128,15 @@ class Pool(Executor):
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
                     ordered=True, future=None, options=None) -> MapHandle:
         master = self._live_master()
+        _check_map_options(chunksize, priority)
         isolation, policy, logs = self._settings(options or {})
         handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
                            priority=priority, ordered=ordered, future=future, policy=policy)
-        self._handles = [h for h in self._handles if not h.finished]
-        self._handles.append(handle)
-        return master.submit(handle)
+        master.submit(handle)
+        self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
+        if policy.verify:
+            self._verify_maps.add(handle.map_id)
+        return handle
 
     def _settings(self, options: dict):
         return map_settings(options, self._isolation, self._policy, self._logs)
@@ -167,9 +194,10 @@ class Pool(Executor):
         return self._live_master().status()
 
     def verification(self) -> list[dict]:
-        """Every point verified so far: index, the two hosts, and whether their results agreed."""
+        """Every point of this pool's maps verified so far (also after shutdown): the map's position of the
+        point (``index``), the two hosts, and whether their results agreed."""
         return [dict(index=i, first_host=a, second_host=b, same=same)
-                for _, i, a, b, same in self._live_master().verification]
+                for map_id, i, a, b, same in self._verification if map_id in self._verify_maps]
 
     def set_log_level(self, level, ranks="all") -> None:
         """Change log levels while the pool runs: ``ranks`` is "all", "master", "workers", a rank or a list.
@@ -186,29 +214,32 @@ class Pool(Executor):
             master.set_log_level(level, targets)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; optionally cancel what is queued; wait for the rest; release the workers."""
-        if self._master is None:
+        """Stop accepting work; optionally cancel what is queued; the rest still runs (``wait``: wait for it).
+
+        With ``wait=False`` the master finishes the work in the background and
+        then releases the workers; the interpreter waits for it at exit.  A
+        ``Pool(comm)`` whose worker ranks were lost raises :class:`RanksLostError`
+        once everything else is done (with ``wait=True``).
+        """
+        master, self._master = self._master, None
+        if master is None:
             return
+        handles = list(self._handles)
         if cancel_futures:
-            for handle in self._handles:
+            for handle in handles:
                 if handle.future is None:
                     handle.cancel()
                 else:
                     handle.future.cancel()  # only if still queued; a running one completes
-        if wait:
-            for handle in self._handles:
+        if self._own_master:
+            master.close(wait=wait)
+            if wait and master.lost and self._comm is not None:
+                raise RanksLostError(master.lost)
+        elif wait:  # the session's master serves later pools: wait for this pool's maps only
+            for handle in handles:
                 with handle._cond:
                     while not handle.finished:
                         handle._cond.wait()
-        if self._own_master:
-            self._master.close()
-            if self._master.lost:
-                logging.getLogger("mpimap.pool").error(
-                    "ranks %s were lost: they never returned from Pool(comm), so collective calls that include "
-                    "them will hang; store what you need and end the job with comm.Abort()", sorted(self._master.lost))
-            elif self._comm is not None:  # freeing waits for every rank
-                self._comm.Free()
-        self._master = None
 
 
 def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),
@@ -241,9 +272,53 @@ def _unordered(handle: MapHandle, deadline, indexed: bool):
             yield (result.start + offset, value) if indexed else value
 
 
+def _check_map_options(chunksize, priority) -> None:
+    """Per-map input is checked in the caller's thread: a bad one raises here, never in the master."""
+    if chunksize is not None and (not isinstance(chunksize, numbers.Integral) or isinstance(chunksize, bool)
+                                  or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive integer (or None: sized from the cost of a point), "
+                         f"not {chunksize!r}")
+    if not isinstance(priority, numbers.Real) or priority != priority:
+        raise TypeError(f"priority must be a number (higher runs first), not {priority!r}")
+
+
 def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
-    try:
-        return pickle.dumps((fn, star, pack, isolation, logs), protocol=5)
-    except Exception as exc:
-        raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
-                        "use a function defined at the top level of a module") from None
+    """The map's function and settings, pickled for the workers.
+
+    A function that plain pickle sends by reference but the workers cannot
+    import (defined in ``__main__``: a notebook, or a script's
+    ``if __name__ == "__main__":`` block), and one plain pickle cannot send at
+    all (a lambda, a closure), travel by value with cloudpickle when it is installed.
+    """
+    settings = (fn, star, pack, isolation, logs)
+    if not _from_main(fn):
+        try:
+            return pickle.dumps(settings, protocol=5)
+        except Exception as exc:
+            error = exc
+    if cloudpickle is not None:
+        try:
+            return cloudpickle.dumps(settings, protocol=5)
+        except Exception as exc:
+            error = exc
+    else:
+        try:
+            return pickle.dumps(settings, protocol=5)  # __main__ by reference: found if defined at the top level
+        except Exception as exc:
+            error = exc
+    name = getattr(_unwrap(fn), "__qualname__", repr(fn))
+    fix = ("define it at the top level of a module the workers can import" if cloudpickle is not None else
+           "define it at the top level of a module the workers can import, or install cloudpickle "
+           "(pip install cloudpickle) to send it by value")
+    raise TypeError(f"cannot send function {name} to the workers ({error}): {fix}") from None
+
+
+def _unwrap(fn):
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _from_main(fn) -> bool:
+    """Whether the workers would look ``fn`` up in ``__main__``: not the caller's module there."""
+    return getattr(_unwrap(fn), "__module__", None) == "__main__"
