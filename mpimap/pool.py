@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import logging
@@ -285,13 +286,12 @@ def _check_map_options(chunksize, priority) -> None:
 def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
     """The map's function and settings, pickled for the workers.
 
-    A function that plain pickle sends by reference but the workers cannot
-    import (defined in ``__main__``: a notebook, or a script's
-    ``if __name__ == "__main__":`` block), and one plain pickle cannot send at
-    all (a lambda, a closure), travel by value with cloudpickle when it is installed.
+    A function plain pickle cannot send (a lambda, a closure), and one the
+    workers cannot import (defined under a script's ``if __name__ == "__main__":``
+    in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
     settings = (fn, star, pack, isolation, logs)
-    if not _from_main(fn):
+    if not _guarded(fn):
         try:
             return pickle.dumps(settings, protocol=5)
         except Exception as exc:
@@ -319,6 +319,25 @@ def _unwrap(fn):
     return fn
 
 
-def _from_main(fn) -> bool:
-    """Whether the workers would look ``fn`` up in ``__main__``: not the caller's module there."""
-    return getattr(_unwrap(fn), "__module__", None) == "__main__"
+def _guarded(fn) -> bool:
+    """Whether ``fn`` is a function of the script (script mode) defined under ``if __name__ == "__main__":``.
+
+    The workers import the script as a module, so only its unguarded definitions exist there.
+    """
+    fn = _unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if not world.active() or code is None or getattr(fn, "__module__", None) != "__main__":
+        return False
+    return any(first <= code.co_firstlineno <= last for first, last in _main_blocks(code.co_filename))
+
+
+@functools.lru_cache(maxsize=8)
+def _main_blocks(path: str) -> tuple:
+    """The line ranges of a script's top-level ``if __name__ == "__main__":`` blocks."""
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    return tuple((node.lineno, node.end_lineno) for node in tree.body if isinstance(node, ast.If)
+                 and ast.unparse(node.test).replace("'", '"') in ('__name__ == "__main__"', '"__main__" == __name__'))
