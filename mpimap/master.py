@@ -33,6 +33,18 @@ RECEIVE_LIMIT = 64  # messages handled per pass of the loop before it dispatches
 AWAY_FRACTION = 0.25  # a pass of the loop this late (in rank_timeout) means the master was away, not the ranks
 
 
+class RanksLostError(RuntimeError):
+    """``Pool(comm).shutdown()``: worker ranks were lost; they never return, so the program must end with Abort."""
+
+    def __init__(self, ranks):
+        self.ranks = sorted(ranks)
+        super().__init__(
+            f"worker ranks {self.ranks} were lost (silent for longer than rank_timeout) and never return from "
+            "Pool(comm): their work went to other ranks, but a collective call "
+            "that includes them, MPI_Finalize too, would hang. Store what you need, then end the job with "
+            "comm.Abort()")
+
+
 @dataclass
 class RankInfo:
     """What a worker rank told the master about itself."""
@@ -64,6 +76,7 @@ class Master:
         self._last_pass = time.monotonic()  # when the loop last looked at the ranks' silence
         self._free_comm = free_comm  # free comm once the workers are stopped (unless ranks were lost)
         self._workers_stopped = False
+        self._detached = False  # closed with wait=False: what goes wrong at the end can only be logged
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
@@ -108,6 +121,7 @@ class Master:
         master owns them, and end the thread.  ``wait=False`` returns at once; the interpreter waits at exit."""
         with self._lock:
             self._closing = True
+            self._detached = not wait
             self._command("close", cancel)
         if wait:
             self.join()
@@ -166,6 +180,8 @@ class Master:
             self._shutdown_workers()
             if self._free_comm and not self.lost:
                 self.transport.comm.Free()  # collective with the workers, which free it as they return
+            elif self._free_comm and self._detached:  # shutdown(wait=False): nobody is there to raise it to
+                log.error("%s", RanksLostError(self.lost))
 
     def _commands(self) -> None:
         """Carry out the caller's commands (in a call of its own: no local outlives it to keep a map alive)."""

@@ -17,7 +17,7 @@ import numpy as np
 from . import world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
-from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master
+from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
 from .pointlogs import PointLogs
 from .worker import DEFAULT_HEARTBEAT, serve
 
@@ -30,18 +30,6 @@ ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb"
 POLICY_OPTIONS = ("on_error", "retries", "quarantine", "verify")
 LOG_OPTIONS = ("keep_logs", "slow_seconds", "debug_rerun")
 MAP_OPTIONS = ISOLATION_OPTIONS + POLICY_OPTIONS + LOG_OPTIONS
-
-
-class RanksLostError(RuntimeError):
-    """``Pool(comm).shutdown()``: worker ranks were lost; they never return, so the program must end with Abort."""
-
-    def __init__(self, ranks):
-        self.ranks = sorted(ranks)
-        super().__init__(
-            f"worker ranks {self.ranks} were lost (silent for longer than rank_timeout) and never return from "
-            "Pool(comm): every result was still delivered (their work ran on other ranks), but a collective call "
-            "that includes them, MPI_Finalize too, would hang. Store what you need, then end the job with "
-            "comm.Abort()")
 
 
 class Pool(Executor):
