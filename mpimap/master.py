@@ -66,6 +66,7 @@ class Master:
         self.stop_workers = stop_workers
         self.rank_timeout = rank_timeout  # seconds of silence after which a rank is lost (None: never)
         self.lost: set[int] = set()  # ranks declared lost: never sent to again, their messages dropped
+        self.silent: set[int] = set()  # the last rank in service, silent for rank_timeout, until it speaks again
         self.stall_timeout = stall_timeout  # warn when a busy rank returns nothing for this long
         self._stalled: set[int] = set()  # ranks warned about, until they return something
         self.host_failures = host_failures  # failures disproved elsewhere before a host is retired
@@ -177,6 +178,7 @@ class Master:
             for handle in list(self._handles.values()) + queued:
                 handle.finish(error=self.error, cancelled=self.error is None)
             self._handles.clear()
+            self.lost |= self.silent  # the last rank, kept in service while silent, never came back
             self._shutdown_workers()
             if self._free_comm and not self.lost:
                 self.transport.comm.Free()  # collective with the workers, which free it as they return
@@ -258,6 +260,7 @@ class Master:
         log.error("%s", error)
         for handle in list(self._handles.values()):
             self._end_map(handle, error=error)
+        self.silent.add(rank)
         self.scheduler.heard(rank, time.monotonic())  # later maps give it a full rank_timeout again
 
     def _add(self, handle: MapHandle) -> None:
@@ -315,6 +318,8 @@ class Master:
             now = time.monotonic()
             if source in self.lost:
                 continue
+            if self.silent:
+                self.silent.discard(source)
             if kind is Kind.RESULT:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
