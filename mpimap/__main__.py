@@ -73,7 +73,9 @@ def main(argv=None) -> int:
         status = exc.code if isinstance(exc.code, int) else 1
         raise
     finally:
-        lost = world.end()
+        # Work still queued when the script ends is finished first, as concurrent.futures does at exit;
+        # after an error it is dropped.
+        lost = world.end(cancel=status != 0)
         if lost:
             # MPI_Finalize would wait for ever on a lost rank: everything is stored, so end the job here.
             sys.stdout.flush()

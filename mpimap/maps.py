@@ -54,6 +54,7 @@ class ChunkResult:
     skip: frozenset = frozenset()  # offsets whose failure earned another attempt: their result comes later
     attempts: dict = field(default_factory=dict)  # offset -> attempts made, where more than one
     logs: dict = field(default_factory=dict)  # offset -> captured log text, where kept
+    host: str | None = None  # the node of the rank that evaluated them
 
     def offsets(self):
         """Offsets of the points this chunk delivers."""
@@ -69,7 +70,7 @@ class ChunkResult:
         return ChunkResult(self.start, self.stop, [self.values[k] for k in keep],
                            {new[k]: f for k, f in self.failures.items()}, self.durations[keep], self.rank,
                            frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new},
-                           {new[k]: t for k, t in self.logs.items() if k in new})
+                           {new[k]: t for k, t in self.logs.items() if k in new}, self.host)
 
 
 class MapHandle:
@@ -94,7 +95,7 @@ class MapHandle:
         self.done = 0
         self.finished = False
         self.cancelled = False
-        self.error: BaseException | None = None  # the master itself failed
+        self.error: BaseException | None = None  # the master failed, or this map could not be sent
         self._cond = threading.Condition()
         self._ordered = ordered
         if ordered:
@@ -130,23 +131,27 @@ class MapHandle:
         its future runs.
         """
         live = []
+        futures = self.futures
         for k in range(start, stop):
-            future = self.futures[k]
+            future = futures[k]
             if not self._started[k]:
                 self._started[k] = 1
                 if future.set_running_or_notify_cancel():
                     live.append(k - start)
-            elif future.running():
+                else:
+                    futures[k] = None  # cancelled: the batch lets go of it
+            elif future is not None and future.running():
                 live.append(k - start)
         return live
 
     def _settle(self, result: ChunkResult) -> None:
-        """Set the futures of a batch's chunk (outside the lock: their callbacks run here)."""
+        """Set the futures of a batch's chunk (outside the lock: their callbacks run here), then let go of them."""
         futures, failures, values = self.futures, result.failures, result.values
         for offset in result.offsets():
             future = futures[result.start + offset]
-            if future.done():  # cancelled before it ran
+            if future is None or future.done():  # cancelled before it ran
                 continue
+            futures[result.start + offset] = None  # the caller alone keeps the future and its result alive
             if offset in failures:
                 future.set_exception(failures[offset].exception())
             else:
@@ -174,6 +179,8 @@ class MapHandle:
             self._chunks.append(result)
 
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
+        if not self.sealed:  # a batch the master never took (closed meanwhile)
+            self.seal()
         with self._cond:
             self.finished = True
             self.error = error
@@ -186,8 +193,8 @@ class MapHandle:
                     future.cancel()
                 if future.set_running_or_notify_cancel():
                     future.set_exception(error)
-            elif future.running():  # sent, and will never complete now
-                future.set_exception(error or CancelledError("the pool stopped before this call completed"))
+            elif future is not None and future.running():  # sent, and will never complete now
+                future.set_exception(error or CancelledError("the call was cancelled"))
 
     # -- caller side -------------------------------------------------------------
     def cancel(self) -> None:
@@ -224,24 +231,22 @@ class MapHandle:
                     if end == i:  # finished without this point: only a cancelled or failed master
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
-                if not failures or not any(j in failures for j in range(i, end)):
+                if (not failures or not any(j in failures for j in range(i, end))) and \
+                        _SCALARS.issuperset(map(type, itertools.islice(values, i, end))):
+                    # Values whose lifetime nobody can observe (not weak-referable): yield them at C speed.
                     run = values[i:end]
-                    if _SCALARS.issuperset(map(type, run)):
-                        # Values nobody can hold a reference to that matters: yield them at C speed.
-                        values[i:end] = itertools.repeat(None, end - i)
-                        i = end
-                        yield from run
-                        continue
+                    values[i:end] = itertools.repeat(None, end - i)
+                    i = end
+                    yield from run
+                    continue
                 record = self.policy.on_error == "record"
                 for j in range(i, end):
                     if failures and j in failures:
                         if not record:
                             raise failures[j].exception()
                         values[j] = failures[j].exception()
-                    value = values[j]
-                    values[j] = None  # the caller holds it now
                     i = j + 1
-                    yield value
+                    yield _take(values, j)  # not held by a local: the caller alone keeps it alive
         finally:
             if i < n:
                 self.cancel()
@@ -261,3 +266,9 @@ class MapHandle:
         finally:
             if taken < self.size:
                 self.cancel()
+
+
+def _take(values: list, j: int):
+    """``values[j]``, leaving None in its place."""
+    value, values[j] = values[j], None
+    return value
