@@ -19,12 +19,18 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Chunk:
-    """A contiguous range ``[start, stop)`` of one map's points, sent to one rank."""
+    """A contiguous range ``[start, stop)`` of one map's points, sent to one rank.
+
+    ``avoid`` names the ranks these points must stay off while another rank
+    is live (a retried point's rank, a verified point's host); it travels
+    with the chunk so that a copy, or a requeue after a lost rank, keeps it.
+    """
 
     chunk_id: int
     map_id: int
     start: int
     stop: int
+    avoid: frozenset | None = None
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -41,13 +47,14 @@ class MapState:
     order: int
     cursor: int = 0  # first point never handed out
     requeued: deque = field(default_factory=deque)  # (start, stop, ranks to avoid or None): to hand out again
+    requeued_points: int = 0  # how many points ``requeued`` holds
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
 
     @property
     def unassigned(self) -> int:
-        return self.size - self.cursor + sum(stop - start for start, stop, _ in self.requeued)
+        return self.size - self.cursor + self.requeued_points
 
     @property
     def finished(self) -> bool:
@@ -128,6 +135,8 @@ class Scheduler:
             stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
             for cid in stale:
                 del rank.in_flight[cid]
+                self._sent.pop(cid, None)
+                self._twins.pop(cid, None)
             if stale:
                 holders.append(rank.rank)
                 self._push_room(rank.rank)
@@ -179,7 +188,7 @@ class Scheduler:
             if straggler is None:
                 self._room[0].appendleft(rank)
                 return out
-            copy = Chunk(next(self._chunk_ids), straggler.map_id, straggler.start, straggler.stop)
+            copy = Chunk(next(self._chunk_ids), straggler.map_id, straggler.start, straggler.stop, straggler.avoid)
             self._twins[straggler.chunk_id] = (copy.chunk_id, rank)
             self._twins[copy.chunk_id] = (straggler.chunk_id, self._holder(straggler.chunk_id))
             self._give(rank, copy, now)
@@ -194,6 +203,8 @@ class Scheduler:
             for chunk in other.in_flight.values():
                 state = self.maps.get(chunk.map_id)
                 if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
+                    continue
+                if chunk.avoid is not None and rank in chunk.avoid:
                     continue
                 age = now - self._sent[chunk.chunk_id]
                 if age > max(self.straggler_min, self.straggler_factor * state.cost * len(chunk)) and age > best_age:
@@ -220,28 +231,54 @@ class Scheduler:
             self._room[held].append(rank)
 
     def _next_chunk(self, rank: int) -> Chunk | None:
-        """The next chunk for ``rank``: requeued points first (not those that failed on it), then new ones."""
-        while self._queue:
-            _, _, map_id = self._queue[0]
-            state = self.maps.get(map_id)
-            if state is None or state.unassigned == 0:
-                heapq.heappop(self._queue)
-                continue
-            for k, (start, stop, avoid) in enumerate(state.requeued):
-                if avoid is None or rank not in avoid:
-                    del state.requeued[k]
-                    size = min(stop - start, self.chunk_size(state))
-                    if start + size < stop:
-                        state.requeued.insert(k, (start + size, stop, avoid))
-                    break
-            else:
-                if state.cursor == state.size:
-                    return None  # only points that failed on this rank are left: another rank takes them
-                start = state.cursor
-                size = min(state.size - start, self.chunk_size(state))
-                state.cursor += size
-            return Chunk(next(self._chunk_ids), map_id, start, start + size)
-        return None
+        """The next chunk for ``rank``, from the first map by priority that has a point it may take.
+
+        A map whose only points left avoid ``rank`` is passed over, so that
+        rank still serves the maps below it.
+        """
+        passed = []
+        try:
+            while self._queue:
+                state = self.maps.get(self._queue[0][2])
+                if state is None or state.unassigned == 0:
+                    heapq.heappop(self._queue)
+                    continue
+                chunk = self._take(state, rank)
+                if chunk is not None:
+                    return chunk
+                passed.append(heapq.heappop(self._queue))
+            return None
+        finally:
+            for entry in passed:
+                heapq.heappush(self._queue, entry)
+
+    def _take(self, state: MapState, rank: int) -> Chunk | None:
+        """The next chunk of one map for ``rank``: requeued points first (not those avoiding it), then new ones."""
+        for k, (start, stop, avoid) in enumerate(state.requeued):
+            if avoid is None or rank not in avoid:
+                size = min(stop - start, self.chunk_size(state))
+                del state.requeued[k]
+                if start + size < stop:
+                    state.requeued.insert(k, (start + size, stop, avoid))
+                state.requeued_points -= size
+                return Chunk(next(self._chunk_ids), state.map_id, start, start + size, avoid)
+        if state.cursor == state.size:
+            return None  # only points avoiding this rank are left: another rank takes them
+        start = state.cursor
+        size = min(state.size - start, self.chunk_size(state))
+        state.cursor += size
+        return Chunk(next(self._chunk_ids), state.map_id, start, start + size)
+
+    def _requeue(self, state: MapState, start: int, stop: int, avoid) -> None:
+        """Put ``[start, stop)`` back in its map's queue, to go to a live rank outside ``avoid``."""
+        state.requeued.append((start, stop, self._live_outside(avoid)))
+        state.requeued_points += stop - start
+
+    def _live_outside(self, avoid):
+        """``avoid``, or None once it holds every live rank: a point avoiding all of them would never run."""
+        if not avoid or sum(1 for r in avoid if r in self.ranks and not self.ranks[r].lost) >= self.live:
+            return None
+        return avoid
 
     def chunk_size(self, state: MapState) -> int:
         """How many points the next chunk of ``state`` should hold."""
@@ -292,11 +329,9 @@ class Scheduler:
         if state is None:
             return
         avoid = frozenset([avoid] if isinstance(avoid, int) else avoid or ())
-        if all(r.lost or r.rank in avoid for r in self.ranks.values()):
-            avoid = None  # nobody else is left: any rank may take them
         for index in indices:
             state.done_points -= 1
-            state.requeued.append((index, index + 1, avoid))
+            self._requeue(state, index, index + 1, avoid)
         heapq.heappush(self._queue, (-state.priority, state.order, map_id))
 
     def heard(self, rank: int, now: float) -> None:
@@ -313,11 +348,19 @@ class Scheduler:
                                                                                 for c in r.in_flight)) > timeout]
 
     def lose_rank(self, rank: int) -> list[Chunk]:
-        """Take a rank out of service (lost or retired); its in-flight chunks go back to their maps' queues."""
+        """Take a rank out of service (lost or retired); its in-flight chunks go back to their maps' queues.
+
+        Points that avoid ranks keep avoiding them, until every live rank is
+        one to avoid: then any rank may take them.
+        """
         rstate = self.ranks[rank]
         if not rstate.lost:
             self.live -= 1
-        rstate.lost = True
+            rstate.lost = True
+            for state in self.maps.values():
+                if any(avoid is not None for _, _, avoid in state.requeued):
+                    state.requeued = deque((start, stop, self._live_outside(avoid))
+                                           for start, stop, avoid in state.requeued)
         chunks = list(rstate.in_flight.values())
         rstate.in_flight.clear()
         for chunk in chunks:
@@ -329,11 +372,12 @@ class Scheduler:
             if twin is not None:  # its copy elsewhere will deliver
                 self._twins.pop(twin[0], None)
                 continue
-            state.requeued.append((chunk.start, chunk.stop, None))
+            self._requeue(state, chunk.start, chunk.stop, chunk.avoid)
             heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
         return chunks
 
     @property
     def idle(self) -> bool:
-        """True when nothing is queued or in flight."""
-        return not self._queue and not any(r.in_flight for r in self.ranks.values())
+        """True when no map has points to hand out and nothing is in flight."""
+        return (not any(state.unassigned for state in self.maps.values())
+                and not any(r.in_flight for r in self.ranks.values()))

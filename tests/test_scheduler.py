@@ -216,3 +216,145 @@ def test_a_retried_point_goes_to_another_rank():
     sched.complete(r2, c2.chunk_id, 0.01, 0.0)
     ((rank, chunk),) = sched.assign()
     assert rank == r2 and chunk.start == c1.start
+
+
+def drive(sched, now=1.0, rounds=20):
+    """Assign and complete everything the scheduler hands out; return [(rank, chunk)] in order."""
+    done = []
+    for t in range(rounds):
+        out = sched.assign(now + t)
+        for rank, chunk in out:
+            sched.complete(rank, chunk.chunk_id, 0.01, now + t)
+        done += out
+        if not out:
+            break
+    return done
+
+
+def test_a_point_avoiding_a_rank_runs_there_once_the_others_are_lost():
+    """Review finding 6: the point failed on rank 1, then rank 2 was lost; rank 1 must take it after all."""
+    sched = Scheduler([1, 2])
+    sched.add_map(0, 2)
+    sched.assign(0.0)
+    c1 = next(iter(sched.ranks[1].in_flight.values()))
+    sched.complete(1, c1.chunk_id, 0.01, 0.1)
+    sched.retry(0, [c1.start], avoid=1)
+    sched.lose_rank(2)
+    ran = drive(sched)
+    assert sched.map_finished(0)
+    assert sorted((c.start, r) for r, c in ran) == [(0, 1), (1, 1)]
+
+
+def test_a_point_avoiding_a_rank_runs_there_once_the_others_are_retired():
+    sched = Scheduler([1, 2, 3], prefetch=1)
+    sched.add_map(0, 3, chunksize=1)
+    first = dict(sched.assign(0.0))
+    sched.complete(1, first[1].chunk_id, 0.01, 0.1)
+    sched.retry(0, [first[1].start], avoid=1)
+    assert sched.assign(0.2) == []  # ranks 2 and 3 are busy, rank 1 may not have it
+    sched.lose_rank(2)  # retired (its host kept failing)
+    sched.lose_rank(3)
+    ran = drive(sched)
+    assert sched.map_finished(0)
+    assert {r for r, _ in ran} == {1}
+
+
+def test_a_verification_run_avoiding_a_host_runs_there_once_every_other_host_is_gone():
+    sched = Scheduler([1, 2, 3], prefetch=1)
+    sched.add_map(0, 3, chunksize=1)
+    first = dict(sched.assign(0.0))
+    sched.complete(1, first[1].chunk_id, 0.01, 0.1)
+    sched.retry(0, [first[1].start], avoid={1, 2})  # re-run off the host of ranks 1 and 2
+    sched.lose_rank(3)
+    ran = drive(sched)
+    assert sched.map_finished(0)
+    assert first[1].start in [c.start for _, c in ran]
+
+
+def test_a_rank_avoided_by_a_high_priority_map_still_gets_lower_priority_work():
+    sched = Scheduler([1, 2], prefetch=1)
+    sched.add_map(0, 2, chunksize=1, priority=5)
+    sched.add_map(1, 4, chunksize=1)
+    first = dict(sched.assign(0.0))
+    assert {c.map_id for c in first.values()} == {0}
+    sched.complete(1, first[1].chunk_id, 0.01, 0.1)
+    sched.retry(0, [first[1].start], avoid=1)  # only rank 2 may take it, and rank 2 is busy
+    ((rank, chunk),) = sched.assign(0.2)
+    assert rank == 1 and chunk.map_id == 1
+
+
+def test_a_retried_point_on_a_lost_rank_still_avoids_the_rank_it_failed_on():
+    """Suspected in the review: lose_rank requeued with no avoid set, so the point could go back to rank 1."""
+    sched = Scheduler([1, 2, 3], prefetch=1, straggler_factor=None)
+    sched.add_map(0, 3, chunksize=1)
+    first = dict(sched.assign(0.0))
+    sched.complete(1, first[1].chunk_id, 0.01, 0.1)
+    sched.retry(0, [first[1].start], avoid=1)
+    sched.complete(2, first[2].chunk_id, 0.01, 0.2)
+    ((rank, chunk),) = sched.assign(0.3)
+    assert rank == 2 and chunk.start == first[1].start
+    sched.lose_rank(2)
+    sched.complete(3, first[3].chunk_id, 0.01, 0.4)
+    ((rank, chunk),) = sched.assign(0.5)  # ranks 1 and 3 are idle: the point must go to 3
+    assert rank == 3 and chunk.start == first[1].start
+
+
+def test_a_verification_run_on_a_lost_rank_stays_off_the_first_host():
+    sched = Scheduler([1, 2, 3, 4], prefetch=1, straggler_factor=None)
+    sched.add_map(0, 4, chunksize=1)
+    first = dict(sched.assign(0.0))
+    for r in (1, 2, 4):
+        sched.complete(r, first[r].chunk_id, 0.01, 0.1)
+    sched.retry(0, [first[1].start], avoid={1, 2})  # ranks 1 and 2 share the first host
+    ((rank, chunk),) = sched.assign(0.2)
+    assert rank == 4
+    sched.lose_rank(4)
+    sched.complete(3, first[3].chunk_id, 0.01, 0.3)
+    ((rank, chunk),) = sched.assign(0.4)
+    assert rank == 3 and chunk.start == first[1].start
+
+
+def test_a_straggler_copy_never_goes_to_a_rank_the_point_avoids():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.1)
+    sched.add_map(0, 2, chunksize=1, cost=0.01)
+    first = dict(sched.assign(0.0))
+    sched.complete(1, first[1].chunk_id, 0.01, 0.01)
+    sched.complete(2, first[2].chunk_id, 0.01, 0.01)
+    sched.retry(0, [first[1].start], avoid=1)
+    ((rank, chunk),) = sched.assign(0.02)
+    assert rank == 2
+    assert sched.assign(10.0) == []  # late, but rank 1 is the one to avoid: no copy there
+
+
+def test_idle_once_every_map_has_ended():
+    """As the master does: the result that ends a map is followed by remove_map, not by another assign."""
+    sched = Scheduler([1], prefetch=1)
+    sched.add_map(0, 1)
+    ((rank, chunk),) = sched.assign(0.0)
+    sched.complete(rank, chunk.chunk_id, 0.01, 0.1)
+    assert sched.map_finished(0)
+    sched.remove_map(0)
+    assert sched.idle
+
+
+def test_assign_survives_a_rank_listed_twice_for_room():
+    """Found by the property tests: a rank passed over (the top map's points avoid it) and then served from a
+    second place in the line for room was put back beyond the last line, and assign raised IndexError
+    (the master thread died)."""
+    Y, X, W, Z = range(4)  # map ids
+    sched = Scheduler([1, 2], prefetch=2, straggler_factor=None)
+    sched.add_map(Y, 1, chunksize=1, priority=9)
+    sched.add_map(X, 3, chunksize=1, priority=5)
+    first = sched.assign(0.0)
+    assert [(r, c.map_id) for r, c in first] == [(1, Y), (2, X), (1, X), (2, X)]
+    (x1,) = [c for r, c in first if r == 1 and c.map_id == X]
+    x0 = first[1][1]
+    sched.complete(1, x1.chunk_id, 0.01, 0.1)
+    sched.complete(2, x0.chunk_id, 0.01, 0.1)
+    sched.remove_map(Y)  # rank 1 now holds nothing and stands in two lines for room
+    sched.add_map(W, 1)
+    assert [r for r, _ in sched.assign(0.2)] == [1]
+    sched.retry(X, [x1.start], avoid=1)
+    sched.add_map(Z, 5, chunksize=1)
+    out = sched.assign(0.3)
+    assert sorted((r, c.map_id) for r, c in out) == [(1, Z), (2, X)]
