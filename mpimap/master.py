@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .maps import ChunkResult, MapHandle
-from .protocol import Kind
+from .protocol import Kind, Result, Task
 from .scheduler import Scheduler
 from .transport import Transport, Waiter
 from .worker import Evaluator, load_function
@@ -211,7 +211,7 @@ class Master:
             function = None if rank in holders else handle.function
             holders.add(rank)
             self.transport.send(rank, Kind.TASK,
-                                (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+                                Task(chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
 
     def _receive(self, limit: int = 64) -> int:
         """Handle up to ``limit`` waiting messages; return how many there were."""
@@ -227,30 +227,29 @@ class Master:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
             elif kind is Kind.HELLO:
-                self.ranks[source].host, self.ranks[source].pid = body
+                self.ranks[source].host, self.ranks[source].pid = body.host, body.pid
                 self.scheduler.heard(source, now)
             elif kind is Kind.LOG:
-                levelno, name, text = body
                 # The rank already applied its own level: the record is logged whatever the master's level.
                 logger = logging.getLogger(f"mpimap.rank{source}")
-                logger.handle(logger.makeRecord(logger.name, levelno, "(worker)", 0, "[rank %d %s] %s: %s",
-                                                (source, self.ranks[source].host, name, text), None))
+                logger.handle(logger.makeRecord(logger.name, body.levelno, "(worker)", 0, "[rank %d %s] %s: %s",
+                                                (source, self.ranks[source].host, body.name, body.text), None))
                 self.scheduler.heard(source, now)
             else:  # HEARTBEAT
                 self.scheduler.heard(source, now)
         return limit
 
-    def _result(self, rank: int, body, now: float) -> None:
-        chunk_id, values, failures, durations, seconds, logs = body
-        self._chunk_seconds += (seconds - self._chunk_seconds) / 8
-        chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
+    def _result(self, rank: int, result: Result, now: float) -> None:
+        values, failures = result.values, result.failures
+        self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
+        chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
         handle = self._handles[chunk.map_id]
         if chunk.start in handle.verifying and len(chunk) == 1:
             self._verified(handle, chunk.start, values, failures, rank)
         else:
-            self._deliver(handle, chunk, values, failures, durations, rank, logs)
+            self._deliver(handle, chunk, values, failures, result.durations, rank, result.logs)
         if self.scheduler.map_finished(chunk.map_id):
             self._end_map(handle)
 
@@ -346,7 +345,7 @@ class InlineMaster(Master):
 
     def __init__(self):
         self._evaluator = Evaluator()
-        self._functions = {}  # map_id -> unpickled (fn, star, pack, isolation)
+        self._functions = {}  # map_id -> its MapFunction (or the Failure of loading it)
         super().__init__(rank_timeout=None)
         self.ranks[0].host, self.ranks[0].pid = socket.gethostname(), os.getpid()
 
@@ -361,11 +360,10 @@ class InlineMaster(Master):
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
-            values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
-                                                                    self._functions[chunk.map_id],
-                                                                    handle.args[chunk.start:chunk.stop])
-            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
-                         time.monotonic())
+            out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id],
+                                      handle.args[chunk.start:chunk.stop])
+            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations,
+                                      time.perf_counter() - t0, out.logs), time.monotonic())
 
     def _receive(self, limit: int = 64) -> int:
         return 1 if self._handles else 0

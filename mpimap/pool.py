@@ -16,7 +16,8 @@ from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master
 from .pointlogs import PointLogs
-from .worker import DEFAULT_HEARTBEAT, serve
+from .protocol import MapFunction
+from .worker import serve
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
 POLICY_OPTIONS = ("on_error", "retries", "quarantine", "verify")
@@ -42,7 +43,7 @@ class Pool(Executor):
     one does: docs/resilience.rst.
     """
 
-    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
+    def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
                  stall_timeout=None, host_failures=DEFAULT_HOST_FAILURES,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
@@ -243,7 +244,7 @@ def _unordered(handle: MapHandle, deadline, indexed: bool):
 
 def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
     try:
-        return pickle.dumps((fn, star, pack, isolation, logs), protocol=5)
+        return pickle.dumps(MapFunction(fn, star, pack, isolation, logs), protocol=5)
     except Exception as exc:
         raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
                         "use a function defined at the top level of a module") from None
