@@ -78,7 +78,7 @@ class MapHandle:
 
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
                  policy: Policy = Policy()):
-        self.function = function  # pickled (fn, star, pack, isolation, logs)
+        self.function = function  # the pickled protocol.MapFunction
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
         self.chunksize = chunksize

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .maps import ChunkResult, MapHandle
-from .protocol import Kind
+from .protocol import Kind, Result, Task
 from .scheduler import Scheduler
 from .transport import Transport, Waiter
 from .worker import Evaluator, load_function
@@ -401,7 +401,7 @@ class Master:
             function = None if rank in holders else handle.function
             holders.add(rank)
             try:
-                self.transport.send(rank, Kind.TASK, (chunk.chunk_id, chunk.map_id, function, args))
+                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args))
             except Exception as exc:  # points that cannot be pickled: that map fails, the master serves on
                 self._end_map(handle, error=exc)
 
@@ -421,24 +421,23 @@ class Master:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
             elif kind is Kind.HELLO:
-                self.ranks[source].host, self.ranks[source].pid = body
+                self.ranks[source].host, self.ranks[source].pid = body.host, body.pid
                 self.scheduler.heard(source, now)
             elif kind is Kind.LOG:
-                levelno, name, text = body
                 # The rank already applied its own level: the record is logged whatever the master's level.
                 logger = logging.getLogger(f"mpimap.rank{source}")
-                logger.handle(logger.makeRecord(logger.name, levelno, "(worker)", 0, "[rank %d %s] %s: %s",
-                                                (source, self.ranks[source].host, name, text), None))
+                logger.handle(logger.makeRecord(logger.name, body.levelno, "(worker)", 0, "[rank %d %s] %s: %s",
+                                                (source, self.ranks[source].host, body.name, body.text), None))
                 self.scheduler.heard(source, now)
             else:  # HEARTBEAT
                 self.scheduler.heard(source, now)
         return limit
 
-    def _result(self, rank: int, body, now: float) -> None:
-        chunk_id, values, failures, durations, seconds, logs = body
-        self._chunk_seconds += (seconds - self._chunk_seconds) / 8
-        chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
-        live = self._holes.pop(chunk_id, None)
+    def _result(self, rank: int, result: Result, now: float) -> None:
+        values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
+        self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
+        chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
+        live = self._holes.pop(result.chunk_id, None)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
         if live is not None:
@@ -556,7 +555,7 @@ class InlineMaster(Master):
 
     def __init__(self):
         self._evaluator = Evaluator()
-        self._functions = {}  # map_id -> unpickled (fn, star, pack, isolation)
+        self._functions = {}  # map_id -> its MapFunction (or the Failure of loading it)
         super().__init__(rank_timeout=None)
         self.ranks[0].host, self.ranks[0].pid = socket.gethostname(), os.getpid()
 
@@ -572,13 +571,12 @@ class InlineMaster(Master):
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
             try:
-                values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
-                                                                        self._functions[chunk.map_id], args)
+                out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args)
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue
-            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
-                         time.monotonic())
+            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations,
+                                      time.perf_counter() - t0, out.logs), time.monotonic())
 
     def _receive(self, limit: int = RECEIVE_LIMIT) -> int:
         return 1 if self._handles else 0

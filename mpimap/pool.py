@@ -20,7 +20,8 @@ from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
 from .pointlogs import PointLogs
-from .worker import DEFAULT_HEARTBEAT, serve
+from .protocol import MapFunction
+from .worker import serve
 
 try:  # optional: sends lambdas, closures and functions of __main__ by value
     import cloudpickle
@@ -51,7 +52,7 @@ class Pool(Executor):
     one does: docs/resilience.rst.
     """
 
-    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
+    def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
                  stall_timeout=None, host_failures=DEFAULT_HOST_FAILURES,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
@@ -323,7 +324,7 @@ def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: Poi
     workers cannot import (defined under a script's ``if __name__ == "__main__":``
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
-    settings = (fn, star, pack, isolation, logs)
+    settings = MapFunction(fn, star, pack, isolation, logs)
     if not _guarded(fn):
         try:
             return pickle.dumps(settings, protocol=5)
