@@ -31,6 +31,7 @@ DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere bef
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
 SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
 DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
+DRIVEN_WAIT = 0.05  # seconds between the master thread's looks while a caller drives
 RECEIVE_LIMIT = 64  # messages handled per pass of the loop before it dispatches again
 AWAY_FRACTION = 0.25  # a pass of the loop this late (in rank_timeout) means the master was away, not the ranks
 
@@ -216,9 +217,10 @@ class Master:
         waiter = self._waiter
         try:
             while not self._stopped:
-                if self._drivers or time.monotonic() - self._last_driven < DRIVEN_GRACE:
-                    # A caller drives the loop; it may stop any moment (to use a result: then it is back soon).
-                    self._wake.wait(DRIVEN_GRACE)
+                since = time.monotonic() - self._last_driven
+                if self._drivers or since < DRIVEN_GRACE:
+                    # A caller drives the loop; when it stops (to use a result) it is usually back soon.
+                    self._wake.wait(DRIVEN_WAIT if self._drivers else DRIVEN_GRACE - since)
                     self._wake.clear()
                     continue
                 if not self._turn_lock.acquire(timeout=IDLE_WAIT):
@@ -261,6 +263,8 @@ class Master:
         if self._chunk_seconds < SHORT_CHUNK:
             waiter.window = waiter.hot_window
         waiter.cap = min(self._sleep_cap(), limit)
+        if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
+            waiter.sleep = waiter.cap
         waiter.idle()
 
     def _commands(self) -> None:
