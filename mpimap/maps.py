@@ -179,14 +179,19 @@ class MapHandle:
             self._chunks.append(result)
 
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
-        if not self.sealed:  # a batch the master never took (closed meanwhile)
-            self.seal()
+        if self.futures is not None:
+            self._settle_rest(error)  # before ``finished``: whoever waits for that sees every future done
         with self._cond:
             self.finished = True
             self.error = error
             self.cancelled = cancelled
             self._cond.notify_all()
-        for k, future in enumerate(self.futures or ()):
+
+    def _settle_rest(self, error: BaseException | None) -> None:
+        """Give the batch's futures still open their outcome (a cancelled one is notified, so wait() sees it)."""
+        if not self.sealed:  # a batch the master never took (closed meanwhile)
+            self.seal()
+        for k, future in enumerate(self.futures):
             if not self._started[k]:  # never sent: it fails or is cancelled, and its waiters hear of it
                 self._started[k] = 1
                 if error is None:
