@@ -125,18 +125,20 @@ class MapHandle:
         return self.future.set_running_or_notify_cancel()
 
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
+        if self.future is not None:
+            self._settle(error, cancelled)  # before ``finished``: whoever waits for that sees the future done
         with self._cond:
             self.finished = True
             self.error = error
             self.cancelled = cancelled
             self._cond.notify_all()
+
+    def _settle(self, error: BaseException | None, cancelled: bool) -> None:
+        """Give the future its outcome (a cancelled one is notified, so wait() and as_completed() see it)."""
         future = self.future
-        if future is None:
-            return
         if not self._started:
             if cancelled:
                 future.cancel()
-            # A cancelled future must be notified to be seen done by concurrent.futures.wait and as_completed.
             if not self.start():
                 return
         if future.done():
