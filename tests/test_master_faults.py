@@ -358,7 +358,7 @@ def _job_pids(marker: str) -> dict:
     return pids
 
 
-@pytest.mark.parametrize("stopped", ["whole job", "rank 0"])
+@pytest.mark.parametrize("stopped", ["whole_job", "rank_0"])
 def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
     n = 150
     np.save(tmp_path / "p.npy", np.stack([np.arange(float(n)), np.zeros(n)], axis=1))
@@ -374,7 +374,7 @@ def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
             assert time.monotonic() < deadline and proc.poll() is None, "the job did not start"
             time.sleep(0.1)
         pids = _job_pids(marker)
-        targets = [p for p, rank in pids.items() if stopped == "whole job" or rank == 0]
+        targets = [p for p, rank in pids.items() if stopped == "whole_job" or rank == 0]
         assert targets
         for pid in targets:
             os.kill(pid, signal.SIGSTOP)
