@@ -93,6 +93,14 @@ def test_unpicklable_argument_process_isolation_fails_that_map_only():
         assert list(pool.map(square, [1, 2], timeout=60)) == [1, 4]
 
 
+def test_without_cloudpickle_a_lambda_is_refused_in_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(mpimap.pool, "cloudpickle", None)
+    with mpimap.Pool() as pool:
+        with pytest.raises(TypeError, match=r"cannot send function .*<lambda> .*: define it at the top level .*"
+                                            r"or install cloudpickle"):
+            pool.map(lambda x: x, [1])
+
+
 # -- finding 8: shutdown(wait=False) ---------------------------------------------------------------------------
 
 def test_shutdown_without_wait_completes_running_and_queued_futures():
