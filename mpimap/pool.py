@@ -325,25 +325,18 @@ def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: Poi
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
     settings = MapFunction(fn, star, pack, isolation, logs)
-    if not _guarded(fn):
+    guarded = _guarded(fn)
+    picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
+    error = "the workers import the script as a module, where its main block does not run"
+    for pickler in filter(None, picklers):
         try:
-            return pickle.dumps(settings, protocol=5)
-        except Exception as exc:
-            error = exc
-    if cloudpickle is not None:
-        try:
-            return cloudpickle.dumps(settings, protocol=5)
-        except Exception as exc:
-            error = exc
-    else:
-        try:
-            return pickle.dumps(settings, protocol=5)  # __main__ by reference: found if defined at the top level
+            return pickler.dumps(settings, protocol=5)
         except Exception as exc:
             error = exc
     name = getattr(_unwrap(fn), "__qualname__", repr(fn))
-    fix = ("define it at the top level of a module the workers can import" if cloudpickle is not None else
-           "define it at the top level of a module the workers can import, or install cloudpickle "
-           "(pip install cloudpickle) to send it by value")
+    fix = "define it at the top level of a module (or of the script) the workers can import"
+    if cloudpickle is None:
+        fix += ", or install cloudpickle (pip install cloudpickle) to send it by value"
     raise TypeError(f"cannot send function {name} to the workers ({error}): {fix}") from None
 
 

@@ -93,6 +93,14 @@ def test_unpicklable_argument_process_isolation_fails_that_map_only():
         assert list(pool.map(square, [1, 2], timeout=60)) == [1, 4]
 
 
+def test_without_cloudpickle_a_lambda_is_refused_in_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(mpimap.pool, "cloudpickle", None)
+    with mpimap.Pool() as pool:
+        with pytest.raises(TypeError, match=r"cannot send function .*<lambda> .*: define it at the top level .*"
+                                            r"or install cloudpickle"):
+            pool.map(lambda x: x, [1])
+
+
 # -- finding 8: shutdown(wait=False) ---------------------------------------------------------------------------
 
 def test_shutdown_without_wait_completes_running_and_queued_futures():
@@ -358,7 +366,7 @@ def _job_pids(marker: str) -> dict:
     return pids
 
 
-@pytest.mark.parametrize("stopped", ["whole job", "rank 0"])
+@pytest.mark.parametrize("stopped", ["whole_job", "rank_0"])
 def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
     n = 150
     np.save(tmp_path / "p.npy", np.stack([np.arange(float(n)), np.zeros(n)], axis=1))
@@ -374,7 +382,7 @@ def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
             assert time.monotonic() < deadline and proc.poll() is None, "the job did not start"
             time.sleep(0.1)
         pids = _job_pids(marker)
-        targets = [p for p, rank in pids.items() if stopped == "whole job" or rank == 0]
+        targets = [p for p, rank in pids.items() if stopped == "whole_job" or rank == 0]
         assert targets
         for pid in targets:
             os.kill(pid, signal.SIGSTOP)
