@@ -366,7 +366,13 @@ class ChildProcess:
         return out
 
     def _send_chunk(self, map_id, blob, part, positions, options, logs) -> None:
-        """Send a chunk to the child; a child that died while idle (its pipe is broken) is replaced first."""
+        """Send a chunk to the child; a child that died while idle (its pipe is closed) is replaced first."""
+        if self.pid is not None:
+            try:
+                while self.conn.poll(0):  # records its background threads logged since the last chunk
+                    self._log(self.conn.recv())
+            except Exception:
+                self._stop(kill=True)
         for attempt in range(2):
             if self.pid is None:
                 self._start()
@@ -397,8 +403,8 @@ class ChildProcess:
                 except Exception:  # EOF, a broken pipe, or a message that does not unpickle: the child is done for
                     self._fail_current("crashed", self._stop(kill=True), out, left)
                     return True
-                if isinstance(message, LogLine):  # a record from the evaluation
-                    logging.getLogger(message.name).log(message.levelno, "%s", message.text)
+                if isinstance(message, LogLine):
+                    self._log(message)
                 elif self._take(message, positions, out, left):
                     return True
                 if time.monotonic() - last_check < CHECK_SECONDS:
@@ -417,6 +423,11 @@ class ChildProcess:
                     self.pid = self.conn = None
                     self._fail_current("crashed", status, out, left)
                     return True
+
+    @staticmethod
+    def _log(line: LogLine) -> None:
+        """Pass on a log record of the evaluation (to the rank's handlers: the job's log)."""
+        logging.getLogger(line.name).log(line.levelno, "%s", line.text)
 
     def _take(self, batch: Batch, positions, out: Outcome, left) -> bool:
         """Record a batch of results; True if it ends the chunk."""
