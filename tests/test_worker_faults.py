@@ -270,3 +270,24 @@ if __name__ == "__main__":
             MPI.COMM_WORLD.Abort(3)
 ''', ranks=2, plain=True, full=True, check=False, timeout=150, env=job_env(MPIMAP_HEARTBEAT=30))
     assert result_of(proc.stdout) == [not explicit]
+
+
+def test_a_value_that_logs_while_it_is_pickled_does_not_block_the_evaluation_process(tmp_path):
+    stdout = run_python(tmp_path, '''
+import json, logging, os
+import mpimap
+class Chatty:
+    def __init__(self, x):
+        self.x = x
+    def __reduce__(self):  # logs while its batch is pickled, under the pipe's lock
+        logging.getLogger("model").warning("pickling %s", self.x)
+        return Chatty, (self.x,)
+def f(x):
+    return Chatty(x)
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, stream=open(os.devnull, "w"))
+    pool = mpimap.Pool(isolation="process", point_timeout=10, on_error="record", quarantine=1)
+    print("RESULT " + json.dumps([v.x if isinstance(v, Chatty) else repr(v) for v in pool.map(f, range(3), timeout=60)]))
+    pool.shutdown()
+''')
+    assert result_of(stdout) == [0, 1, 2]
