@@ -178,11 +178,10 @@ def _rss_mb() -> float:
 
 # The slot shared with the child (MAP_SHARED): which point it evaluates and since when, behind a sequence
 # number that is odd while the slot is being rewritten (a seqlock: one 16-byte write is not atomic, and a
-# torn read would pair a new position with an old start time).  Position IDLE: between points, after a chunk.
+# torn read would pair a new position with an old start time).
 _SEQ = struct.Struct("<q")
 _POINT = struct.Struct("<qd")
 _SLOT_SIZE = _SEQ.size + _POINT.size
-IDLE = -1
 
 
 def _write_slot(slot, position: int, started: float) -> None:
@@ -229,11 +228,15 @@ class Batch:
 
 
 class _ChildPipe:
-    """The child's end of the pipe: one lock around every send, as a background thread of the function may log."""
+    """The child's end of the pipe: one lock around every send, as a background thread of the function may log.
+
+    Reentrant: a value's ``__reduce__`` may log while its batch is pickled,
+    which is before any byte of the batch is written.
+    """
 
     def __init__(self, conn):
         self.conn = conn
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def send(self, message) -> None:
         with self.lock:
@@ -313,7 +316,6 @@ def _child_main(conn, slot) -> None:
                 first, values, failures, durations, kept = k + 1, [], {}, [], {}
                 last_report = now
         # The last batch says the chunk is done, in the same message: a death after it blames no point.
-        _write_slot(slot, IDLE, clock())
         pipe.report(Batch(first, values, failures, durations, kept, "recycle" if due else "done"))
         if due:
             return
@@ -395,7 +397,13 @@ class ChildProcess:
         return out
 
     def _send_chunk(self, map_id, blob, part, positions, options, logs) -> None:
-        """Send a chunk to the child; a child that died while idle (its pipe is broken) is replaced first."""
+        """Send a chunk to the child; a child that died while idle (its pipe is closed) is replaced first."""
+        if self.pid is not None:
+            try:
+                while self.conn.poll(0):  # records its background threads logged since the last chunk
+                    self._log(self.conn.recv())
+            except Exception:
+                self._stop(kill=True)
         for attempt in range(2):
             if self.pid is None:
                 self._start()
@@ -426,8 +434,8 @@ class ChildProcess:
                 except Exception:  # EOF, a broken pipe, or a message that does not unpickle: the child is done for
                     self._fail_current("crashed", self._stop(kill=True), out, left)
                     return True
-                if isinstance(message, LogLine):  # a record from the evaluation
-                    logging.getLogger(message.name).log(message.levelno, "%s", message.text)
+                if isinstance(message, LogLine):
+                    self._log(message)
                 elif self._take(message, positions, out, left):
                     return True
                 if time.monotonic() - last_check < CHECK_SECONDS:
@@ -436,7 +444,7 @@ class ChildProcess:
             if not tick():
                 return False
             slot = _read_slot(self.slot)
-            if options.point_timeout and slot is not None and slot[0] != IDLE and now - slot[1] > options.point_timeout:
+            if options.point_timeout and slot is not None and now - slot[1] > options.point_timeout:
                 self._fail_current("timeout", self._stop(kill=True), out, left)
                 return True
             if not ready:
@@ -446,6 +454,11 @@ class ChildProcess:
                     self.pid = self.conn = None
                     self._fail_current("crashed", status, out, left)
                     return True
+
+    @staticmethod
+    def _log(line: LogLine) -> None:
+        """Pass on a log record of the evaluation (to the rank's handlers: the job's log)."""
+        logging.getLogger(line.name).log(line.levelno, "%s", line.text)
 
     def _take(self, batch: Batch, positions, out: Outcome, left) -> bool:
         """Record a batch of results; True if it ends the chunk."""
@@ -468,8 +481,8 @@ class ChildProcess:
     def _fail_current(self, kind, status, out: Outcome, left) -> None:
         """Record the point the child was on as timed out or crashed (the child is gone).
 
-        No point is blamed if the child was between points, or if the point it
-        names already has its result (the child died just after reporting it).
+        No point is blamed if the point the slot names already has its result
+        (the child died just after reporting it, before starting the next).
         """
         slot = _read_slot(self.slot)
         if slot is None or not 0 <= slot[0] < len(left) or not left[slot[0]]:

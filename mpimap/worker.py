@@ -15,7 +15,7 @@ import numpy as np
 
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
-from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task
+from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
 from .transport import Transport, Waiter
 
 DEFAULT_HEARTBEAT = 1.0
@@ -51,7 +51,8 @@ class Evaluator:
     def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True) -> Outcome | None:
         """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops)."""
         n = len(args)
-        failure = function if isinstance(function, Failure) else getattr(args, "failure", None)
+        failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
+            else None
         if failure is not None:  # the function or the points could not be loaded here: every point fails with why
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
