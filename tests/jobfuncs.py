@@ -48,12 +48,17 @@ NOT_CALLABLE = 42
 _LEAK = []
 
 
+def rank() -> str:
+    """The MPI rank this process runs on, from mpiexec's environment (inherited by the child process)."""
+    return os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"  # MPICH, Open MPI
+
+
 def misbehave(x):
     """The resilience scenario: what each point does is decided by its number (and by the rank it runs on)."""
     import ctypes
 
     p = int(x)
-    rank = os.environ.get("PMI_RANK", "0")  # set by MPICH's mpiexec; the child process inherits it
+    here = rank()
     if p % 10 == 1:
         raise ValueError(f"point {p} is bad")
     if p == 3:
@@ -67,9 +72,9 @@ def misbehave(x):
         _LEAK.append(bytearray(50 * 2 ** 20))  # leaks 50 MB per call
         for page in range(0, len(_LEAK[-1]), 4096):
             _LEAK[-1][page] = 1
-    if p % 10 == 9 and rank == "2":
+    if p % 10 == 9 and here == "2":
         raise RuntimeError("bad node: rank 2 gets these wrong")
-    time.sleep(0.2 if rank == "1" else 0.01)  # rank 1 is a slow node
+    time.sleep(0.2 if here == "1" else 0.01)  # rank 1 is a slow node
     return float(p * p)
 
 
@@ -121,14 +126,14 @@ def slow_chatty(x):
 def fails_on_node2(x):
     """Every point fails when evaluated on node2 (a bad node), and succeeds elsewhere."""
     time.sleep(0.01)
-    if os.environ.get("PMI_RANK") == "2":
+    if rank() == "2":
         raise RuntimeError("bad node")
     return x * 10
 
 
 def host_dependent(x):
     """Differs between ranks on every 4th point (like a node with flaky floating point)."""
-    bump = float(os.environ.get("PMI_RANK", "0")) * 1e-9 if int(x) % 4 == 0 else 0.0
+    bump = float(rank()) * 1e-9 if int(x) % 4 == 0 else 0.0
     return x + bump
 
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, mpimap_cli
+from conftest import job_env, kill_job, mpimap_cli, open_mpi
 from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
 
@@ -108,7 +108,7 @@ def test_kill_9_then_resume_loses_nothing_and_recomputes_nothing(tmp_path):
                 continue
             if done > 300:
                 break
-    os.killpg(job.pid, signal.SIGKILL)
+    kill_job(job)
     job.communicate()
     partial = read_results(out)  # readable after kill -9
     stored = np.flatnonzero(partial["status"] == "done")
@@ -202,7 +202,7 @@ def test_second_writer_is_refused_while_a_job_runs(tmp_path):
                           env=job_env(MPIMAP_TEST_LOG=str(tmp_path / "log2")))
         assert proc.returncode == 2 and "is being written by another running job" in proc.stderr
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
+        kill_job(job)
         job.communicate()
 
 
@@ -231,7 +231,8 @@ def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     job.send_signal(signal.SIGTERM)  # to mpiexec, which forwards it to every rank, as scancel does
     stdout, stderr = job.communicate(timeout=60)
     assert job.returncode != 0
-    assert "SIGTERM: stopping; results so far are kept" in stderr
+    if not open_mpi():  # Open MPI's mpiexec ends without passing on the ranks' last output
+        assert "SIGTERM: stopping; results so far are kept" in stderr
     r = read_results(out)
     assert r["attrs"]["state"] == "interrupted"
     kept = int((r["status"] == "done").sum())
