@@ -29,6 +29,7 @@ log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
+SPIN = 5e-5  # seconds the master polls without yielding after a message while chunks are short
 SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
 DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
 DRIVEN_WAIT = 0.05  # seconds between the master thread's looks while a caller drives
@@ -260,7 +261,9 @@ class Master:
     def _idle(self, limit: float) -> None:
         """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap."""
         waiter = self._waiter
-        if self._chunk_seconds < SHORT_CHUNK:
+        short = self._chunk_seconds < SHORT_CHUNK
+        waiter.spin = SPIN if short else 0.0
+        if short:
             waiter.window = waiter.hot_window
         waiter.cap = min(self._sleep_cap(), limit)
         if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
@@ -438,7 +441,7 @@ class Master:
         return limit
 
     def _result(self, rank: int, result: Result, now: float) -> None:
-        values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
+        values, failures, durations, logs = result.values, result.failures, np.frombuffer(result.durations), result.logs
         self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
         live = self._holes.pop(result.chunk_id, None)
@@ -579,7 +582,7 @@ class InlineMaster(Master):
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue
-            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations,
+            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations.tobytes(),
                                       time.perf_counter() - t0, out.logs), time.monotonic())
 
     def _receive(self, limit: int = RECEIVE_LIMIT) -> int:

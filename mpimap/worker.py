@@ -133,7 +133,7 @@ class _Worker:
         self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
         self.beat.start()
         logging.getLogger().addHandler(self.forward)
-        waiter = Waiter(window=5e-3)
+        waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
         try:
             while not self.stopping:
                 message = self.transport.poll()
@@ -168,7 +168,8 @@ class _Worker:
         out = self.evaluator.run(map_id, blob, function, task.args, tick)
         if out is None:
             return
-        result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)
+        result = Result(task.chunk_id, out.values, out.failures, out.durations.tobytes(), time.perf_counter() - t0,
+                        out.logs)
         try:
             self.transport.send(0, Kind.RESULT, result)
         except (Exception, SystemExit) as exc:  # a value that cannot be pickled fails its point, not the rank
