@@ -19,7 +19,6 @@ import os
 import pickle
 import shutil
 import signal
-import struct
 import tempfile
 import threading
 import time
@@ -176,27 +175,32 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
-# The slot shared with the child (MAP_SHARED): which point it evaluates and since when, behind a sequence
-# number that is odd while the slot is being rewritten (a seqlock: one 16-byte write is not atomic, and a
-# torn read would pair a new position with an old start time).
-_SEQ = struct.Struct("<q")
-_POINT = struct.Struct("<qd")
-_SLOT_SIZE = _SEQ.size + _POINT.size
+class _Slot(ctypes.Structure):
+    """Shared with the child (MAP_SHARED): which point it evaluates and since when.
+
+    A seqlock: ``seq`` is odd while the slot is rewritten, since a torn read
+    would pair a new position with an old start time.  Each field is one
+    aligned 8-byte load or store (``struct.pack_into`` zero-fills first and
+    writes byte by byte, so a reader could see an old sequence number again).
+    """
+
+    _fields_ = [("seq", ctypes.c_int64), ("position", ctypes.c_int64), ("started", ctypes.c_double)]
 
 
-def _write_slot(slot, position: int, started: float) -> None:
-    seq = _SEQ.unpack_from(slot)[0] | 1  # odd: being written (also after a writer killed mid-write)
-    _SEQ.pack_into(slot, 0, seq)
-    _POINT.pack_into(slot, _SEQ.size, position, started)
-    _SEQ.pack_into(slot, 0, seq + 1)
+def _write_slot(slot: _Slot, position: int, started: float) -> None:
+    seq = slot.seq | 1  # odd: being written (also after a writer killed mid-write)
+    slot.seq = seq
+    slot.position = position
+    slot.started = started
+    slot.seq = seq + 1
 
 
-def _read_slot(slot):
+def _read_slot(slot: _Slot):
     """``(position, started)``; None if the slot is being written (or its writer died while writing it)."""
     for _ in range(100):
-        seq = _SEQ.unpack_from(slot)[0]
-        point = _POINT.unpack_from(slot, _SEQ.size)
-        if not seq & 1 and _SEQ.unpack_from(slot)[0] == seq:
+        seq = slot.seq
+        point = slot.position, slot.started
+        if not seq & 1 and slot.seq == seq:
             return point
         os.sched_yield()
     return None
@@ -328,7 +332,8 @@ class ChildProcess:
         self.pid = None
         self.conn = None
         self.map_id = None
-        self.slot = mmap.mmap(-1, _SLOT_SIZE)  # shared (MAP_SHARED) with every child forked later
+        self._shared = mmap.mmap(-1, ctypes.sizeof(_Slot))  # MAP_SHARED with every child forked later
+        self.slot = _Slot.from_buffer(self._shared)
         self._leaving: list[int] = []  # recycled children not yet reaped: their exit need not be waited for
 
     def _start(self) -> None:

@@ -36,6 +36,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from .failures import Failure
+
 OOB_THRESHOLD = 64 * 1024
 _COUNT_BYTES = 4
 
@@ -84,9 +86,8 @@ class MapFunction:
 class Task:
     """One chunk of a map for a worker (TASK).
 
-    ``args`` (unless a range or a numpy array without objects) travel as a
-    pickle of their own inside the message, so that points which fail to
-    unpickle on the worker (a ``__setstate__`` that raises) arrive as
+    ``args`` travel apart (see :func:`_apart`): points that fail to unpickle
+    on the worker (a ``__setstate__`` that raises) arrive as
     :class:`UnloadableArgs` and fail their chunk, not the rank.
     """
 
@@ -96,19 +97,16 @@ class Task:
     args: object  # the chunk's points: a list, range or numpy array (UnloadableArgs if they failed to unpickle)
 
     def __reduce__(self):
-        args = self.args
-        if type(args) is range or (type(args) is np.ndarray and not args.dtype.hasobject):
-            return Task, (self.chunk_id, self.map_id, self.function, args)  # these always unpickle
-        buffers = []
-        inner = pickle.dumps(args, protocol=5, buffer_callback=buffers.append)
-        return _task, (self.chunk_id, self.map_id, self.function, len(self.args), inner, *buffers)
+        if _always_loads(self.args):
+            return Task, (self.chunk_id, self.map_id, self.function, self.args)
+        return _task, (self.chunk_id, self.map_id, self.function, len(self.args), *_apart(self.args))
 
 
 @record
 class UnloadableArgs:
     """A chunk's points that could not be unpickled on the worker: every point fails with ``failure``."""
 
-    failure: object  # a failures.Failure
+    failure: Failure
     size: int
 
     def __len__(self):
@@ -116,21 +114,20 @@ class UnloadableArgs:
 
 
 def _task(chunk_id, map_id, function, size, inner, *buffers) -> Task:
-    try:
-        args = pickle.loads(inner, buffers=buffers)
-    except (Exception, SystemExit) as exc:  # a point's __setstate__ may even call sys.exit
-        from .failures import Failure
-
-        args = UnloadableArgs(Failure.from_exception(exc), size)
+    args = _load_apart(inner, buffers)
+    if isinstance(args, Failure):
+        args = UnloadableArgs(args, size)
     return Task(chunk_id, map_id, function, args)
-
-
-_register(_task)
 
 
 @record
 class Result:
-    """A chunk's results (RESULT): values in point order (None where a point failed), failures by offset."""
+    """A chunk's results (RESULT): values in point order (None where a point failed), failures by offset.
+
+    ``values`` travel apart (see :func:`_apart`): values that fail to unpickle
+    on the master (a class it cannot import) fail their chunk's points, not
+    the master.
+    """
 
     chunk_id: int
     values: object  # a list, or one numpy array when the map packs its values
@@ -138,6 +135,50 @@ class Result:
     durations: bytes  # seconds per point, raw float64 (a numpy array costs ~20 µs to pickle and unpickle)
     seconds: float  # the whole chunk's time on the worker
     logs: dict  # offset -> captured log text, where kept
+
+    def __reduce__(self):
+        # Durations go as a raw float64 buffer (pickling a small ndarray costs ~5 µs, the buffer well under 1).
+        durations = pickle.PickleBuffer(np.ascontiguousarray(self.durations, dtype=np.float64))
+        values = self.values if _always_loads(self.values) else _apart(self.values)
+        return _result, (self.chunk_id, self.failures, durations, self.seconds, self.logs, values)
+
+
+def _result(chunk_id, failures, durations, seconds, logs, values) -> Result:
+    durations = np.frombuffer(durations, dtype=np.float64)
+    if type(values) is tuple:  # (pickle, *buffers) from _apart
+        values = _load_apart(values[0], values[1:])
+        if isinstance(values, Failure):
+            failures = {**dict.fromkeys(range(len(durations)), values), **failures}
+            values = [None] * len(durations)
+    return Result(chunk_id, values, failures, durations, seconds, logs)
+
+
+def _always_loads(obj) -> bool:
+    """A range, or a numpy array without Python objects: nothing in it can fail to unpickle."""
+    return type(obj) is range or (type(obj) is np.ndarray and not obj.dtype.hasobject)
+
+
+def _apart(obj) -> tuple:
+    """``obj`` as a pickle of its own, followed by its large buffers (they still travel out of band).
+
+    Loading it apart (:func:`_load_apart`) catches what its loading raises, so
+    one unloadable point costs its chunk, never the message and the process
+    that receives it.
+    """
+    buffers = []
+    return (pickle.dumps(obj, protocol=5, buffer_callback=buffers.append), *buffers)
+
+
+def _load_apart(inner, buffers):
+    """The object pickled by :func:`_apart`, or the Failure of loading it."""
+    try:
+        return pickle.loads(inner, buffers=buffers)
+    except (Exception, SystemExit) as exc:  # a __setstate__ may even call sys.exit
+        return Failure.from_exception(exc)
+
+
+_register(_task)
+_register(_result)
 
 
 @record

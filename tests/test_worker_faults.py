@@ -170,9 +170,9 @@ if __name__ == "__main__":
 
 def test_the_slot_read_never_pairs_a_position_with_another_points_start(tmp_path):
     stdout = run_python(tmp_path, '''
-import json, mmap, os, time
+import json, os, time
 from mpimap import isolation
-slot = mmap.mmap(-1, isolation._SLOT_SIZE)
+slot = isolation.ChildProcess().slot
 pid = os.fork()
 if pid == 0:  # a writer as fast as the child's hot loop
     end = time.monotonic() + 1.5
@@ -291,3 +291,27 @@ if __name__ == "__main__":
     pool.shutdown()
 ''')
     assert result_of(stdout) == [0, 1, 2]
+
+
+def test_a_value_that_fails_to_unpickle_on_the_master_fails_its_chunk_not_the_master(run_script):
+    stdout = run_script('''
+import json, mpimap
+from mpi4py import MPI
+def explode():
+    if MPI.COMM_WORLD.Get_rank() == 0:  # e.g. a class from a module only the workers can import
+        raise ModuleNotFoundError("No module named 'only_on_workers'")
+    return 1
+class Odd:
+    def __reduce__(self):
+        return explode, ()
+def f(x):
+    return Odd() if x == 1 else x
+if __name__ == "__main__":
+    with mpimap.Pool(MPI.COMM_WORLD, on_error="record") as pool:
+        if pool is not None:
+            values = list(pool.map(f, range(3), chunksize=1, timeout=60))
+            again = list(pool.map(f, [5, 6], timeout=60))
+            print("RESULT " + json.dumps([[v if isinstance(v, int) else type(v).__name__ for v in values], again]),
+                  flush=True)
+''', ranks=2, plain=True, timeout=150)
+    assert result_of(stdout) == [[0, "ModuleNotFoundError", 2], [5, 6]]
