@@ -441,7 +441,7 @@ class Master:
         return limit
 
     def _result(self, rank: int, result: Result, now: float) -> None:
-        values, failures, durations, logs = result.values, result.failures, np.frombuffer(result.durations), result.logs
+        values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
         self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
         live = self._holes.pop(result.chunk_id, None)
@@ -582,7 +582,7 @@ class InlineMaster(Master):
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue
-            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations.tobytes(),
+            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations,
                                       time.perf_counter() - t0, out.logs), time.monotonic())
 
     def _receive(self, limit: int = RECEIVE_LIMIT) -> int:

@@ -132,7 +132,7 @@ class Result:
     chunk_id: int
     values: object  # a list, or one numpy array when the map packs its values
     failures: dict  # offset within the chunk -> failures.Failure
-    durations: bytes  # seconds per point, raw float64 (a numpy array costs ~20 µs to pickle and unpickle)
+    durations: object  # float64 array of seconds per point
     seconds: float  # the whole chunk's time on the worker
     logs: dict  # offset -> captured log text, where kept
 

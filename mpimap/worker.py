@@ -168,8 +168,7 @@ class _Worker:
         out = self.evaluator.run(map_id, blob, function, task.args, tick)
         if out is None:
             return
-        result = Result(task.chunk_id, out.values, out.failures, out.durations.tobytes(), time.perf_counter() - t0,
-                        out.logs)
+        result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)
         try:
             self.transport.send(0, Kind.RESULT, result)
         except (Exception, SystemExit) as exc:  # a value that cannot be pickled fails its point, not the rank
