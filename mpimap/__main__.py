@@ -19,20 +19,26 @@ import types
 EXIT_RANKS_LOST = 4  # the run finished, but some ranks were lost on the way
 
 
-def _heartbeat() -> float:
-    from .worker import DEFAULT_HEARTBEAT
-
-    return float(os.environ.get("MPIMAP_HEARTBEAT", DEFAULT_HEARTBEAT))
-
-
 def _serve_script(path: str, comm) -> None:
-    """Worker side of script mode: load the script's definitions as ``__main__``, then serve."""
+    """Worker side of script mode: load the script's definitions as ``__main__`` and ``__worker__``, then serve.
+
+    Classes and functions defined in the script belong to module ``__worker__``
+    here; under both names, instances pickle on this rank and arguments sent as
+    ``__main__.X`` resolve.
+    """
     module = types.ModuleType("__main__")
     module.__dict__.update(runpy.run_path(path, run_name="__worker__"))
-    sys.modules["__main__"] = module
+    sys.modules["__main__"] = sys.modules["__worker__"] = module
     from .worker import serve
 
-    serve(comm, _heartbeat())
+    serve(comm)
+
+
+def _alias_worker_module() -> None:
+    """Rank 0 of script mode: what a worker pickled as ``__worker__.X`` is the script's ``__main__.X`` here."""
+    alias = types.ModuleType("__worker__")
+    alias.__getattr__ = lambda name: getattr(sys.modules["__main__"], name)  # the script's module while it runs
+    sys.modules["__worker__"] = alias
 
 
 def main(argv=None) -> int:
@@ -54,13 +60,14 @@ def main(argv=None) -> int:
         else:
             from .worker import serve
 
-            serve(comm, _heartbeat())
+            serve(comm)
         return 0
     if comm is not None:
         world.start(comm)
     status = 1
     try:
         if script is not None:
+            _alias_worker_module()
             sys.argv = argv
             sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
             runpy.run_path(script, run_name="__main__")
@@ -73,7 +80,9 @@ def main(argv=None) -> int:
         status = exc.code if isinstance(exc.code, int) else 1
         raise
     finally:
-        lost = world.end()
+        # Work still queued when the script ends is finished first, as concurrent.futures does at exit;
+        # after an error it is dropped.
+        lost = world.end(cancel=status != 0)
         if lost:
             # MPI_Finalize would wait for ever on a lost rank: everything is stored, so end the job here.
             sys.stdout.flush()

@@ -114,13 +114,12 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
                 watcher = Watcher(out, lambda command: _apply(pool, command))
                 watcher.start()
                 try:
-                    _stream(pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options), pool, todo, store,
+                    _stream(pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options), todo, store,
                             meter, per_rank, stop_on_error=on_error == "stop")
                 finally:
                     watcher.stop()
-                master = pool._master
                 pool.shutdown(wait=True)  # verifications may still be running
-                _store_verification(store, todo, master.verification)
+                _store_verification(store, todo, pool.verification())
         state = "complete"
     except _Interrupted as why:
         state = "interrupted"
@@ -136,11 +135,10 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         sys.exit(3)
 
 
-def _stream(chunks, pool, todo, store, meter, per_rank: Counter, stop_on_error: bool) -> None:
+def _stream(chunks, todo, store, meter, per_rank: Counter, stop_on_error: bool) -> None:
     """Write each chunk's results to the store as it arrives (``todo`` maps map positions to file rows)."""
-    ranks = pool._master.ranks
     for chunk in chunks:
-        host = ranks[chunk.rank].host or socket.gethostname()
+        host = chunk.host or socket.gethostname()
         kept = chunk.delivered()  # without the points that went to another attempt
         indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
         store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts, kept.logs)
@@ -154,7 +152,7 @@ def _stream(chunks, pool, todo, store, meter, per_rank: Counter, stop_on_error: 
 
 def _store_verification(store, todo, verification) -> None:
     """Record which points a second host agreed on (``--verify``) and say how many did not."""
-    checks = [(todo[i], same) for _, i, _, _, same in verification]
+    checks = [(todo[v["index"]], v["same"]) for v in verification]
     if checks:
         store.mark_verified(*zip(*checks))
         click.echo(f"mpimap: verified {len(checks)} points on a second host: "

@@ -71,3 +71,29 @@ class Failure:
             exc = {"timeout": PointTimeout, "crashed": PointCrashed}.get(self.status, RemoteError)(self.text)
         exc.__cause__ = RemoteTraceback(f'\n"""\n{self.traceback}"""')
         return exc
+
+
+def unpicklable_values(values, failures: dict, error: BaseException):
+    """After pickling a chunk's results raised ``error``: its values and failures with the culprits failed.
+
+    Each value is pickled on its own (large buffers are not copied) and those
+    that raise fail their point with that error, as ``mpi4py.futures`` does;
+    the hot path never pays this second pickle.  If no single value is to
+    blame, every point without a failure fails with ``error``.
+    """
+    culprits = {}
+    for k, value in enumerate(values):
+        if k in failures:
+            continue
+        try:
+            pickle.dumps(value, protocol=5, buffer_callback=_out_of_band)
+        except (Exception, SystemExit) as exc:  # a __reduce__ may even call sys.exit
+            culprits[k] = Failure.from_exception(exc)
+    if not culprits:
+        culprits = dict.fromkeys((k for k in range(len(values)) if k not in failures), Failure.from_exception(error))
+    values = [None if k in culprits else value for k, value in enumerate(values)]
+    return values, {**failures, **culprits}
+
+
+def _out_of_band(buffer) -> bool:
+    return False

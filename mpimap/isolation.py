@@ -12,26 +12,28 @@ Python exceptions.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import mmap
 import os
 import pickle
 import shutil
 import signal
-import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Pipe
 
 import numpy as np
 
-from .failures import Failure
+from .failures import Failure, unpicklable_values
 from .pointlogs import PointLogs, capture_level, captured
+from .protocol import LogLine, record
 
 ISOLATIONS = ("rank", "process", "fresh")
 BATCH_SECONDS = 0.01  # the child reports results at least this often while it works
-_SLOT = struct.Struct("<qd")  # shared with the child: (index of the point it evaluates, when it started)
+CHECK_SECONDS = 0.005  # while the child keeps sending, the rank checks timeouts and cancellation this often
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,29 @@ class Isolation:
                 raise ValueError(f"{name} must be positive")
 
 
-def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointLogs | None = None):
-    """Evaluate ``fn`` on every point of ``args`` in this process.
+@record
+class Outcome:
+    """A chunk's evaluation: values in point order (None where a point failed), failures by offset, timings, logs."""
 
-    Returns ``(values, failures, durations, kept_logs)``: values in point
-    order (``None`` where a point failed), failures as ``{offset: Failure}``,
-    durations as a float64 array of seconds per point, and the captured log of
-    the points whose log ``logs`` keeps, as ``{offset: text}``.
+    values: object  # a list, or one numpy array when the map packs its values
+    failures: dict  # offset within the chunk -> Failure
+    durations: object  # float64 array of seconds per point
+    logs: dict  # offset -> captured log text, where the map keeps it
+
+
+def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointLogs | None = None,
+                    timed: bool = True) -> Outcome:
+    """Evaluate ``fn`` on every point of ``args`` in this process (the captured log where ``logs`` keeps it).
+
+    Without ``timed`` (and with no scratch or log capture) the points run in
+    one tight loop and each one's duration is the chunk's mean: timing every
+    point costs ~5x a microsecond function.
     """
     n = len(args)
+    if not timed and not scratch and not (logs is not None and logs.active):
+        t0 = time.perf_counter()
+        values, failures = _call_all(fn, star, args)
+        return Outcome(values, failures, np.full(n, (time.perf_counter() - t0) / max(n, 1)), {})
     values = [None] * n
     durations = np.empty(n)
     failures = {}
@@ -95,7 +111,7 @@ def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointL
             failures[i] = failure
         if scratch_dir is not None:
             _leave_scratch(scratch_dir)
-    return values, failures, durations, kept
+    return Outcome(values, failures, durations, kept)
 
 
 def _call(fn, star: bool, point):
@@ -104,6 +120,25 @@ def _call(fn, star: bool, point):
         return (fn(*point) if star else fn(point)), None
     except (Exception, SystemExit) as exc:
         return None, Failure.from_exception(exc)
+
+
+def _call_all(fn, star: bool, args):
+    """``(values, failures)`` for every point, as :func:`_call` would give them one by one, without its per-point cost."""
+    values, failures = [], {}
+    append = values.append
+    points = iter(args)
+    while True:
+        try:  # the loop resumes after a failed point: the iterator has moved past it
+            if star:
+                for point in points:
+                    append(fn(*point))
+            else:
+                for point in points:
+                    append(fn(point))
+            return values, failures
+        except (Exception, SystemExit) as exc:
+            failures[len(values)] = Failure.from_exception(exc)
+            append(None)
 
 
 def _enter_scratch() -> str:
@@ -140,51 +175,135 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+class _Slot(ctypes.Structure):
+    """Shared with the child (MAP_SHARED): which point it evaluates and since when.
+
+    A seqlock: ``seq`` is odd while the slot is rewritten, since a torn read
+    would pair a new position with an old start time.  Each field is one
+    aligned 8-byte load or store (``struct.pack_into`` zero-fills first and
+    writes byte by byte, so a reader could see an old sequence number again).
+    """
+
+    _fields_ = [("seq", ctypes.c_int64), ("position", ctypes.c_int64), ("started", ctypes.c_double)]
+
+
+def _write_slot(slot: _Slot, position: int, started: float) -> None:
+    seq = slot.seq | 1  # odd: being written (also after a writer killed mid-write)
+    slot.seq = seq
+    slot.position = position
+    slot.started = started
+    slot.seq = seq + 1
+
+
+def _read_slot(slot: _Slot):
+    """``(position, started)``; None if the slot is being written (or its writer died while writing it)."""
+    for _ in range(100):
+        seq = slot.seq
+        point = slot.position, slot.started
+        if not seq & 1 and slot.seq == seq:
+            return point
+        os.sched_yield()
+    return None
+
+
+@record
+class ChildChunk:
+    """The rank's message to its child: evaluate ``args``, which are the chunk's points at ``positions``."""
+
+    map_id: int
+    function: bytes | None  # the pickled MapFunction when the child does not hold this map's function yet
+    args: object
+    positions: list
+    options: Isolation
+    logs: PointLogs
+    level: int  # the rank's log level, for the child's root logger
+
+
+@record
+class Batch:
+    """The child's report on ``positions[first:first + len(values)]`` of its chunk (failures and logs by offset)."""
+
+    first: int
+    values: list
+    failures: dict
+    durations: list
+    logs: dict
+    end: str | None = None  # None: more batches follow; "done": the chunk is done; "recycle": done, and the child left
+
+
+class _ChildPipe:
+    """The child's end of the pipe: one lock around every send, as a background thread of the function may log.
+
+    Reentrant: a value's ``__reduce__`` may log while its batch is pickled,
+    which is before any byte of the batch is written.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.RLock()
+
+    def send(self, message) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def report(self, batch: Batch) -> None:
+        """Send a batch; a value that cannot be pickled fails its point with the pickling error."""
+        try:
+            self.send(batch)
+        except (Exception, SystemExit) as exc:
+            values, failures = unpicklable_values(batch.values, batch.failures, exc)
+            self.send(dataclasses.replace(batch, values=values, failures=failures))
+
+
 class _PipeLog(logging.Handler):
     """In the child: log records go up the pipe to the rank, which passes them on to the job's log."""
 
-    def __init__(self, conn):
+    def __init__(self, pipe: _ChildPipe):
         super().__init__()
-        self.conn = conn
+        self.pipe = pipe
 
     def emit(self, record):
-        self.conn.send(("log", record.levelno, record.name, record.getMessage()))
+        try:
+            self.pipe.send(LogLine(record.levelno, record.name, record.getMessage()))
+        except Exception:
+            self.handleError(record)
 
 
 def _child_main(conn, slot) -> None:
     """The child's loop: evaluate chunks, report results in batches, leave when told or when due for recycling."""
+    pipe = _ChildPipe(conn)
     functions = {}
     evaluated = 0
     root = logging.getLogger()
-    root.handlers = [_PipeLog(conn)]  # the rank's own handlers (its MPI forwarder) are not for us
+    root.handlers = [_PipeLog(pipe)]  # the rank's own handlers (its MPI forwarder) are not for us
     while True:
-        message = conn.recv()
-        if message is None:
+        chunk = conn.recv()
+        if chunk is None:
             return
-        map_id, blob, args, positions, options, logs, level = message
-        root.setLevel(level)
-        if blob is not None:
-            functions = {map_id: pickle.loads(blob)[:2]}  # only the current map's function is kept
-        fn, star = functions[map_id]
-        # A batch reports positions[first:first + len(values)]: (first, values, failures, durations, logs),
-        # with failures and logs keyed by the offset within the batch.
+        root.setLevel(chunk.level)
+        if chunk.function is not None:
+            function = pickle.loads(chunk.function)
+            functions = {chunk.map_id: (function.fn, function.star)}  # only the current map's function is kept
+        fn, star = functions[chunk.map_id]
+        args, options, logs = chunk.args, chunk.options, chunk.logs
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0
         plain = not options.scratch and not (logs is not None and logs.active)
-        clock, perf, pack_slot = time.monotonic, time.perf_counter, _SLOT.pack
-        for k, position in enumerate(positions):
+        clock, perf = time.monotonic, time.perf_counter
+        due = False
+        for k, position in enumerate(chunk.positions):
             started = clock()
-            slot[:_SLOT.size] = pack_slot(position, started)
+            _write_slot(slot, position, started)
             if plain:  # the hot path: no scratch directory, no log capture
                 t0 = perf()
                 value, failure = _call(fn, star, args[k])
                 durations.append(perf() - t0)
             else:
-                one, fails, secs, logged = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch, logs=logs)
-                value, failure = one[0], fails.get(0)
-                durations.append(secs[0])
-                if 0 in logged:
-                    kept[k - first] = logged[0]
+                one = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch, logs=logs)
+                value, failure = one.values[0], one.failures.get(0)
+                durations.append(one.durations[0])
+                if 0 in one.logs:
+                    kept[k - first] = one.logs[0]
             values.append(value)
             if failure is not None:
                 failures[k - first] = failure
@@ -194,15 +313,16 @@ def _child_main(conn, slot) -> None:
             if options.max_memory_mb and (now - last_memory_check > 0.005 or now - started > 0.005):
                 last_memory_check = now  # reading /proc costs ~10 µs: not after every microsecond point
                 due = due or _rss_mb() > options.max_memory_mb
-            if due or now - last_report > BATCH_SECONDS:
-                conn.send((first, values, failures, durations, kept))
+            if due or k + 1 == len(chunk.positions):
+                break
+            if now - last_report > BATCH_SECONDS:
+                pipe.report(Batch(first, values, failures, durations, kept))
                 first, values, failures, durations, kept = k + 1, [], {}, [], {}
                 last_report = now
-            if due:
-                conn.send("recycle")
-                return
-        conn.send((first, values, failures, durations, kept))
-        conn.send("done")
+        # The last batch says the chunk is done, in the same message: a death after it blames no point.
+        pipe.report(Batch(first, values, failures, durations, kept, "recycle" if due else "done"))
+        if due:
+            return
 
 
 class ChildProcess:
@@ -212,7 +332,8 @@ class ChildProcess:
         self.pid = None
         self.conn = None
         self.map_id = None
-        self.slot = mmap.mmap(-1, _SLOT.size)  # shared (MAP_SHARED) with every child forked later
+        self._shared = mmap.mmap(-1, ctypes.sizeof(_Slot))  # MAP_SHARED with every child forked later
+        self.slot = _Slot.from_buffer(self._shared)
         self._leaving: list[int] = []  # recycled children not yet reaped: their exit need not be waited for
 
     def _start(self) -> None:
@@ -255,86 +376,129 @@ class ChildProcess:
             os.waitpid(pid, 0)
         self._leaving = []
 
-    def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick):
-        """Evaluate a chunk in the child; same result shape as :func:`evaluate_points`.
+    def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick) -> Outcome | None:
+        """Evaluate a chunk in the child.
 
-        ``tick()`` is called at least every 50 ms while the child works; if it
-        returns False the chunk is abandoned (its map was cancelled) and None
-        is returned.
+        ``tick()`` is called at least every 50 ms while the child works (every
+        few ms while it sends); if it returns False the chunk is abandoned (its
+        map was cancelled, or the rank stops) and None is returned.
         """
         n = len(args)
-        values, failures, durations, kept = [None] * n, {}, np.zeros(n), {}
+        out = Outcome([None] * n, {}, np.zeros(n), {})
         left = np.ones(n, dtype=bool)  # points with no result yet
         child_options = _one_point(options) if options.mode == "fresh" else options
         while left.any():
-            if self.pid is None:
-                self._start()
             positions = np.flatnonzero(left)
             part = args if len(positions) == n else (
                 args[positions] if isinstance(args, np.ndarray) else [args[k] for k in positions])
-            self.slot[:_SLOT.size] = _SLOT.pack(positions[0], time.monotonic())
-            self.conn.send((map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
-                            child_options, logs, logging.getLogger().level))
-            self.map_id = map_id
-            if not self._watch(options, tick, positions, values, failures, durations, kept, left):
+            try:
+                self._send_chunk(map_id, blob, part, positions, child_options, logs)
+            except (Exception, SystemExit) as exc:  # points that cannot be pickled to the child
+                out.failures.update(dict.fromkeys(positions.tolist(), Failure.from_exception(exc)))
+                break
+            if not self._watch(options, tick, positions, out, left):
                 self._stop(kill=True)
                 return None
-        return values, failures, durations, kept
+        return out
 
-    def _watch(self, options, tick, positions, values, failures, durations, kept, left) -> bool:
-        """Collect the child's reports until the chunk is done or the child ends; False if abandoned."""
+    def _send_chunk(self, map_id, blob, part, positions, options, logs) -> None:
+        """Send a chunk to the child; a child that died while idle (its pipe is closed) is replaced first."""
+        if self.pid is not None:
+            try:
+                while self.conn.poll(0):  # records its background threads logged since the last chunk
+                    self._log(self.conn.recv())
+            except Exception:
+                self._stop(kill=True)
+        for attempt in range(2):
+            if self.pid is None:
+                self._start()
+            _write_slot(self.slot, int(positions[0]), time.monotonic())
+            try:
+                self.conn.send(ChildChunk(map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
+                                          options, logs, logging.getLogger().level))
+                break
+            except OSError:
+                if attempt:
+                    raise
+                self._stop(kill=True)
+        self.map_id = map_id
+
+    def _watch(self, options, tick, positions, out: Outcome, left) -> bool:
+        """Collect the child's reports until the chunk is done or the child ends; False if abandoned.
+
+        Cancellation, STOP and ``point_timeout`` are checked whenever the pipe
+        is quiet, and every ``CHECK_SECONDS`` while the child keeps sending (a
+        hung point that logs is still killed on time).
+        """
+        last_check = time.monotonic()
         while True:
-            if self.conn.poll(0.05):
+            ready = self.conn.poll(0.05)
+            if ready:
                 try:
                     message = self.conn.recv()
-                except (EOFError, OSError):
-                    self._fail_current("crashed", self._stop(kill=True), failures, durations, left)
+                except Exception:  # EOF, a broken pipe, or a message that does not unpickle: the child is done for
+                    self._fail_current("crashed", self._stop(kill=True), out, left)
                     return True
-                if message == "done":
+                if isinstance(message, LogLine):
+                    self._log(message)
+                elif self._take(message, positions, out, left):
                     return True
-                if message == "recycle":  # the child leaves by itself
-                    self._leaving.append(self.pid)
-                    self.conn.close()
-                    self.pid = self.conn = None
-                    return True
-                if message[0] == "log":  # ("log", levelno, name, text) from the evaluation
-                    _, levelno, name, text = message
-                    logging.getLogger(name).log(levelno, "%s", text)
+                if time.monotonic() - last_check < CHECK_SECONDS:
                     continue
-                first, got, failed, seconds, logged = message
-                where = positions[first:first + len(got)]
-                if len(where) and where[-1] - where[0] == len(where) - 1:
-                    values[where[0]:where[-1] + 1] = got
-                else:
-                    for position, value in zip(where, got):
-                        values[position] = value
-                durations[where] = seconds
-                left[where] = False
-                failures.update((int(where[k]), f) for k, f in failed.items())
-                kept.update((int(where[k]), t) for k, t in logged.items())
-                continue
+            last_check = now = time.monotonic()
             if not tick():
                 return False
-            _, started = _SLOT.unpack(self.slot[:_SLOT.size])
-            if options.point_timeout and time.monotonic() - started > options.point_timeout:
-                self._fail_current("timeout", self._stop(kill=True), failures, durations, left)
+            slot = _read_slot(self.slot)
+            if options.point_timeout and slot is not None and now - slot[1] > options.point_timeout:
+                self._fail_current("timeout", self._stop(kill=True), out, left)
                 return True
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.conn.close()
-                self.pid = self.conn = None
-                self._fail_current("crashed", status, failures, durations, left)
-                return True
+            if not ready:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid:
+                    self.conn.close()
+                    self.pid = self.conn = None
+                    self._fail_current("crashed", status, out, left)
+                    return True
 
-    def _fail_current(self, kind, status, failures, durations, left) -> None:
-        """Record the point the child was on as timed out or crashed (the child is gone)."""
-        position, started = _SLOT.unpack(self.slot[:_SLOT.size])
+    @staticmethod
+    def _log(line: LogLine) -> None:
+        """Pass on a log record of the evaluation (to the rank's handlers: the job's log)."""
+        logging.getLogger(line.name).log(line.levelno, "%s", line.text)
+
+    def _take(self, batch: Batch, positions, out: Outcome, left) -> bool:
+        """Record a batch of results; True if it ends the chunk."""
+        where = positions[batch.first:batch.first + len(batch.values)]
+        if len(where) and where[-1] - where[0] == len(where) - 1:
+            out.values[where[0]:where[-1] + 1] = batch.values
+        else:
+            for position, value in zip(where, batch.values):
+                out.values[position] = value
+        out.durations[where] = batch.durations
+        left[where] = False
+        out.failures.update((int(where[k]), f) for k, f in batch.failures.items())
+        out.logs.update((int(where[k]), t) for k, t in batch.logs.items())
+        if batch.end == "recycle":  # the child leaves by itself
+            self._leaving.append(self.pid)
+            self.conn.close()
+            self.pid = self.conn = None
+        return batch.end is not None
+
+    def _fail_current(self, kind, status, out: Outcome, left) -> None:
+        """Record the point the child was on as timed out or crashed (the child is gone).
+
+        No point is blamed if the point the slot names already has its result
+        (the child died just after reporting it, before starting the next).
+        """
+        slot = _read_slot(self.slot)
+        if slot is None or not 0 <= slot[0] < len(left) or not left[slot[0]]:
+            return
+        position, started = slot
         if kind == "timeout":
             message = f"Timeout: evaluation killed after {time.monotonic() - started:.3g} s (point_timeout)"
         else:
             message = f"Crash: {_describe_exit(status)}"
-        failures[position] = Failure(message.split(": ", 1)[0], message.split(": ", 1)[1], "", status=kind)
-        durations[position] = time.monotonic() - started
+        out.failures[position] = Failure(message.split(": ", 1)[0], message.split(": ", 1)[1], "", status=kind)
+        out.durations[position] = time.monotonic() - started
         left[position] = False
 
 

@@ -7,6 +7,7 @@ results arrive (``chunks``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 
 ON_ERROR = ("raise", "record")
+_SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))  # immutable, small, not weak-referable
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ChunkResult:
     skip: frozenset = frozenset()  # offsets whose failure earned another attempt: their result comes later
     attempts: dict = field(default_factory=dict)  # offset -> attempts made, where more than one
     logs: dict = field(default_factory=dict)  # offset -> captured log text, where kept
+    host: str | None = None  # the node of the rank that evaluated them
 
     def offsets(self):
         """Offsets of the points this chunk delivers."""
@@ -67,20 +70,22 @@ class ChunkResult:
         return ChunkResult(self.start, self.stop, [self.values[k] for k in keep],
                            {new[k]: f for k, f in self.failures.items()}, self.durations[keep], self.rank,
                            frozenset(), {new[k]: n for k, n in self.attempts.items() if k in new},
-                           {new[k]: t for k, t in self.logs.items() if k in new})
+                           {new[k]: t for k, t in self.logs.items() if k in new}, self.host)
 
 
 class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
-    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, future=None,
+    def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
                  policy: Policy = Policy()):
-        self.function = function  # pickled (fn, star, pack, isolation, logs)
+        self.function = function  # the pickled protocol.MapFunction
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
         self.chunksize = chunksize
         self.priority = priority
-        self.future = future
+        # A batch of submit() calls: one future per point; calls join it until the master takes it (seal).
+        self.futures = futures
+        self.sealed = futures is None
         self.policy = policy
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
@@ -90,7 +95,7 @@ class MapHandle:
         self.done = 0
         self.finished = False
         self.cancelled = False
-        self.error: BaseException | None = None  # the master itself failed
+        self.error: BaseException | None = None  # the master failed, or this map could not be sent
         self._cond = threading.Condition()
         self._ordered = ordered
         if ordered:
@@ -100,36 +105,101 @@ class MapHandle:
         else:
             self._chunks = deque()
 
+    # -- batches of submit() calls ----------------------------------------------
+    def join(self, args, future) -> bool:
+        """Add one call to this batch (caller side); False if the master has taken the batch already."""
+        with self._cond:
+            if self.sealed:
+                return False
+            self.args.append(args)
+            self.futures.append(future)
+            return True
+
+    def seal(self) -> None:
+        """The master takes the batch: its size is final."""
+        with self._cond:
+            self.sealed = True
+            self.size = len(self.args)
+            self._started = bytearray(self.size)  # calls whose future was told it runs (or that it was cancelled)
+
+    def start_calls(self, start: int, stop: int) -> list[int]:
+        """Offsets of the calls ``start .. stop-1`` of a batch to evaluate now; the others were cancelled.
+
+        Each future hears ``set_running_or_notify_cancel`` exactly once, the
+        first time its call leaves (``concurrent.futures.wait`` counts a
+        cancelled future only then); a call sent again (a retry) is live while
+        its future runs.
+        """
+        live = []
+        futures = self.futures
+        for k in range(start, stop):
+            future = futures[k]
+            if not self._started[k]:
+                self._started[k] = 1
+                if future.set_running_or_notify_cancel():
+                    live.append(k - start)
+                else:
+                    futures[k] = None  # cancelled: the batch lets go of it
+            elif future is not None and future.running():
+                live.append(k - start)
+        return live
+
+    def _settle(self, result: ChunkResult) -> None:
+        """Set the futures of a batch's chunk (outside the lock: their callbacks run here), then let go of them."""
+        futures, failures, values = self.futures, result.failures, result.values
+        for offset in result.offsets():
+            future = futures[result.start + offset]
+            if future is None or future.done():  # cancelled before it ran
+                continue
+            futures[result.start + offset] = None  # the caller alone keeps the future and its result alive
+            if offset in failures:
+                future.set_exception(failures[offset].exception())
+            else:
+                future.set_result(values[offset])
+
     # -- master side -------------------------------------------------------------
     def deliver(self, result: ChunkResult) -> None:
+        if self.futures is not None:
+            self._settle(result)
         with self._cond:
-            if self._ordered:
-                self._values[result.start:result.stop] = result.values
-                for offset, failure in result.failures.items():
-                    self._failures[result.start + offset] = failure
-                self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
-                for offset in result.skip:
-                    self._ready[result.start + offset] = 0
-            else:
-                self._chunks.append(result)
+            if self.futures is None:  # a batch keeps nothing: its futures hold the results
+                self._store(result)
             self.done += result.stop - result.start - len(result.skip)
             self._cond.notify_all()
 
+    def _store(self, result: ChunkResult) -> None:
+        if self._ordered:
+            self._values[result.start:result.stop] = result.values
+            for offset, failure in result.failures.items():
+                self._failures[result.start + offset] = failure
+            self._ready[result.start:result.stop] = b"\x01" * (result.stop - result.start)
+            for offset in result.skip:
+                self._ready[result.start + offset] = 0
+        else:
+            self._chunks.append(result)
+
     def finish(self, error: BaseException | None = None, cancelled: bool = False) -> None:
+        if self.futures is not None:
+            self._settle_rest(error)  # before ``finished``: whoever waits for that sees every future done
         with self._cond:
             self.finished = True
             self.error = error
             self.cancelled = cancelled
             self._cond.notify_all()
-        if self.future is not None and not self.future.done():
-            if cancelled:
-                self.future.cancel()
-            elif error is not None:
-                self.future.set_exception(error)
-            elif self._failures:
-                self.future.set_exception(self._failures[0].exception())
-            else:
-                self.future.set_result(self._values[0])
+
+    def _settle_rest(self, error: BaseException | None) -> None:
+        """Give the batch's futures still open their outcome (a cancelled one is notified, so wait() sees it)."""
+        if not self.sealed:  # a batch the master never took (closed meanwhile)
+            self.seal()
+        for k, future in enumerate(self.futures):
+            if not self._started[k]:  # never sent: it fails or is cancelled, and its waiters hear of it
+                self._started[k] = 1
+                if error is None:
+                    future.cancel()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(error)
+            elif future is not None and future.running():  # sent, and will never complete now
+                future.set_exception(error or CancelledError("the call was cancelled"))
 
     # -- caller side -------------------------------------------------------------
     def cancel(self) -> None:
@@ -149,7 +219,10 @@ class MapHandle:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 raise TimeoutError(f"map results not ready: {self.done} of {self.size} points done")
-            self._cond.wait(timeout)
+            if self.master is not None and self.master.drivable:
+                self.master.drive(self._cond, timeout)  # run the master loop here: no hand-off between threads
+            else:
+                self._cond.wait(timeout)
 
     def ordered(self, deadline: float | None = None):
         """Yield values in input order; raise a point's exception when its turn comes."""
@@ -163,16 +236,22 @@ class MapHandle:
                     if end == i:  # finished without this point: only a cancelled or failed master
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
+                if (not failures or not any(j in failures for j in range(i, end))) and \
+                        _SCALARS.issuperset(map(type, itertools.islice(values, i, end))):
+                    # Values whose lifetime nobody can observe (not weak-referable): yield them at C speed.
+                    run = values[i:end]
+                    values[i:end] = itertools.repeat(None, end - i)
+                    i = end
+                    yield from run
+                    continue
                 record = self.policy.on_error == "record"
                 for j in range(i, end):
                     if failures and j in failures:
                         if not record:
                             raise failures[j].exception()
                         values[j] = failures[j].exception()
-                    value = values[j]
-                    values[j] = None  # the caller holds it now
                     i = j + 1
-                    yield value
+                    yield _take(values, j)  # not held by a local: the caller alone keeps it alive
         finally:
             if i < n:
                 self.cancel()
@@ -192,3 +271,9 @@ class MapHandle:
         finally:
             if taken < self.size:
                 self.cancel()
+
+
+def _take(values: list, j: int):
+    """``values[j]``, leaving None in its place."""
+    value, values[j] = values[j], None
+    return value

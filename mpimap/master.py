@@ -7,6 +7,7 @@ read results from the :class:`~mpimap.maps.MapHandle` objects it fills.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .maps import ChunkResult, MapHandle
-from .protocol import Kind
+from .protocol import Kind, Result, Task
 from .scheduler import Scheduler
 from .transport import Transport, Waiter
 from .worker import Evaluator, load_function
@@ -28,6 +29,24 @@ log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
+SPIN = 5e-5  # seconds the master polls without yielding after a message while chunks are short
+SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
+DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
+DRIVEN_WAIT = 0.05  # seconds between the master thread's looks while a caller drives
+RECEIVE_LIMIT = 64  # messages handled per pass of the loop before it dispatches again
+AWAY_FRACTION = 0.25  # a pass of the loop this late (in rank_timeout) means the master was away, not the ranks
+
+
+class RanksLostError(RuntimeError):
+    """``Pool(comm).shutdown()``: worker ranks were lost; they never return, so the program must end with Abort."""
+
+    def __init__(self, ranks):
+        self.ranks = sorted(ranks)
+        super().__init__(
+            f"worker ranks {self.ranks} were lost (silent for longer than rank_timeout) and never return from "
+            "Pool(comm): their work went to other ranks, but a collective call "
+            "that includes them, MPI_Finalize too, would hang. Store what you need, then end the job with "
+            "comm.Abort()")
 
 
 @dataclass
@@ -42,7 +61,8 @@ class Master:
     """Dispatches maps to the worker ranks of ``comm`` (rank 0 is this one)."""
 
     def __init__(self, comm=None, *, stop_workers: bool = True, rank_timeout: float | None = DEFAULT_RANK_TIMEOUT,
-                 stall_timeout: float | None = None, host_failures: int | None = DEFAULT_HOST_FAILURES):
+                 stall_timeout: float | None = None, host_failures: int | None = DEFAULT_HOST_FAILURES,
+                 free_comm: bool = False):
         self.transport = Transport(comm) if comm is not None else None
         ranks = self._worker_ranks()
         self.scheduler = Scheduler(ranks, now=time.monotonic())
@@ -50,6 +70,7 @@ class Master:
         self.stop_workers = stop_workers
         self.rank_timeout = rank_timeout  # seconds of silence after which a rank is lost (None: never)
         self.lost: set[int] = set()  # ranks declared lost: never sent to again, their messages dropped
+        self.silent: set[int] = set()  # the last rank in service, silent for rank_timeout, until it speaks again
         self.stall_timeout = stall_timeout  # warn when a busy rank returns nothing for this long
         self._stalled: set[int] = set()  # ranks warned about, until they return something
         self.host_failures = host_failures  # failures disproved elsewhere before a host is retired
@@ -57,14 +78,30 @@ class Master:
         self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
         self.verification: list = []  # (map_id, index, first host, second host, same result)
         self._last_check = 0.0
+        self._last_pass = time.monotonic()  # when the loop last looked at the ranks' silence
+        self._free_comm = free_comm  # free comm once the workers are stopped (unless ranks were lost)
+        self._workers_stopped = False
+        self._detached = False  # closed with wait=False: what goes wrong at the end can only be logged
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
+        self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
+        self._costs: dict[bytes, float] = {}  # pickled function -> seconds per point, from its last map
         self._map_ids = itertools.count()
         self._closing = False
+        self._draining = False  # close was asked for: finish the open maps, accept no new ones, then end
+        self._lock = threading.Lock()  # a submit and a close never interleave: nothing is added after "close"
         self._chunk_seconds = 0.0  # moving average of how long a chunk takes to evaluate
         self._wake = threading.Event()  # set with every command: an idle master waits on it
+        # Whoever holds _turn_lock runs a turn of the loop: the master thread, or a caller that waits for
+        # results and drives the loop itself (no hand-off between threads, no fight for the GIL).
+        self._turn_lock = threading.Lock()
+        self._drivers = 0  # callers driving the loop right now: the master thread keeps out of their way
+        self._drivers_lock = threading.Lock()
+        self._last_driven = 0.0
+        self._stopped = False  # the loop has ended (closed, or failed): nobody drives it any more
+        self._waiter = Waiter(window=5e-5, hot_window=5e-3)
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
         self._thread.start()
 
@@ -73,13 +110,14 @@ class Master:
 
     # -- called from the caller's threads ----------------------------------------
     def submit(self, handle: MapHandle) -> MapHandle:
-        if self.error is not None:
-            raise RuntimeError("the mpimap master has failed") from self.error
-        if self._closing:
-            raise RuntimeError("cannot submit to a pool that has been shut down")
-        handle.map_id = next(self._map_ids)
-        handle.master = self
-        self._command("add", handle)
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError("the mpimap master has failed") from self.error
+            if self._closing:
+                raise RuntimeError("cannot submit to a pool that has been shut down")
+            handle.map_id = next(self._map_ids)
+            handle.master = self
+            self._command("add", handle)
         return handle
 
     def cancel(self, handle: MapHandle) -> None:
@@ -93,11 +131,23 @@ class Master:
         self._inbox.append((name, handle))
         self._wake.set()
 
-    def close(self) -> None:
-        """Cancel what is left, stop the workers if this master owns them, and end the thread."""
-        self._closing = True
-        self._command("close", None)
+    def close(self, wait: bool = True, cancel: bool = False) -> None:
+        """Accept no more maps; finish the open ones (``cancel``: drop them), stop the workers if this
+        master owns them, and end the thread.  ``wait=False`` returns at once; the interpreter waits at exit."""
+        with self._lock:
+            self._closing = True
+            self._detached = not wait
+            self._command("close", cancel)
+        if wait:
+            self.join()
+        else:
+            atexit.register(self.join)
+
+    def join(self) -> None:
+        """Wait for the thread to end; if it died early, stop the workers it was to stop."""
         self._thread.join()
+        if self.stop_workers and not self._workers_stopped:
+            self._shutdown_workers()
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight, points done, busy time, seconds since last heard."""
@@ -110,35 +160,127 @@ class Master:
         ]
 
     # -- the loop ----------------------------------------------------------------
-    def _run(self) -> None:
-        waiter = Waiter(window=5e-5, hot_window=5e-3)
+    drivable = True  # callers may run turns of the loop while they wait
+
+    def drive(self, cond: threading.Condition, timeout: float | None) -> None:
+        """Called by a caller waiting for results, holding ``cond`` (once): run a turn of the loop, or wait a little.
+
+        ``cond`` is released meanwhile, so the turn can deliver to its handle
+        and other threads are never blocked on it.
+        """
+        if self._stopped:
+            cond.wait(IDLE_WAIT if timeout is None else min(timeout, IDLE_WAIT))
+            return
+        with self._drivers_lock:
+            self._drivers += 1
+        cond.release()
         try:
-            while True:
-                while self._inbox:
-                    command, handle = self._inbox.popleft()
-                    if command == "close":
-                        return
-                    getattr(self, "_" + command)(handle)
-                self._dispatch()
-                if self.rank_timeout is not None or self.stall_timeout is not None:
-                    self._check_silence()
-                if self._receive():
+            if self._turn_lock.acquire(timeout=1e-3):  # else another caller drives: look at our results again
+                try:
+                    busy = self._turn()
+                except BaseException as exc:
+                    self._fail(exc)
+                    return
+                finally:
+                    self._turn_lock.release()
+                if busy:
+                    self._waiter.activity()
+                else:
+                    self._idle(IDLE_WAIT if timeout is None else max(timeout, 0.0))
+        finally:
+            self._last_driven = time.monotonic()
+            with self._drivers_lock:
+                self._drivers -= 1
+            cond.acquire()
+
+    def _turn(self) -> bool:
+        """One turn of the loop: commands, dispatch, messages, liveness; True if messages came."""
+        self._commands()
+        if self._draining and not self._handles:
+            self._stopped = True
+            self._wake.set()
+            return False
+        self._dispatch()
+        received = self._receive()
+        if self.rank_timeout is not None or self.stall_timeout is not None:
+            # Silence is judged only once every message waiting has been read.
+            self._check_silence(drained=received < RECEIVE_LIMIT)
+        return received > 0
+
+    def _fail(self, exc: BaseException) -> None:
+        """The master must never die silently: every waiter hears of it."""
+        log.error("mpimap master failed", exc_info=exc)
+        self.error = exc
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        waiter = self._waiter
+        try:
+            while not self._stopped:
+                since = time.monotonic() - self._last_driven
+                if self._drivers or since < DRIVEN_GRACE:
+                    # A caller drives the loop; when it stops (to use a result) it is usually back soon.
+                    self._wake.wait(DRIVEN_WAIT if self._drivers else DRIVEN_GRACE - since)
+                    self._wake.clear()
+                    continue
+                if not self._turn_lock.acquire(timeout=IDLE_WAIT):
+                    continue
+                try:
+                    busy = self._turn()
+                except BaseException as exc:
+                    self._fail(exc)
+                    break
+                finally:
+                    self._turn_lock.release()
+                if busy:
                     waiter.activity()
                 elif not self._handles:
                     # Nothing to do but hear heartbeats: a command wakes us at once.
                     self._wake.wait(IDLE_WAIT)
                     self._wake.clear()
                 else:
-                    waiter.cap = self._sleep_cap()
-                    waiter.idle()
-        except BaseException as exc:  # the master must never die silently: every waiter hears of it
-            log.exception("mpimap master failed")
-            self.error = exc
+                    self._idle(IDLE_WAIT)
         finally:
+            with self._turn_lock:
+                self._stopped = True
+                with self._lock:  # no submit slips in between: each one either raises or is finished here
+                    self._closing = True
+                    queued = [h for command, h in self._inbox if command == "add"]
+                    self._inbox.clear()
+                for handle in list(self._handles.values()) + queued:
+                    handle.finish(error=self.error, cancelled=self.error is None)
+                self._handles.clear()
+                self.lost |= self.silent  # the last rank, kept in service while silent, never came back
+                self._shutdown_workers()
+                if self._free_comm and not self.lost:
+                    self.transport.comm.Free()  # collective with the workers, which free it as they return
+                elif self._free_comm and self._detached:  # shutdown(wait=False): nobody is there to raise it to
+                    log.error("%s", RanksLostError(self.lost))
+
+    def _idle(self, limit: float) -> None:
+        """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap."""
+        waiter = self._waiter
+        short = self._chunk_seconds < SHORT_CHUNK
+        waiter.spin = SPIN if short else 0.0
+        if short:
+            waiter.window = waiter.hot_window
+        waiter.cap = min(self._sleep_cap(), limit)
+        if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
+            waiter.sleep = waiter.cap
+        waiter.idle()
+
+    def _commands(self) -> None:
+        """Carry out the caller's commands (in a call of its own: no local outlives it to keep a map alive)."""
+        while self._inbox:
+            command, argument = self._inbox.popleft()
+            getattr(self, "_" + command)(argument)
+
+    def _close(self, cancel: bool) -> None:
+        self._draining = True
+        if cancel:
             for handle in list(self._handles.values()):
-                handle.finish(error=self.error, cancelled=self.error is None)
-            self._handles.clear()
-            self._shutdown_workers()
+                self._end_map(handle, cancelled=True)
 
     def _sleep_cap(self) -> float:
         """The longest nap between polls: 1 ms, up to 20 ms while long chunks are in flight.
@@ -156,16 +298,32 @@ class Master:
             if rank in self.ranks and rank not in self.lost and self.transport is not None:
                 self.transport.send(rank, Kind.LEVEL, level)
 
-    def _check_silence(self) -> None:
-        """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others."""
+    def _check_silence(self, drained: bool) -> None:
+        """Declare lost the ranks not heard from for ``rank_timeout``; their chunks go to the others.
+
+        A long gap since the last look means this loop did not run (the job was
+        suspended, rank 0 stopped, another thread held the GIL): the ranks'
+        silence is then the master's own absence, so their clocks restart.
+        """
         now = time.monotonic()
-        if now - self._last_check < 0.1:
+        away, self._last_pass = now - self._last_pass, now
+        if self.rank_timeout and away > AWAY_FRACTION * self.rank_timeout:
+            log.warning("the master did not run for %.1f s (job suspended, or a thread held the GIL): "
+                        "no rank is judged silent for that time", away)
+            for rank in self.scheduler.ranks:
+                self.scheduler.heard(rank, now)
+            return
+        if not drained or now - self._last_check < 0.1:
             return
         self._last_check = now
         for rank in self.scheduler.silent_ranks(now, self.rank_timeout) if self.rank_timeout else ():
             info = self.ranks[rank]
+            silence = now - self.scheduler.ranks[rank].last_heard
+            if self.scheduler.live == 1:
+                self._no_rank_left(rank, silence)
+                break
             log.warning("rank %d (%s, pid %s) silent for %.1f s: declared lost, its work goes to other ranks",
-                        rank, info.host, info.pid, now - self.scheduler.ranks[rank].last_heard)
+                        rank, info.host, info.pid, silence)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
         if self.stall_timeout:
@@ -176,10 +334,33 @@ class Master:
                             self.ranks[rank].host, self.stall_timeout)
             self._stalled = stalled
 
+    def _no_rank_left(self, rank: int, silence: float) -> None:
+        """The last live rank is silent: it is kept (it may come back) but the open maps fail, rather than wait."""
+        error = RuntimeError(
+            f"no worker rank is left: rank {rank} ({self.ranks[rank].host}), the last one in service, has been "
+            f"silent for {silence:.1f} s (rank_timeout {self.rank_timeout:g} s)"
+            + (f" and ranks {sorted(self.lost)} were lost" if self.lost else "")
+            + "; results received so far are kept: run again (with a larger rank_timeout if the ranks are busy "
+            "in code that holds the GIL, or isolation='process')")
+        log.error("%s", error)
+        for handle in list(self._handles.values()):
+            self._end_map(handle, error=error)
+        self.silent.add(rank)
+        self.scheduler.heard(rank, time.monotonic())  # later maps give it a full rank_timeout again
+
     def _add(self, handle: MapHandle) -> None:
+        handle.seal()
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
-        self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority)
+        # A batch of submit() calls of a function seen before starts with its measured cost: a batch is often
+        # small, and learning the cost again from one-point chunks would send it one call per message.
+        cost = self._costs.get(handle.function) if handle.futures is not None else None
+        try:
+            self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
+                                   cost=cost)
+        except Exception as exc:  # the map's own fault: it fails, the master serves on
+            self._end_map(handle, error=exc)
+            return
         if handle.size == 0:
             self._end_map(handle)
 
@@ -187,33 +368,51 @@ class Master:
         if self._handles.get(handle.map_id) is handle:
             self._end_map(handle, cancelled=True)
 
-    def _end_map(self, handle: MapHandle, cancelled: bool = False) -> None:
+    def _end_map(self, handle: MapHandle, cancelled: bool = False, error: BaseException | None = None) -> None:
+        state = self.scheduler.maps.get(handle.map_id)
+        if handle.futures is not None and state is not None and state.cost is not None:
+            if len(self._costs) > 256:
+                self._costs.clear()
+            self._costs[handle.function] = state.cost
         self.scheduler.remove_map(handle.map_id)
         del self._handles[handle.map_id]
         for rank in self._holders.pop(handle.map_id):
-            self.transport.send(rank, Kind.FORGET, handle.map_id)
-        handle.finish(cancelled=cancelled)
+            if rank not in self.lost:
+                self.transport.send(rank, Kind.FORGET, handle.map_id)
+        handle.finish(error=error, cancelled=cancelled)
 
-    def _claim(self, chunk) -> MapHandle | None:
-        """The handle a chunk belongs to, as it leaves; None if its future was cancelled while queued."""
+    def _claim(self, chunk):
+        """The handle and the arguments of a chunk as it leaves; a batch's cancelled calls are left out.
+
+        Where calls are left out, the chunk's positions are kept in ``_holes``
+        so that its results can be put back in place (:func:`_fill_holes`).
+        """
         handle = self._handles.get(chunk.map_id)
-        if handle is not None and handle.future is not None and not handle.future.set_running_or_notify_cancel():
-            self._end_map(handle, cancelled=True)
-            return None
-        return handle
+        if handle is None:
+            return None, None
+        args = handle.args[chunk.start:chunk.stop]
+        if handle.futures is None:
+            return handle, args
+        live = handle.start_calls(chunk.start, chunk.stop)
+        if len(live) < len(args):
+            self._holes[chunk.chunk_id] = live
+            args = [args[k] for k in live]
+        return handle, args
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle = self._claim(chunk)
+            handle, args = self._claim(chunk)
             if handle is None:
                 continue
             holders = self._holders[chunk.map_id]
             function = None if rank in holders else handle.function
             holders.add(rank)
-            self.transport.send(rank, Kind.TASK,
-                                (chunk.chunk_id, chunk.map_id, function, handle.args[chunk.start:chunk.stop]))
+            try:
+                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args))
+            except Exception as exc:  # points that cannot be pickled: that map fails, the master serves on
+                self._end_map(handle, error=exc)
 
-    def _receive(self, limit: int = 64) -> int:
+    def _receive(self, limit: int = RECEIVE_LIMIT) -> int:
         """Handle up to ``limit`` waiting messages; return how many there were."""
         for count in range(limit):
             message = self.transport.poll()
@@ -223,29 +422,33 @@ class Master:
             now = time.monotonic()
             if source in self.lost:
                 continue
+            if self.silent:
+                self.silent.discard(source)
             if kind is Kind.RESULT:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
             elif kind is Kind.HELLO:
-                self.ranks[source].host, self.ranks[source].pid = body
+                self.ranks[source].host, self.ranks[source].pid = body.host, body.pid
                 self.scheduler.heard(source, now)
             elif kind is Kind.LOG:
-                levelno, name, text = body
                 # The rank already applied its own level: the record is logged whatever the master's level.
                 logger = logging.getLogger(f"mpimap.rank{source}")
-                logger.handle(logger.makeRecord(logger.name, levelno, "(worker)", 0, "[rank %d %s] %s: %s",
-                                                (source, self.ranks[source].host, name, text), None))
+                logger.handle(logger.makeRecord(logger.name, body.levelno, "(worker)", 0, "[rank %d %s] %s: %s",
+                                                (source, self.ranks[source].host, body.name, body.text), None))
                 self.scheduler.heard(source, now)
             else:  # HEARTBEAT
                 self.scheduler.heard(source, now)
         return limit
 
-    def _result(self, rank: int, body, now: float) -> None:
-        chunk_id, values, failures, durations, seconds, logs = body
-        self._chunk_seconds += (seconds - self._chunk_seconds) / 8
-        chunk = self.scheduler.complete(rank, chunk_id, seconds, now)
+    def _result(self, rank: int, result: Result, now: float) -> None:
+        values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
+        self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
+        chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
+        live = self._holes.pop(result.chunk_id, None)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
+        if live is not None:
+            values, failures, durations, logs = _fill_holes(live, len(chunk), values, failures, durations, logs)
         handle = self._handles[chunk.map_id]
         if chunk.start in handle.verifying and len(chunk) == 1:
             self._verified(handle, chunk.start, values, failures, rank)
@@ -272,7 +475,7 @@ class Master:
         if handle.failed_on:
             self._strike_hosts(handle, chunk, failures, skip, rank)
         handle.deliver(ChunkResult(chunk.start, chunk.stop, values, failures, durations, rank, frozenset(skip),
-                                   attempts, logs))
+                                   attempts, logs, self.ranks[rank].host))
         if handle.policy.verify:
             self._sample(handle, chunk, values, failures, skip, rank)
 
@@ -330,7 +533,18 @@ class Master:
             for rank in self.ranks:
                 if rank not in self.lost:
                     self.transport.send(rank, Kind.STOP)
+            self._workers_stopped = True
         self.transport.flush(timeout=1.0 if self.lost else 10.0)
+
+
+def _fill_holes(live, n, values, failures, durations, logs):
+    """The results of a chunk evaluated without its cancelled calls, put back at the positions ``live``."""
+    full = [None] * n
+    for j, k in enumerate(live):
+        full[k] = values[j]
+    spread = np.zeros(n)
+    spread[live] = durations
+    return (full, {live[j]: f for j, f in failures.items()}, spread, {live[j]: t for j, t in logs.items()})
 
 
 def _same(a, b) -> bool:
@@ -344,9 +558,11 @@ def _same(a, b) -> bool:
 class InlineMaster(Master):
     """The same loop without MPI: evaluates every chunk itself (a pool of one process)."""
 
+    drivable = False  # chunks are evaluated in the loop: a caller's timeout must not wait for one
+
     def __init__(self):
         self._evaluator = Evaluator()
-        self._functions = {}  # map_id -> unpickled (fn, star, pack, isolation)
+        self._functions = {}  # map_id -> its MapFunction (or the Failure of loading it)
         super().__init__(rank_timeout=None)
         self.ranks[0].host, self.ranks[0].pid = socket.gethostname(), os.getpid()
 
@@ -355,20 +571,23 @@ class InlineMaster(Master):
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle = self._claim(chunk)
+            handle, args = self._claim(chunk)
             if handle is None:
                 continue
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
-            values, failures, durations, logs = self._evaluator.run(chunk.map_id, handle.function,
-                                                                    self._functions[chunk.map_id],
-                                                                    handle.args[chunk.start:chunk.stop])
-            self._result(rank, (chunk.chunk_id, values, failures, durations, time.perf_counter() - t0, logs),
-                         time.monotonic())
+            try:
+                out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args)
+            except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
+                self._end_map(handle, error=exc)
+                continue
+            self._result(rank, Result(chunk.chunk_id, out.values, out.failures, out.durations,
+                                      time.perf_counter() - t0, out.logs), time.monotonic())
 
-    def _receive(self, limit: int = 64) -> int:
+    def _receive(self, limit: int = RECEIVE_LIMIT) -> int:
         return 1 if self._handles else 0
 
     def _shutdown_workers(self) -> None:
         self._evaluator.close()
+        self._workers_stopped = True

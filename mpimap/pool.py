@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import logging
+import numbers
 import pickle
+import threading
 import time
+import weakref
 from concurrent.futures import Executor, Future
 
 import numpy as np
@@ -14,9 +18,15 @@ import numpy as np
 from . import world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
-from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master
+from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
 from .pointlogs import PointLogs
-from .worker import DEFAULT_HEARTBEAT, serve
+from .protocol import MapFunction
+from .worker import serve
+
+try:  # optional: sends lambdas, closures and functions of __main__ by value
+    import cloudpickle
+except ImportError:
+    cloudpickle = None
 
 ISOLATION_OPTIONS = ("isolation", "point_timeout", "max_points", "max_memory_mb", "scratch")
 POLICY_OPTIONS = ("on_error", "retries", "quarantine", "verify")
@@ -42,7 +52,7 @@ class Pool(Executor):
     one does: docs/resilience.rst.
     """
 
-    def __init__(self, comm=None, *, heartbeat: float = DEFAULT_HEARTBEAT, rank_timeout=DEFAULT_RANK_TIMEOUT,
+    def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
                  stall_timeout=None, host_failures=DEFAULT_HOST_FAILURES,
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
@@ -51,7 +61,11 @@ class Pool(Executor):
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
-        self._handles: list[MapHandle] = []
+        self._handles = weakref.WeakSet()  # this pool's maps that still exist (the master holds the open ones)
+        self._verify_maps: set[int] = set()  # maps with verify=: their entries make up verification()
+        self._verification: list = []  # the master's record of verified points, kept for after shutdown
+        self._batch = None  # (function, weak reference to the handle) of the latest batch of submit() calls
+        self._batch_lock = threading.Lock()
         self._own_master = True
         self._comm = None
         if comm is None and world.active():
@@ -60,6 +74,7 @@ class Pool(Executor):
             self._master.stall_timeout = stall_timeout
             self._master.host_failures = host_failures
             self._own_master = False
+            self._verification = self._master.verification
             return
         if comm is None:
             from mpi4py import MPI
@@ -67,11 +82,13 @@ class Pool(Executor):
             comm = MPI.COMM_WORLD
         if comm.Get_size() == 1:
             self._master = InlineMaster()
+            self._verification = self._master.verification
             return
         self._comm = comm.Dup()  # keep our traffic apart from the program's own
         if self._comm.Get_rank() == 0:
             self._master = Master(self._comm, rank_timeout=rank_timeout, stall_timeout=stall_timeout,
-                                  host_failures=host_failures)
+                                  host_failures=host_failures, free_comm=True)
+            self._verification = self._master.verification
         else:
             self._master = None
             serve(self._comm, heartbeat)
@@ -102,23 +119,38 @@ class Pool(Executor):
         return self._master
 
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
-                    ordered=True, future=None, options=None) -> MapHandle:
+                    ordered=True, futures=None, options=None) -> MapHandle:
         master = self._live_master()
+        _check_map_options(chunksize, priority)
         isolation, policy, logs = self._settings(options or {})
         handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
-                           priority=priority, ordered=ordered, future=future, policy=policy)
-        self._handles = [h for h in self._handles if not h.finished]
-        self._handles.append(handle)
-        return master.submit(handle)
+                           priority=priority, ordered=ordered, futures=futures, policy=policy)
+        master.submit(handle)
+        self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
+        if policy.verify:
+            self._verify_maps.add(handle.map_id)
+        return handle
 
     def _settings(self, options: dict):
+        if not options:
+            return self._isolation, self._policy, self._logs
         return map_settings(options, self._isolation, self._policy, self._logs)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
-        """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``."""
-        future = Future()
+        """Evaluate ``fn(*args, **kwargs)`` on a worker; return its ``concurrent.futures.Future``.
+
+        Calls of one function submitted while the master is busy join one batch,
+        which travels in chunks like a map's points: a submit costs about what a
+        point of a map costs.
+        """
+        future = _DrivenFuture(self._live_master())
         call = functools.partial(fn, **kwargs) if kwargs else fn
-        self._submit_map(call, [args], star=True, future=future)
+        with self._batch_lock:
+            batch = self._batch and self._batch[1]()
+            if batch is not None and self._batch[0] is call and batch.join(args, future):
+                return future
+            handle = self._submit_map(call, [args], star=True, futures=[future])
+            self._batch = (call, weakref.ref(handle))  # the master holds it while it is open
         return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
@@ -167,9 +199,10 @@ class Pool(Executor):
         return self._live_master().status()
 
     def verification(self) -> list[dict]:
-        """Every point verified so far: index, the two hosts, and whether their results agreed."""
+        """Every point of this pool's maps verified so far (also after shutdown): the map's position of the
+        point (``index``), the two hosts, and whether their results agreed."""
         return [dict(index=i, first_host=a, second_host=b, same=same)
-                for _, i, a, b, same in self._live_master().verification]
+                for map_id, i, a, b, same in self._verification if map_id in self._verify_maps]
 
     def set_log_level(self, level, ranks="all") -> None:
         """Change log levels while the pool runs: ``ranks`` is "all", "master", "workers", a rank or a list.
@@ -186,29 +219,62 @@ class Pool(Executor):
             master.set_log_level(level, targets)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; optionally cancel what is queued; wait for the rest; release the workers."""
-        if self._master is None:
+        """Stop accepting work; optionally cancel what is queued; the rest still runs (``wait``: wait for it).
+
+        With ``wait=False`` the master finishes the work in the background and
+        then releases the workers; the interpreter waits for it at exit.  A
+        ``Pool(comm)`` whose worker ranks were lost raises :class:`RanksLostError`
+        once everything else is done (with ``wait=True``).
+        """
+        master, self._master = self._master, None
+        if master is None:
             return
+        handles = list(self._handles)
         if cancel_futures:
-            for handle in self._handles:
-                if handle.future is None:
+            for handle in handles:
+                if handle.futures is None:
                     handle.cancel()
                 else:
-                    handle.future.cancel()  # only if still queued; a running one completes
-        if wait:
-            for handle in self._handles:
+                    for future in list(handle.futures):
+                        if future is not None:
+                            future.cancel()  # only if still queued; a running one completes
+        if self._own_master:
+            master.close(wait=wait)
+            if wait and master.lost and self._comm is not None:
+                raise RanksLostError(master.lost)
+        elif wait:  # the session's master serves later pools: wait for this pool's maps only
+            for handle in handles:
                 with handle._cond:
                     while not handle.finished:
                         handle._cond.wait()
-        if self._own_master:
-            self._master.close()
-            if self._master.lost:
-                logging.getLogger("mpimap.pool").error(
-                    "ranks %s were lost: they never returned from Pool(comm), so collective calls that include "
-                    "them will hang; store what you need and end the job with comm.Abort()", sorted(self._master.lost))
-            elif self._comm is not None:  # freeing waits for every rank
-                self._comm.Free()
-        self._master = None
+
+
+class _DrivenFuture(Future):
+    """A Future whose ``result()`` and ``exception()`` run the master loop while they wait: no thread hand-off."""
+
+    def __init__(self, master):
+        super().__init__()
+        self._master = master
+
+    def result(self, timeout=None):
+        self._drive(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._drive(timeout)
+        return super().exception(timeout)
+
+    def _drive(self, timeout) -> None:
+        master = self._master
+        if not master.drivable:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while not self.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                master.drive(self._condition, left)
 
 
 def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),
@@ -241,9 +307,64 @@ def _unordered(handle: MapHandle, deadline, indexed: bool):
             yield (result.start + offset, value) if indexed else value
 
 
+def _check_map_options(chunksize, priority) -> None:
+    """Per-map input is checked in the caller's thread: a bad one raises here, never in the master."""
+    if chunksize is not None and (not isinstance(chunksize, numbers.Integral) or isinstance(chunksize, bool)
+                                  or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive integer (or None: sized from the cost of a point), "
+                         f"not {chunksize!r}")
+    if not isinstance(priority, numbers.Real) or priority != priority:
+        raise TypeError(f"priority must be a number (higher runs first), not {priority!r}")
+
+
 def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
+    """The map's function and settings, pickled for the workers.
+
+    A function plain pickle cannot send (a lambda, a closure), and one the
+    workers cannot import (defined under a script's ``if __name__ == "__main__":``
+    in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
+    """
+    settings = MapFunction(fn, star, pack, isolation, logs)
+    guarded = _guarded(fn)
+    picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
+    error = "the workers import the script as a module, where its main block does not run"
+    for pickler in filter(None, picklers):
+        try:
+            return pickler.dumps(settings, protocol=5)
+        except Exception as exc:
+            error = exc
+    name = getattr(_unwrap(fn), "__qualname__", repr(fn))
+    fix = "define it at the top level of a module (or of the script) the workers can import"
+    if cloudpickle is None:
+        fix += ", or install cloudpickle (pip install cloudpickle) to send it by value"
+    raise TypeError(f"cannot send function {name} to the workers ({error}): {fix}") from None
+
+
+def _unwrap(fn):
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def _guarded(fn) -> bool:
+    """Whether ``fn`` is a function of the script (script mode) defined under ``if __name__ == "__main__":``.
+
+    The workers import the script as a module, so only its unguarded definitions exist there.
+    """
+    fn = _unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    if not world.active() or code is None or getattr(fn, "__module__", None) != "__main__":
+        return False
+    return any(first <= code.co_firstlineno <= last for first, last in _main_blocks(code.co_filename))
+
+
+@functools.lru_cache(maxsize=8)
+def _main_blocks(path: str) -> tuple:
+    """The line ranges of a script's top-level ``if __name__ == "__main__":`` blocks."""
     try:
-        return pickle.dumps((fn, star, pack, isolation, logs), protocol=5)
-    except Exception as exc:
-        raise TypeError(f"cannot send {fn!r} to the workers ({exc}); "
-                        "use a function defined at the top level of a module") from None
+        with open(path) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    return tuple((node.lineno, node.end_lineno) for node in tree.body if isinstance(node, ast.If)
+                 and ast.unparse(node.test).replace("'", '"') in ('__name__ == "__main__"', '"__main__" == __name__'))

@@ -1,4 +1,4 @@
-"""The wire protocol between the master and the workers: message kinds and their encoding.
+"""The wire protocol between the master and the workers: message kinds, their bodies and their encoding.
 
 Every message is one MPI message whose tag is its :class:`Kind` (never a task
 or chunk id: MPI_TAG_UB may be as low as 32767).  The body is a pickle
@@ -6,22 +6,20 @@ or chunk id: MPI_TAG_UB may be as low as 32767).  The body is a pickle
 not copied into the pickle: they follow as separate messages tagged
 ``Kind.OOB``, and the body's first four bytes say how many follow.
 
-Message bodies, by kind:
+Message bodies, by kind (the records are defined below; adding a field is one change here):
 
 ==========  ==================  ======================================================
 kind        direction           body
 ==========  ==================  ======================================================
-HELLO       worker -> master    ``(host, pid)``, once when the worker starts serving
-TASK        master -> worker    ``(chunk_id, map_id, function_or_None, args)``; the
-                                first chunk of a map to a rank carries the pickled
-                                ``(function, star, pack, isolation, logs)``, later
-                                ones ``None``
-RESULT      worker -> master    ``(chunk_id, values, failures, durations, seconds, logs)``
+HELLO       worker -> master    :class:`Hello`, once when the worker starts serving
+TASK        master -> worker    :class:`Task`: one chunk of a map; the first chunk of a
+                                map to a rank carries the pickled :class:`MapFunction`
+RESULT      worker -> master    :class:`Result`: a chunk's values, failures and timings
 HEARTBEAT   worker -> master    ``None``, every heartbeat period
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
 STOP        master -> worker    ``None``: leave the serve loop
-LOG         worker -> master    ``(levelno, logger name, message)``: a log record of the rank
-                                (or of its evaluation process), for the job's log
+LOG         worker -> master    :class:`LogLine`: a log record of the rank (or of its
+                                evaluation process), for the job's log
 LEVEL       master -> worker    ``levelno``: the rank's new log level
 OOB         either              a raw buffer belonging to the preceding message
 ==========  ==================  ======================================================
@@ -29,8 +27,16 @@ OOB         either              a raw buffer belonging to the preceding message
 
 from __future__ import annotations
 
+import copyreg
+import operator
 import pickle
+import zlib
+from dataclasses import dataclass, fields
 from enum import IntEnum
+
+import numpy as np
+
+from .failures import Failure
 
 OOB_THRESHOLD = 64 * 1024
 _COUNT_BYTES = 4
@@ -46,6 +52,150 @@ class Kind(IntEnum):
     OOB = 7
     LOG = 8
     LEVEL = 9
+
+
+def record(cls):
+    """A frozen, slotted dataclass that pickles as its class and its field values: the cheapest form on the wire."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    if "__reduce__" not in vars(cls):
+        values = operator.attrgetter(*(f.name for f in fields(cls)))
+        cls.__reduce__ = lambda self: (cls, values(self))
+    _register(cls)
+    return cls
+
+
+def _register(obj) -> None:
+    """Give ``obj`` a copyreg extension code: it pickles in a few bytes, with no lookup of its name."""
+    key = (obj.__module__, obj.__qualname__)
+    if key not in copyreg._extension_registry:  # the code comes from the name: the same in every process
+        copyreg.add_extension(*key, 0x40000000 | zlib.crc32(".".join(key).encode()) & 0x3FFFFFFF)
+
+
+@record
+class MapFunction:
+    """What a worker needs to evaluate a map's points; pickled once per map, it travels with a rank's first chunk."""
+
+    fn: object
+    star: bool  # call fn(*point), not fn(point)
+    pack: bool  # return a chunk's values as one numpy array when they are all numbers (or arrays of one shape)
+    isolation: object  # an isolation.Isolation: where and under which limits the points run
+    logs: object  # a pointlogs.PointLogs: which points keep their captured log
+
+
+@record
+class Task:
+    """One chunk of a map for a worker (TASK).
+
+    ``args`` travel apart (see :func:`_apart`): points that fail to unpickle
+    on the worker (a ``__setstate__`` that raises) arrive as
+    :class:`UnloadableArgs` and fail their chunk, not the rank.
+    """
+
+    chunk_id: int
+    map_id: int
+    function: bytes | None  # the pickled MapFunction, with the first chunk of a map to a rank; else None
+    args: object  # the chunk's points: a list, range or numpy array (UnloadableArgs if they failed to unpickle)
+
+    def __reduce__(self):
+        if _always_loads(self.args):
+            return Task, (self.chunk_id, self.map_id, self.function, self.args)
+        return _task, (self.chunk_id, self.map_id, self.function, len(self.args), *_apart(self.args))
+
+
+@record
+class UnloadableArgs:
+    """A chunk's points that could not be unpickled on the worker: every point fails with ``failure``."""
+
+    failure: Failure
+    size: int
+
+    def __len__(self):
+        return self.size
+
+
+def _task(chunk_id, map_id, function, size, inner, *buffers) -> Task:
+    args = _load_apart(inner, buffers)
+    if isinstance(args, Failure):
+        args = UnloadableArgs(args, size)
+    return Task(chunk_id, map_id, function, args)
+
+
+@record
+class Result:
+    """A chunk's results (RESULT): values in point order (None where a point failed), failures by offset.
+
+    ``values`` travel apart (see :func:`_apart`): values that fail to unpickle
+    on the master (a class it cannot import) fail their chunk's points, not
+    the master.
+    """
+
+    chunk_id: int
+    values: object  # a list, or one numpy array when the map packs its values
+    failures: dict  # offset within the chunk -> failures.Failure
+    durations: object  # float64 array of seconds per point
+    seconds: float  # the whole chunk's time on the worker
+    logs: dict  # offset -> captured log text, where kept
+
+    def __reduce__(self):
+        # Durations go as a raw float64 buffer (pickling a small ndarray costs ~5 µs, the buffer well under 1).
+        durations = pickle.PickleBuffer(np.ascontiguousarray(self.durations, dtype=np.float64))
+        values = self.values if _always_loads(self.values) else _apart(self.values)
+        return _result, (self.chunk_id, self.failures, durations, self.seconds, self.logs, values)
+
+
+def _result(chunk_id, failures, durations, seconds, logs, values) -> Result:
+    durations = np.frombuffer(durations, dtype=np.float64)
+    if type(values) is tuple:  # (pickle, *buffers) from _apart
+        values = _load_apart(values[0], values[1:])
+        if isinstance(values, Failure):
+            failures = {**dict.fromkeys(range(len(durations)), values), **failures}
+            values = [None] * len(durations)
+    return Result(chunk_id, values, failures, durations, seconds, logs)
+
+
+def _always_loads(obj) -> bool:
+    """A range, or a numpy array without Python objects: nothing in it can fail to unpickle."""
+    return type(obj) is range or (type(obj) is np.ndarray and not obj.dtype.hasobject)
+
+
+def _apart(obj) -> tuple:
+    """``obj`` as a pickle of its own, followed by its large buffers (they still travel out of band).
+
+    Loading it apart (:func:`_load_apart`) catches what its loading raises, so
+    one unloadable point costs its chunk, never the message and the process
+    that receives it.
+    """
+    buffers = []
+    return (pickle.dumps(obj, protocol=5, buffer_callback=buffers.append), *buffers)
+
+
+def _load_apart(inner, buffers):
+    """The object pickled by :func:`_apart`, or the Failure of loading it."""
+    try:
+        return pickle.loads(inner, buffers=buffers)
+    except (Exception, SystemExit) as exc:  # a __setstate__ may even call sys.exit
+        return Failure.from_exception(exc)
+
+
+_register(_task)
+_register(_result)
+
+
+@record
+class Hello:
+    """A worker's introduction (HELLO)."""
+
+    host: str
+    pid: int
+
+
+@record
+class LogLine:
+    """A log record of a worker rank or of its evaluation process (LOG), already filtered by the rank's level."""
+
+    levelno: int
+    name: str
+    text: str
 
 
 def encode(obj) -> tuple[bytes, list]:

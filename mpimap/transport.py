@@ -73,8 +73,11 @@ class Transport:
 class Waiter:
     """Polls without sleeping while messages flow, backs off to sleeps when none do.
 
-    After the last activity the caller may spin (``sched_yield``, which hands the
-    core to a busy neighbour) for ``window`` seconds; after that it sleeps,
+    For ``spin`` seconds after the last activity the caller polls again at once
+    (the reply to a message just sent is often microseconds away, and on a
+    loaded machine a ``sched_yield`` can cost a whole time slice); then it may
+    spin (``sched_yield``, which hands the core to a busy neighbour) for
+    ``window`` seconds; after that it sleeps,
     starting at ``first_sleep`` and doubling up to ``cap``.  With ``hot_window``
     set the window adapts: ``hot_window`` while messages arrive less than
     ``hot_gap`` apart on average, ``window`` otherwise.  ``time.sleep`` costs
@@ -83,7 +86,8 @@ class Waiter:
     """
 
     def __init__(self, window: float = 5e-3, *, cap: float = 1e-3, first_sleep: float = 1e-5,
-                 hot_window: float | None = None, hot_gap: float = 5e-5):
+                 hot_window: float | None = None, hot_gap: float = 5e-5, spin: float = 0.0):
+        self.spin = spin
         self.cold_window = window
         self.hot_window = hot_window
         self.hot_gap = hot_gap
@@ -103,7 +107,10 @@ class Waiter:
         self.sleep = self.first_sleep
 
     def idle(self) -> None:
-        if time.perf_counter() - self.last < self.window:
+        quiet = time.perf_counter() - self.last
+        if quiet < self.spin:
+            return
+        if quiet < self.window:
             os.sched_yield()
         else:
             time.sleep(self.sleep)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -12,9 +13,9 @@ from collections import deque
 
 import numpy as np
 
-from .failures import Failure
-from .isolation import ChildProcess, evaluate_points
-from .protocol import Kind
+from .failures import Failure, unpicklable_values
+from .isolation import ChildProcess, Outcome, evaluate_points
+from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
 from .transport import Transport, Waiter
 
 DEFAULT_HEARTBEAT = 1.0
@@ -33,12 +34,12 @@ def _pack(values):
     return values
 
 
-def load_function(blob: bytes):
-    """Unpickle a map's ``(function, star, pack, isolation, logs)``; one that cannot be loaded becomes a Failure."""
+def load_function(blob: bytes) -> MapFunction | Failure:
+    """Unpickle a map's :class:`MapFunction`; one that cannot be loaded here becomes the Failure of every point."""
     try:
         return pickle.loads(blob)
-    except Exception as exc:
-        return Failure.from_exception(exc), False, False, None, None
+    except (Exception, SystemExit) as exc:
+        return Failure.from_exception(exc)
 
 
 class Evaluator:
@@ -47,24 +48,26 @@ class Evaluator:
     def __init__(self):
         self.child: ChildProcess | None = None
 
-    def run(self, map_id, blob: bytes, function, args, tick=lambda: True):
-        """Return ``(values, failures, durations, logs)`` for ``args``, or None if ``tick()`` abandoned the chunk."""
-        fn, star, pack, isolation, logs = function
+    def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True) -> Outcome | None:
+        """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops)."""
         n = len(args)
-        if isinstance(fn, Failure):  # the function could not be loaded here: every point fails with why
-            return [None] * n, dict.fromkeys(range(n), fn), np.zeros(n), {}
+        failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
+            else None
+        if failure is not None:  # the function or the points could not be loaded here: every point fails with why
+            return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
+        isolation = function.isolation
         if isolation.mode == "rank":
-            values, failures, durations, kept = evaluate_points(fn, star, args, scratch=isolation.scratch, logs=logs)
+            out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch, logs=function.logs,
+                                  timed=function.pack)
         else:
             if self.child is None:
                 self.child = ChildProcess()
-            out = self.child.evaluate(map_id, blob, args, isolation, logs, tick)
+            out = self.child.evaluate(map_id, blob, args, isolation, function.logs, tick)
             if out is None:
                 return None
-            values, failures, durations, kept = out
-        if pack and not failures:
-            values = _pack(values)
-        return values, failures, durations, kept
+        if function.pack and not out.failures:
+            return dataclasses.replace(out, values=_pack(out.values))
+        return out
 
     def close(self) -> None:
         if self.child is not None:
@@ -97,7 +100,7 @@ class _Forward(logging.Handler):
         if record.name.startswith("mpimap.rank"):
             return
         with self._lock_sends:
-            self.transport.send(0, Kind.LOG, (record.levelno, record.name, record.getMessage()))
+            self.transport.send(0, Kind.LOG, LogLine(record.levelno, record.name, record.getMessage()))
 
 
 class _Worker:
@@ -106,8 +109,8 @@ class _Worker:
     def __init__(self, comm, heartbeat: float):
         self.transport = Transport(comm)
         self.beat = _Heartbeat(Transport(comm), heartbeat)  # a Transport of its own: no state shared across threads
-        self.functions = {}  # map_id -> (blob, (fn, star, pack, isolation))
-        self.queue: deque = deque()  # (chunk_id, map_id, args)
+        self.functions = {}  # map_id -> (blob, its MapFunction, or the Failure of loading it)
+        self.queue: deque = deque()  # Task
         self.evaluator = Evaluator()
         self.forward = _Forward(Transport(comm))
         self.stopping = False
@@ -115,23 +118,22 @@ class _Worker:
 
     def handle(self, kind, body) -> None:
         if kind is Kind.TASK:
-            chunk_id, map_id, blob, args = body
-            if blob is not None:
-                self.functions[map_id] = (blob, load_function(blob))
-            self.queue.append((chunk_id, map_id, args))
+            if body.function is not None:
+                self.functions[body.map_id] = (body.function, load_function(body.function))
+            self.queue.append(body)
         elif kind is Kind.FORGET:
             self.functions.pop(body, None)
-            self.queue = deque(t for t in self.queue if t[1] != body)
+            self.queue = deque(t for t in self.queue if t.map_id != body)
         elif kind is Kind.LEVEL:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
             self.stopping = True
 
     def serve(self) -> int:
-        self.transport.send(0, Kind.HELLO, (host_name(self.transport.rank), os.getpid()))
+        self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
         self.beat.start()
         logging.getLogger().addHandler(self.forward)
-        waiter = Waiter(window=5e-3)
+        waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
         try:
             while not self.stopping:
                 message = self.transport.poll()
@@ -142,7 +144,7 @@ class _Worker:
                 if not self.queue:
                     waiter.idle()
                     continue
-                self.run_chunk(*self.queue.popleft())
+                self.run_chunk(self.queue.popleft())
                 waiter.activity()
             return self.evaluated
         finally:
@@ -152,7 +154,8 @@ class _Worker:
             self.beat.join()
             self.transport.flush(timeout=5.0)
 
-    def run_chunk(self, chunk_id, map_id, args) -> None:
+    def run_chunk(self, task: Task) -> None:
+        map_id = task.map_id
         blob, function = self.functions[map_id]
 
         def tick():
@@ -162,12 +165,16 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        out = self.evaluator.run(map_id, blob, function, args, tick)
+        out = self.evaluator.run(map_id, blob, function, task.args, tick)
         if out is None:
             return
-        values, failures, durations, logs = out
-        self.transport.send(0, Kind.RESULT, (chunk_id, values, failures, durations, time.perf_counter() - t0, logs))
-        self.evaluated += len(args)
+        result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)
+        try:
+            self.transport.send(0, Kind.RESULT, result)
+        except (Exception, SystemExit) as exc:  # a value that cannot be pickled fails its point, not the rank
+            values, failures = unpicklable_values(result.values, result.failures, exc)
+            self.transport.send(0, Kind.RESULT, dataclasses.replace(result, values=values, failures=failures))
+        self.evaluated += len(task.args)
 
 
 def host_name(rank: int) -> str:
@@ -179,6 +186,11 @@ def host_name(rank: int) -> str:
     return os.environ.get("MPIMAP_HOST", socket.gethostname()).replace("{rank}", str(rank))
 
 
-def serve(comm, heartbeat: float = DEFAULT_HEARTBEAT) -> int:
-    """Serve the master (rank 0 of ``comm``) until it says STOP; return the number of points evaluated."""
+def serve(comm, heartbeat: float | None = None) -> int:
+    """Serve the master (rank 0 of ``comm``) until it says STOP; return the number of points evaluated.
+
+    ``heartbeat`` is the period of this rank's heartbeats; None means ``MPIMAP_HEARTBEAT``, else 1 s.
+    """
+    if heartbeat is None:
+        heartbeat = float(os.environ.get("MPIMAP_HEARTBEAT", DEFAULT_HEARTBEAT))
     return _Worker(comm, heartbeat).serve()

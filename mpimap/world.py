@@ -27,13 +27,14 @@ def master():
     return _master
 
 
-def end() -> set:
-    """Stop the session's workers (they return from serving) and its master; return the ranks lost on the way."""
+def end(cancel: bool = False) -> set:
+    """Finish the maps still open (``cancel``: drop them), then stop the session's workers (they return from
+    serving, also if the master thread died) and its master; return the ranks lost on the way."""
     global _comm, _master
     if _comm is None:
         return set()
     current = master()
     current.stop_workers = True
-    current.close()
+    current.close(cancel=cancel)
     _comm = _master = None
     return current.lost

@@ -1,6 +1,7 @@
 """Pool in a single process (no mpiexec): the concurrent.futures contract, evaluated in-process."""
 
 import concurrent.futures as cf
+import threading
 import time
 
 import numpy as np
@@ -59,10 +60,13 @@ def test_unordered_iterator_gives_every_result_once():
         assert sorted(pairs) == [(i, i * i) for i in range(1000)]
 
 
-def test_unpicklable_function_is_refused_clearly():
+def test_lambdas_and_closures_travel_by_value_and_the_rest_is_refused_in_one_line():
+    k = 3
     with mpimap.Pool() as pool:
-        with pytest.raises(TypeError, match="cannot send"):
-            pool.map(lambda x: x, range(3))
+        assert list(pool.map(lambda x: x * k, range(4))) == [0, 3, 6, 9]  # cloudpickle (the test extra)
+        lock = threading.Lock()
+        with pytest.raises(TypeError, match=r"cannot send function .*<lambda> to the workers \(.*lock.*\): define"):
+            pool.map(lambda x: lock, range(3))
 
 
 def test_shutdown_cancel_futures_and_closed_pool():

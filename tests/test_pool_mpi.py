@@ -112,3 +112,45 @@ if __name__ == "__main__":
 ''', ranks=2, env=__import__("conftest").job_env(MPIMAP_HEARTBEAT=0.2))
     silence = float(next(line.split()[1] for line in out.splitlines() if line.startswith("SILENCE")))
     assert silence < 1.0  # heard from within ~0.2 s although its point has run for 1.8 s
+
+
+def test_submitted_calls_travel_in_batches_and_keep_the_executor_contract(run_script, tmp_path):
+    """Calls of one function join one batch: results, exceptions and cancellations stay per call."""
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    out = run_script('''
+import json, os, time, concurrent.futures, mpimap
+from jobfuncs import square, fail_on_multiples_of_7
+
+def mark(x):  # leaves a trace of every call that ran
+    open(os.path.join(os.environ["TRACE"], str(x)), "w").close()
+    time.sleep(0.01)
+    return -x
+
+if __name__ == "__main__":
+    out = {}
+    with mpimap.Pool() as pool:
+        futures = [pool.submit(square, x) for x in range(3000)]
+        out["squares"] = [f.result() for f in futures] == [x * x for x in range(3000)]
+        futures = [pool.submit(square if x % 2 else fail_on_multiples_of_7, x) for x in range(1, 60)]
+        out["mixed"] = all((f.result() == x * x) if x % 2 else
+                           (str(f.exception()) == f"bad point {x}" if x % 7 == 0 else f.result() == x + 0.5)
+                           for x, f in zip(range(1, 60), futures))
+        futures = [pool.submit(mark, x) for x in range(300)]
+        cancelled = {x for x, f in enumerate(futures) if x % 3 == 0 and f.cancel()}
+        done, _ = concurrent.futures.wait(futures, timeout=60)
+        out["all_done"] = len(done) == 300
+        out["cancelled_some"] = len(cancelled) > 50
+        ran = {int(name) for name in os.listdir(os.environ["TRACE"])}
+        out["cancelled_never_ran"] = not (cancelled & ran)
+        out["others"] = all(f.result() == -x for x, f in enumerate(futures) if x not in cancelled)
+        slow = pool.submit(time.sleep, 2)
+        try:
+            slow.result(timeout=0.2)
+        except concurrent.futures.TimeoutError:
+            out["timeout"] = True
+        out["slow"] = slow.result() is None
+    print("RESULT " + json.dumps(out))
+''', ranks=3, env=__import__("conftest").job_env(TRACE=str(trace)))
+    assert result_of(out) == {"squares": True, "mixed": True, "all_done": True, "cancelled_some": True,
+                              "cancelled_never_ran": True, "others": True, "timeout": True, "slow": True}
