@@ -363,8 +363,6 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.xfail(reason="needs the worker side's fix (finding 16, helper 'worker'): classes of the script "
-                          "pickle as __worker__.NAME", strict=False)
 def test_instances_of_a_class_defined_in_the_script_come_back(run_script):
     out = run_script(SCRIPT_CLASS, ranks=2, timeout=120, check=False, full=True)
     assert "POINTS ['Point', 'Point', 'Point', 'Point'] [0, 1, 2, 3]" in out.stdout, out.stderr[-2000:]

@@ -292,7 +292,7 @@ if pool.is_master:
     pool.shutdown(wait=False)
     print("RESULTS", [f.result(timeout=60) for f in running + queued], flush=True)
 MPI.COMM_WORLD.Barrier()
-print("BACK", MPI.COMM_WORLD.Get_rank(), flush=True)
+print(f"BACK {MPI.COMM_WORLD.Get_rank()}", flush=True)  # one write: lines of ranks never interleave
 ''', ranks=3, plain=True, timeout=120)
     assert "RESULTS [0, 1, 2, 3, 4, 5]" in out
     assert all(f"BACK {r}" in out for r in range(3))
