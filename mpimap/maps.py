@@ -236,10 +236,10 @@ class MapHandle:
                     if end == i:  # finished without this point: only a cancelled or failed master
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
-                run = values[i:end]
                 if (not failures or not any(j in failures for j in range(i, end))) and \
-                        _SCALARS.issuperset(map(type, run)):
+                        _SCALARS.issuperset(map(type, values[i:end])):
                     # Values whose lifetime nobody can observe (not weak-referable): yield them at C speed.
+                    run = values[i:end]
                     values[i:end] = itertools.repeat(None, end - i)
                     i = end
                     yield from run
