@@ -175,18 +175,9 @@ class Master:
             self._drivers += 1
         cond.release()
         try:
-            if self._turn_lock.acquire(timeout=1e-3):  # else another caller drives: look at our results again
-                try:
-                    busy = self._turn()
-                except BaseException as exc:
-                    self._fail(exc)
-                    return
-                finally:
-                    self._turn_lock.release()
-                if busy:
-                    self._waiter.activity()
-                else:
-                    self._idle(IDLE_WAIT if timeout is None else max(timeout, 0.0))
+            # If another caller drives, the lock does not come: look at our results again.
+            if self._locked_turn(1e-3) is False:
+                self._idle(IDLE_WAIT if timeout is None else max(timeout, 0.0))
         finally:
             self._last_driven = time.monotonic()
             with self._drivers_lock:
@@ -207,6 +198,22 @@ class Master:
             self._check_silence(drained=received < RECEIVE_LIMIT)
         return received > 0
 
+    def _locked_turn(self, wait: float) -> bool | None:
+        """A turn under the turn lock: True if messages came; None if the lock did not come within ``wait``
+        seconds (another thread drives) or the turn failed, which stops the master."""
+        if not self._turn_lock.acquire(timeout=wait):
+            return None
+        try:
+            busy = self._turn()
+        except BaseException as exc:
+            self._fail(exc)
+            return None
+        finally:
+            self._turn_lock.release()
+        if busy:
+            self._waiter.activity()
+        return busy
+
     def _fail(self, exc: BaseException) -> None:
         """The master must never die silently: every waiter hears of it."""
         log.error("mpimap master failed", exc_info=exc)
@@ -215,7 +222,6 @@ class Master:
         self._wake.set()
 
     def _run(self) -> None:
-        waiter = self._waiter
         try:
             while not self._stopped:
                 since = time.monotonic() - self._last_driven
@@ -224,18 +230,10 @@ class Master:
                     self._wake.wait(DRIVEN_WAIT if self._drivers else DRIVEN_GRACE - since)
                     self._wake.clear()
                     continue
-                if not self._turn_lock.acquire(timeout=IDLE_WAIT):
+                busy = self._locked_turn(IDLE_WAIT)
+                if busy is None or busy:
                     continue
-                try:
-                    busy = self._turn()
-                except BaseException as exc:
-                    self._fail(exc)
-                    break
-                finally:
-                    self._turn_lock.release()
-                if busy:
-                    waiter.activity()
-                elif not self._handles:
+                if not self._handles:
                     # Nothing to do but hear heartbeats: a command wakes us at once.
                     self._wake.wait(IDLE_WAIT)
                     self._wake.clear()
