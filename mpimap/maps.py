@@ -128,13 +128,15 @@ class MapHandle:
         Each future hears ``set_running_or_notify_cancel`` exactly once, the
         first time its call leaves (``concurrent.futures.wait`` counts a
         cancelled future only then); a call sent again (a retry) is live while
-        its future runs.
+        its future runs, and a verification run of a settled call is live too.
         """
         live = []
         futures = self.futures
         for k in range(start, stop):
             future = futures[k]
-            if not self._started[k]:
+            if k in self.verifying:
+                live.append(k - start)
+            elif not self._started[k]:
                 self._started[k] = 1
                 if future.set_running_or_notify_cancel():
                     live.append(k - start)

@@ -87,7 +87,7 @@ class Master:
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
         self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
-        self._costs: dict[bytes, float] = {}  # pickled function -> seconds per point, from its last map
+        self._costs: dict[int, float] = {}  # hash of a pickled function -> seconds per point, from its last map
         self._map_ids = itertools.count()
         self._closing = False
         self._draining = False  # close was asked for: finish the open maps, accept no new ones, then end
@@ -340,7 +340,8 @@ class Master:
             + (f" and ranks {sorted(self.lost)} were lost" if self.lost else "")
             + "; results received so far are kept: run again (with a larger rank_timeout if the ranks are busy "
             "in code that holds the GIL, or isolation='process')")
-        log.error("%s", error)
+        if self._handles or rank not in self.silent:  # said once, and again only when it fails maps
+            log.error("%s", error)
         for handle in list(self._handles.values()):
             self._end_map(handle, error=error)
         self.silent.add(rank)
@@ -352,7 +353,7 @@ class Master:
         self._holders[handle.map_id] = set()
         # A batch of submit() calls of a function seen before starts with its measured cost: a batch is often
         # small, and learning the cost again from one-point chunks would send it one call per message.
-        cost = self._costs.get(handle.function) if handle.futures is not None else None
+        cost = self._costs.get(hash(handle.function)) if handle.futures is not None else None
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
                                    cost=cost)
@@ -371,7 +372,7 @@ class Master:
         if handle.futures is not None and state is not None and state.cost is not None:
             if len(self._costs) > 256:
                 self._costs.clear()
-            self._costs[handle.function] = state.cost
+            self._costs[hash(handle.function)] = state.cost  # not the blob: it may hold a closure's big data
         self.scheduler.remove_map(handle.map_id)
         del self._handles[handle.map_id]
         for rank in self._holders.pop(handle.map_id):

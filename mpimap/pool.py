@@ -257,24 +257,24 @@ class _DrivenFuture(Future):
         self._master = master
 
     def result(self, timeout=None):
-        self._drive(timeout)
-        return super().result(timeout)
+        return super().result(self._drive(timeout))
 
     def exception(self, timeout=None):
-        self._drive(timeout)
-        return super().exception(timeout)
+        return super().exception(self._drive(timeout))
 
-    def _drive(self, timeout) -> None:
+    def _drive(self, timeout):
+        """Drive the loop until this future is done or ``timeout`` passes; return the time left of ``timeout``."""
         master = self._master
         if not master.drivable:
-            return
+            return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             while not self.done():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return
+                    return 0
                 master.drive(self._condition, left)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),

@@ -400,3 +400,43 @@ def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
     r = read_results(str(tmp_path / "r.h5"))
     assert set(r["status"]) == {"done"}
     assert np.array_equal(r["value"], np.arange(float(n)) * 2)
+
+
+def test_verification_of_submitted_calls_evaluates_them_again(run_script):
+    out = run_script('''
+import mpimap
+from jobfuncs import square
+if __name__ == "__main__":
+    pool = mpimap.Pool(verify=1.0)
+    assert [pool.submit(square, i).result(timeout=60) for i in range(4)] == [0, 1, 4, 9]
+    pool.shutdown()
+    checks = pool.verification()
+    print("VERIFIED", len(checks), all(c["same"] for c in checks), flush=True)
+''', ranks=3, timeout=120, env=job_env(MPIMAP_HOST="node{rank}"))
+    assert "VERIFIED 4 True" in out
+
+
+def test_future_result_timeout_is_the_time_given(run_script):
+    out = run_script('''
+import concurrent.futures as cf, time
+import mpimap
+from jobfuncs import square
+def nap(x):
+    time.sleep(x)
+    return x
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        future = pool.submit(nap, 20)
+        for method in (future.result, future.exception):
+            t0 = time.monotonic()
+            try:
+                method(timeout=3)
+            except cf.TimeoutError:
+                print("WAITED", method.__name__, round(time.monotonic() - t0), flush=True)
+        future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        import os; os._exit(0)
+''', ranks=2, timeout=120)
+    waited = [int(line.split()[2]) for line in out.splitlines() if line.startswith("WAITED")]
+    assert len(waited) == 2 and all(3 <= w < 5 for w in waited), out
+
