@@ -72,7 +72,9 @@ class Layout:
         return np.full(n, "", dtype=object) if self.text else np.full((n, *self.shape), self.fill, dtype=self.dtype)
 
 
-# Numeric kinds in the order values may be promoted: a later value of a higher kind promotes the column.
+# Numeric kinds in the order values may be promoted: a later value of a higher kind promotes the column.  New
+# columns are float64 or complex128 (see _layout_of); bool and int64 columns come only from files of mpimap 0.x
+# format 1, which still widen as they did.
 KINDS = {"b": (0, np.bool_), "i": (1, np.int64), "u": (1, np.int64), "f": (2, np.float64), "c": (3, np.complex128)}
 EXACT_INT = 2 ** 53  # integers up to this size are exact in float64
 
@@ -236,7 +238,8 @@ class ResultStore:
             value = values[i]
             array = _as_numbers(value)
             if array is None or array.shape != self._layout.shape:
-                reason = "not a number" if array is None else f"shape {array.shape}"
+                reason = ("an integer beyond int64" if _beyond_int64(value) else "not a number") if array is None \
+                    else f"shape {array.shape}"
             else:
                 fitted = self._fit(array[None])
                 if fitted is not None:
@@ -251,6 +254,8 @@ class ResultStore:
     def _fit(self, array: np.ndarray):
         """``array`` (points along axis 0) converted exactly to the layout, widened if need be; else None."""
         kind = array.dtype.kind
+        if kind in "fc" and not np.can_cast(array.dtype, KINDS[kind][1], casting="safe"):
+            return None  # long double: float64 would round it
         if kind == "u":
             if array.size and array.max() > np.iinfo(np.int64).max:
                 return None
@@ -471,10 +476,16 @@ def _ints_exact(file, layout) -> bool:
 
 
 def _layout_of(value) -> Layout:
-    """How values like this one are stored: numbers of a dtype and shape, or JSON text."""
-    if _is_numeric(value):
-        array = np.asarray(value)
-        return Layout(KINDS[array.dtype.kind][1], array.shape)
+    """How values like this one are stored: float64 or complex128 of its shape, or JSON text.
+
+    Every real number is stored as float64 from the first value on, so that
+    the column never widens from int to float under a reader's feet; a first
+    value with integers that float64 cannot hold exactly (beyond 2**53) makes
+    the column JSON, which keeps them exact.
+    """
+    array = _as_numbers(value) if _is_numeric(value) else None
+    if array is not None and not (array.dtype.kind in "biu" and array.size and not _exact_in_float(array)):
+        return Layout(np.complex128 if array.dtype.kind == "c" else np.float64, array.shape)
     _to_json(value)  # fails with a clear message if it cannot be stored at all
     return Layout(TEXT)
 
@@ -487,10 +498,15 @@ def _existing_layout(file):
     return None
 
 
+def _beyond_int64(value) -> bool:
+    return isinstance(value, int) and not -2 ** 63 <= value < 2 ** 64
+
+
 def _as_numbers(value):
-    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None."""
+    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None (also for a Python int
+    beyond 64 bits, which numpy holds only as an object)."""
     if _is_numeric(value):
-        return np.asarray(value)
+        return None if _beyond_int64(value) else np.asarray(value)
     if isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
