@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -92,7 +93,7 @@ class ResultStore:
         self._file = file
         self._lock = lock
         self.run = run
-        self.flush_interval = flush_interval
+        self.flush_interval = min(flush_interval, threading.TIMEOUT_MAX)  # longer waits overflow (inf: never due)
         self._hosts = {name.decode(): i for i, name in enumerate(file["hosts"][()])}
         self.size = len(file["status"])
         self._pending: list = []  # buffered chunks, see write()
@@ -114,7 +115,12 @@ class ResultStore:
     @classmethod
     def open(cls, path: str, points: np.ndarray, function: str, *, fresh: bool = False,
              flush_interval: float = 1.0) -> "ResultStore":
-        """Create the results file, or reopen it to resume the same job (same function and points)."""
+        """Create the results file, or reopen it to resume the same job (same function and points).
+
+        ``flush_interval`` may be ``inf``: flush only when the buffer is full and at close.
+        """
+        if not flush_interval >= 0:
+            raise MpimapError(f"flush interval {flush_interval} is not a number of seconds >= 0 (inf: only at close)")
         lock = _take_lock(path)
         try:
             digest = checksum(points)
@@ -768,6 +774,9 @@ def _check_header(path: str, fix: str = READ_FIX) -> None:
     """Refuse at once what is not a whole HDF5 file: HDF5 itself can take for ever to find out (see READ_ATTEMPTS)."""
     if os.path.isdir(path):
         raise MpimapError(f"{path} is a directory, not a results file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block for ever
+        raise MpimapError(f"{path} is not a regular file (a pipe or device?), not a results file; "
+                          "give the results file's path")
     try:
         with open(path, "rb") as f:
             block = f.read(48)
