@@ -816,17 +816,57 @@ def open_for_reading(path: str) -> h5py.File:
         raise _damaged(path, exc) from None
 
 
+REREAD_ATTEMPTS = 20  # reads of a file its running job is changing, 0.25 s apart
+
+
 def read_results(path: str) -> dict:
     """Every column of a results file as numpy arrays, plus its attributes under ``"attrs"``.
 
     ``status`` comes back as strings (pending, done, failed), ``host`` as host
-    names, and JSON-encoded values decoded.
+    names, and JSON-encoded values decoded.  While the running job changes the
+    file's structure (the value column appears or widens) a read fails or
+    sees the old column: read again, then say so if it still does.
     """
-    with open_for_reading(path) as f:
+    for attempt in range(REREAD_ATTEMPTS):
         try:
-            return _read_columns(f, path)
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise _damaged(path, exc) from None
+            with open_for_reading(path) as f:
+                try:
+                    out, layout = _read_columns(f, path), _value_layout(f)
+                except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+                    raise _damaged(path, exc) from None
+            if layout == _layout_now(path):  # else the value column changed while we read it
+                return out
+        except MpimapError:
+            if not _being_written(path):
+                raise
+        time.sleep(0.25)
+    raise MpimapError(f"{path} is being rewritten by the running job; try again in a moment")
+
+
+def _value_layout(f: h5py.File):
+    """What identifies the value column of an open file: its name and dtype."""
+    return ("value", f["value"].dtype) if "value" in f else ("value_json" in f,)
+
+
+def _layout_now(path: str):
+    """The value column as a reader opening the file now sees it (None if it cannot be opened now)."""
+    try:
+        with open_for_reading(path) as f:
+            return _value_layout(f)
+    except (MpimapError, OSError, RuntimeError):
+        return None
+
+
+def _being_written(path: str) -> bool:
+    """Whether a live job holds the ``flock`` of ``PATH.lock`` (read from /proc/locks: taking it would race)."""
+    try:
+        st = os.stat(f"{path}.lock")
+        with open("/proc/locks") as locks:
+            entries = [line.split() for line in locks]
+    except OSError:
+        return False
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(len(e) > 5 and e[1] == "FLOCK" and e[5] == me for e in entries)
 
 
 def _read_columns(f: h5py.File, path: str) -> dict:

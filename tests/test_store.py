@@ -276,3 +276,29 @@ def test_a_lock_file_removed_by_the_job_that_released_it_is_not_taken(tmp_path, 
     with pytest.raises(MpimapError, match="is being written by another running job"):
         store_module._take_lock(path)  # a third job: the second must hold the lock file that exists
     store_module._release_lock(second, path)
+
+
+RESTRUCTURING_WRITER = '''
+import sys, time, numpy as np
+from mpimap.store import ResultStore
+store = ResultStore.open(sys.argv[1], np.arange(10.0), "m:f", flush_interval=0)
+store.write(np.arange(5), np.arange(5.0), {}, np.zeros(5), 1, "h")
+with store._restructuring():  # what the job does when the value column appears or widens, held longer
+    store._file.flush()
+    print("restructuring", flush=True)
+    time.sleep(2)
+sys.stdin.read()
+store.close("complete")
+'''
+
+
+def test_a_reader_of_a_file_its_live_job_is_restructuring_waits_instead_of_failing(tmp_path):
+    path = str(tmp_path / "r.h5")
+    writer = subprocess.Popen([sys.executable, "-c", RESTRUCTURING_WRITER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "restructuring"
+        r = read_results(path)
+        assert list(r["value"][:5]) == [0, 1, 2, 3, 4] and list(r["status"][:5]) == ["done"] * 5
+    finally:
+        writer.communicate("", timeout=60)
