@@ -583,16 +583,18 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
 
 def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
     _check_header(path, RESUME_FIX)
+    if not os.access(path, os.W_OK):  # (root may write anyway: HDF5's own error below says so then)
+        raise _unwritable(path)
     try:
         file = h5py.File(path, "r+", libver="latest", locking=False)
     except OSError as exc:
         if "already open for write" not in str(exc):
-            raise MpimapError(f"cannot reopen {path} to resume: {exc}; use --fresh to start over") from None
-        clear_write_flags(path)  # left behind by a killed writer; our lock proves none is alive
+            raise _cannot_reopen(path, exc) from None
         try:
+            clear_write_flags(path)  # left behind by a killed writer; our lock proves none is alive
             file = h5py.File(path, "r+", libver="latest", locking=False)
         except OSError as exc2:
-            raise MpimapError(f"cannot reopen {path} to resume: {exc2}; use --fresh to start over") from None
+            raise _cannot_reopen(path, exc2) from None
     try:
         attrs = file.attrs
         if attrs.get("format") != FORMAT:
@@ -615,6 +617,18 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         file.close()
         raise
     return file
+
+
+def _unwritable(path: str) -> MpimapError:
+    return MpimapError(f"cannot resume {path}: no permission to write it; fix its permissions "
+                       f"(chmod u+w {path}) or choose another --out (its results are kept)")
+
+
+def _cannot_reopen(path: str, exc: OSError) -> MpimapError:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in str(exc) \
+            or "Read-only file system" in str(exc):
+        return _unwritable(path)
+    return MpimapError(f"cannot reopen {path} to resume: {exc}; use another --out, or --fresh to start over")
 
 
 # flock errors that mean "this file system does not do flock" (Lustre without -o flock, some NFS setups)

@@ -474,3 +474,20 @@ def test_a_results_file_whose_text_heap_was_zeroed_gives_one_line_within_the_bou
                       "--retry-failed", cwd=tmp_path, check=False, timeout=100,
                       env=job_env(MPIMAP_READ_TIMEOUT=5))
     assert proc.returncode != 0 and "took longer than 5 s" in proc.stderr, proc.stderr
+
+
+def test_a_resume_without_permission_to_write_says_so_and_does_not_advise_fresh(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path, timeout=60)
+    os.chmod(tmp_path / "r.h5", 0o444)
+    before = (tmp_path / "r.h5").read_bytes()
+    command = [sys.executable, "-m", "mpimap", "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5",
+               "--retry-failed"]
+    if os.geteuid() == 0:  # root writes read-only files: drop that capability, as an ordinary user has none
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=job_env())
+    _one_error_line(proc, "no permission to write", "chmod", "another --out")
+    assert "--fresh" not in proc.stderr and (tmp_path / "r.h5").read_bytes() == before
