@@ -46,7 +46,7 @@ def cli():
 @click.option("--fresh", is_flag=True, help="Start over, replacing an existing results file.")
 @click.option("--retry-failed", is_flag=True, help="On resume, evaluate failed points again too.")
 @click.option("--flush-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds between flushes of the results file (what a kill can lose).")
+              help="Seconds between flushes of the results file (what a kill can lose; inf: only at the end).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress line (default: on a terminal).")
 @click.option("--isolation", type=click.Choice(["rank", "process", "fresh"]), default="process", show_default=True,
               help="Where points are evaluated: in the worker rank, in a supervised child process per rank, "
