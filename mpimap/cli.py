@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .errors import MpimapError
+from .watchdog import bounded_read
 
 
 class _Interrupted(Exception):
@@ -45,7 +46,7 @@ def cli():
 @click.option("--fresh", is_flag=True, help="Start over, replacing an existing results file.")
 @click.option("--retry-failed", is_flag=True, help="On resume, evaluate failed points again too.")
 @click.option("--flush-interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds between flushes of the results file (what a kill can lose).")
+              help="Seconds between flushes of the results file (what a kill can lose; inf: only at the end).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress line (default: on a terminal).")
 @click.option("--isolation", type=click.Choice(["rank", "process", "fresh"]), default="process", show_default=True,
               help="Where points are evaluated: in the worker rank, in a supervised child process per rank, "
@@ -87,7 +88,7 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
     from .pool import Pool, map_settings
     from .progress import Progress
     from .control import Watcher
-    from .store import ResultStore
+    from .store import RESUME_FIX, ResultStore
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fn = FunctionRef(function)
@@ -100,11 +101,16 @@ def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interv
         map_settings(options)
     except ValueError as exc:
         raise MpimapError(str(exc)) from None
-    store = ResultStore.open(out, points, fn.spec, fresh=fresh, flush_interval=flush_interval)
+    with bounded_read(out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it
+        store = ResultStore.open(out, points, fn.spec, fresh=fresh, flush_interval=flush_interval)
+        try:
+            todo = store.todo(retry_failed)
+        except BaseException:
+            store.close("failed")
+            raise
     state = "failed"
     old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        todo = store.todo(retry_failed)
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=progress)
         per_rank: Counter = Counter()
         if len(todo):
@@ -192,9 +198,7 @@ def loglevel(results, level, ranks):
 @click.option("--errors", "show_errors", is_flag=True, help="List every failed point with its error.")
 def show(results, show_errors):
     """Summarise a results file, also while its job runs."""
-    from .store import read_results
-
-    r = read_results(results)
+    r = _read(results)
     attrs = r["attrs"]
     status = Counter(r["status"])
     n = len(r["status"])
@@ -221,9 +225,7 @@ def show(results, show_errors):
 @click.option("--csv", "csv_path", required=True, metavar="FILE.csv", help="Where to write the table.")
 def export(results, csv_path):
     """Write a results file as CSV: index, status, points, values, seconds, rank, host, error."""
-    from .store import read_results
-
-    r = read_results(results)
+    r = _read(results)
     points = r["points"].reshape(len(r["points"]), -1)
     values = r.get("value")
     flat = None if values is None or values.dtype == object else values.reshape(len(values), -1)
@@ -243,6 +245,14 @@ def export(results, csv_path):
             writer.writerow([i, r["status"][i], *points[i], *value, r["seconds"][i], r["rank"][i], r["host"][i],
                              r["error"][i].split("\n", 1)[0]])
     click.echo(f"wrote {len(points)} rows to {csv_path}")
+
+
+def _read(results: str) -> dict:
+    """read_results, bounded in time: a damaged file can make HDF5 loop for ever."""
+    from .store import READ_FIX, read_results
+
+    with bounded_read(results, READ_FIX):
+        return read_results(results)
 
 
 @cli.command()

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -72,7 +73,9 @@ class Layout:
         return np.full(n, "", dtype=object) if self.text else np.full((n, *self.shape), self.fill, dtype=self.dtype)
 
 
-# Numeric kinds in the order values may be promoted: a later value of a higher kind promotes the column.
+# Numeric kinds in the order values may be promoted: a later value of a higher kind promotes the column.  New
+# columns are float64 or complex128 (see _layout_of); bool and int64 columns come only from files of mpimap 0.x
+# format 1, which still widen as they did.
 KINDS = {"b": (0, np.bool_), "i": (1, np.int64), "u": (1, np.int64), "f": (2, np.float64), "c": (3, np.complex128)}
 EXACT_INT = 2 ** 53  # integers up to this size are exact in float64
 
@@ -90,7 +93,7 @@ class ResultStore:
         self._file = file
         self._lock = lock
         self.run = run
-        self.flush_interval = flush_interval
+        self.flush_interval = min(flush_interval, threading.TIMEOUT_MAX)  # longer waits overflow (inf: never due)
         self._hosts = {name.decode(): i for i, name in enumerate(file["hosts"][()])}
         self.size = len(file["status"])
         self._pending: list = []  # buffered chunks, see write()
@@ -112,7 +115,12 @@ class ResultStore:
     @classmethod
     def open(cls, path: str, points: np.ndarray, function: str, *, fresh: bool = False,
              flush_interval: float = 1.0) -> "ResultStore":
-        """Create the results file, or reopen it to resume the same job (same function and points)."""
+        """Create the results file, or reopen it to resume the same job (same function and points).
+
+        ``flush_interval`` may be ``inf``: flush only when the buffer is full and at close.
+        """
+        if not flush_interval >= 0:
+            raise MpimapError(f"flush interval {flush_interval} is not a number of seconds >= 0 (inf: only at close)")
         lock = _take_lock(path)
         try:
             digest = checksum(points)
@@ -236,7 +244,8 @@ class ResultStore:
             value = values[i]
             array = _as_numbers(value)
             if array is None or array.shape != self._layout.shape:
-                reason = "not a number" if array is None else f"shape {array.shape}"
+                reason = ("an integer beyond int64" if _beyond_int64(value) else "not a number") if array is None \
+                    else f"shape {array.shape}"
             else:
                 fitted = self._fit(array[None])
                 if fitted is not None:
@@ -251,6 +260,8 @@ class ResultStore:
     def _fit(self, array: np.ndarray):
         """``array`` (points along axis 0) converted exactly to the layout, widened if need be; else None."""
         kind = array.dtype.kind
+        if kind in "fc" and not np.can_cast(array.dtype, KINDS[kind][1], casting="safe"):
+            return None  # long double: float64 would round it
         if kind == "u":
             if array.size and array.max() > np.iinfo(np.int64).max:
                 return None
@@ -471,10 +482,16 @@ def _ints_exact(file, layout) -> bool:
 
 
 def _layout_of(value) -> Layout:
-    """How values like this one are stored: numbers of a dtype and shape, or JSON text."""
-    if _is_numeric(value):
-        array = np.asarray(value)
-        return Layout(KINDS[array.dtype.kind][1], array.shape)
+    """How values like this one are stored: float64 or complex128 of its shape, or JSON text.
+
+    Every real number is stored as float64 from the first value on, so that
+    the column never widens from int to float under a reader's feet; a first
+    value with integers that float64 cannot hold exactly (beyond 2**53) makes
+    the column JSON, which keeps them exact.
+    """
+    array = _as_numbers(value) if _is_numeric(value) else None
+    if array is not None and not (array.dtype.kind in "biu" and array.size and not _exact_in_float(array)):
+        return Layout(np.complex128 if array.dtype.kind == "c" else np.float64, array.shape)
     _to_json(value)  # fails with a clear message if it cannot be stored at all
     return Layout(TEXT)
 
@@ -487,10 +504,15 @@ def _existing_layout(file):
     return None
 
 
+def _beyond_int64(value) -> bool:
+    return isinstance(value, int) and not -2 ** 63 <= value < 2 ** 64
+
+
 def _as_numbers(value):
-    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None."""
+    """``value`` as a numeric array (numbers, numeric arrays, lists of numbers), or None (also for a Python int
+    beyond 64 bits, which numpy holds only as an object)."""
     if _is_numeric(value):
-        return np.asarray(value)
+        return None if _beyond_int64(value) else np.asarray(value)
     if isinstance(value, (list, tuple)):
         try:
             array = np.asarray(value)
@@ -561,16 +583,18 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
 
 def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
     _check_header(path, RESUME_FIX)
+    if not os.access(path, os.W_OK):  # (root may write anyway: HDF5's own error below says so then)
+        raise _unwritable(path)
     try:
         file = h5py.File(path, "r+", libver="latest", locking=False)
     except OSError as exc:
         if "already open for write" not in str(exc):
-            raise MpimapError(f"cannot reopen {path} to resume: {exc}; use --fresh to start over") from None
-        clear_write_flags(path)  # left behind by a killed writer; our lock proves none is alive
+            raise _cannot_reopen(path, exc) from None
         try:
+            clear_write_flags(path)  # left behind by a killed writer; our lock proves none is alive
             file = h5py.File(path, "r+", libver="latest", locking=False)
         except OSError as exc2:
-            raise MpimapError(f"cannot reopen {path} to resume: {exc2}; use --fresh to start over") from None
+            raise _cannot_reopen(path, exc2) from None
     try:
         attrs = file.attrs
         if attrs.get("format") != FORMAT:
@@ -593,6 +617,18 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         file.close()
         raise
     return file
+
+
+def _unwritable(path: str) -> MpimapError:
+    return MpimapError(f"cannot resume {path}: no permission to write it; fix its permissions "
+                       f"(chmod u+w {path}) or choose another --out (its results are kept)")
+
+
+def _cannot_reopen(path: str, exc: OSError) -> MpimapError:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in str(exc) \
+            or "Read-only file system" in str(exc):
+        return _unwritable(path)
+    return MpimapError(f"cannot reopen {path} to resume: {exc}; use another --out, or --fresh to start over")
 
 
 # flock errors that mean "this file system does not do flock" (Lustre without -o flock, some NFS setups)
@@ -752,6 +788,9 @@ def _check_header(path: str, fix: str = READ_FIX) -> None:
     """Refuse at once what is not a whole HDF5 file: HDF5 itself can take for ever to find out (see READ_ATTEMPTS)."""
     if os.path.isdir(path):
         raise MpimapError(f"{path} is a directory, not a results file")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would block for ever
+        raise MpimapError(f"{path} is not a regular file (a pipe or device?), not a results file; "
+                          "give the results file's path")
     try:
         with open(path, "rb") as f:
             block = f.read(48)
@@ -791,17 +830,57 @@ def open_for_reading(path: str) -> h5py.File:
         raise _damaged(path, exc) from None
 
 
+REREAD_ATTEMPTS = 20  # reads of a file its running job is changing, 0.25 s apart
+
+
 def read_results(path: str) -> dict:
     """Every column of a results file as numpy arrays, plus its attributes under ``"attrs"``.
 
     ``status`` comes back as strings (pending, done, failed), ``host`` as host
-    names, and JSON-encoded values decoded.
+    names, and JSON-encoded values decoded.  While the running job changes the
+    file's structure (the value column appears or widens) a read fails or
+    sees the old column: read again, then say so if it still does.
     """
-    with open_for_reading(path) as f:
+    for attempt in range(REREAD_ATTEMPTS):
         try:
-            return _read_columns(f, path)
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise _damaged(path, exc) from None
+            with open_for_reading(path) as f:
+                try:
+                    out, layout = _read_columns(f, path), _value_layout(f)
+                except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+                    raise _damaged(path, exc) from None
+            if layout == _layout_now(path):  # else the value column changed while we read it
+                return out
+        except MpimapError:
+            if not _being_written(path):
+                raise
+        time.sleep(0.25)
+    raise MpimapError(f"{path} is being rewritten by the running job; try again in a moment")
+
+
+def _value_layout(f: h5py.File):
+    """What identifies the value column of an open file: its name and dtype."""
+    return ("value", f["value"].dtype) if "value" in f else ("value_json" in f,)
+
+
+def _layout_now(path: str):
+    """The value column as a reader opening the file now sees it (None if it cannot be opened now)."""
+    try:
+        with open_for_reading(path) as f:
+            return _value_layout(f)
+    except (MpimapError, OSError, RuntimeError):
+        return None
+
+
+def _being_written(path: str) -> bool:
+    """Whether a live job holds the ``flock`` of ``PATH.lock`` (read from /proc/locks: taking it would race)."""
+    try:
+        st = os.stat(f"{path}.lock")
+        with open("/proc/locks") as locks:
+            entries = [line.split() for line in locks]
+    except OSError:
+        return False
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(len(e) > 5 and e[1] == "FLOCK" and e[5] == me for e in entries)
 
 
 def _read_columns(f: h5py.File, path: str) -> dict:

@@ -418,3 +418,76 @@ def test_an_interactive_run_shows_progress_on_the_terminal_and_a_detached_one_do
     # output to the same terminal, but mpiexec detached from it (no controlling terminal): no progress line
     detached = _run_on_a_terminal(tmp_path, shutil.which("setsid"), "-w", *run, "--out", "b.h5")
     assert "job complete" in detached and "points/s, ETA" not in detached.split("mpimap: job complete")[0]
+
+
+def _cli(tmp_path, *args, **env):
+    return subprocess.run([sys.executable, "-m", "mpimap", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env=job_env(**env))
+
+
+def _one_error_line(proc, *words):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("mpimap: error:"), proc.stderr
+    assert all(word in lines[0] for word in words), proc.stderr
+
+
+def test_a_fifo_named_as_the_results_file_is_one_line_and_never_blocks(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    os.mkfifo(tmp_path / "r.h5")
+    for command in (["show", "r.h5"], ["export", "r.h5", "--csv", "out.csv"]):
+        _one_error_line(_cli(tmp_path, *command), "not a regular file")
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path, check=False,
+                      timeout=60)
+    _one_error_line(proc, "not a regular file")
+
+
+def test_flush_interval_inf_flushes_at_close_and_nan_is_refused(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(20.0))
+    for interval in ("inf", "1e300"):
+        proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", f"r{interval}.h5",
+                          "--flush-interval", interval, "--no-progress", cwd=tmp_path, timeout=60)
+        assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+        r = read_results(str(tmp_path / f"r{interval}.h5"))
+        assert np.array_equal(r["value"], np.arange(20.0) ** 2) and set(r["status"]) == {"done"}
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "rnan.h5", "--flush-interval", "nan",
+                      cwd=tmp_path, check=False, timeout=60)
+    _one_error_line(proc, "flush interval nan")
+    assert not (tmp_path / "rnan.h5").exists()
+
+
+def test_a_results_file_whose_text_heap_was_zeroed_gives_one_line_within_the_bound(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(300.0))
+    mpimap_cli(2, "run", "jobfuncs:fail_on_multiples_of_7", "--points", "p.npy", "--out", "r.h5", "--no-progress",
+               cwd=tmp_path, timeout=120)
+    data = bytearray((tmp_path / "r.h5").read_bytes())
+    heaps = [k for k in range(len(data)) if data[k:k + 4] == b"GCOL"]
+    assert heaps
+    for heap in heaps:  # the heaps of the error texts: HDF5 loops for ever on these zeroed bytes
+        data[heap + 16:heap + 80] = bytes(64)
+    (tmp_path / "r.h5").write_bytes(bytes(data))
+    for command in (["show", "r.h5"], ["export", "r.h5", "--csv", "out.csv"]):
+        start = time.monotonic()
+        proc = _cli(tmp_path, *command, MPIMAP_READ_TIMEOUT=5)
+        assert time.monotonic() - start < 50
+        _one_error_line(proc, "took longer than 5 s", "damaged")
+    proc = mpimap_cli(2, "run", "jobfuncs:fail_on_multiples_of_7", "--points", "p.npy", "--out", "r.h5",
+                      "--retry-failed", cwd=tmp_path, check=False, timeout=100,
+                      env=job_env(MPIMAP_READ_TIMEOUT=5))
+    assert proc.returncode != 0 and "took longer than 5 s" in proc.stderr, proc.stderr
+
+
+def test_a_resume_without_permission_to_write_says_so_and_does_not_advise_fresh(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(5.0))
+    mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path, timeout=60)
+    os.chmod(tmp_path / "r.h5", 0o444)
+    before = (tmp_path / "r.h5").read_bytes()
+    command = [sys.executable, "-m", "mpimap", "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5",
+               "--retry-failed"]
+    if os.geteuid() == 0:  # root writes read-only files: drop that capability, as an ordinary user has none
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=job_env())
+    _one_error_line(proc, "no permission to write", "chmod", "another --out")
+    assert "--fresh" not in proc.stderr and (tmp_path / "r.h5").read_bytes() == before

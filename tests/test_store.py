@@ -101,7 +101,7 @@ def test_newer_format_and_foreign_files_are_refused(tmp_path):
 def test_later_values_widen_the_column_instead_of_being_cast(tmp_path):
     path = str(tmp_path / "r.h5")
     store = ResultStore.open(path, np.arange(8.0), "m:f", flush_interval=0)  # every write reaches the file
-    store.write(np.array([0]), np.array([0]), {}, np.zeros(1), 1, "h")  # an int first: the file's column is int64
+    store.write(np.array([0]), np.array([0]), {}, np.zeros(1), 1, "h")  # an int first: the file's column is float64
     store.write(np.array([1, 2]), np.array([1 / 3, 2 / 3]), {}, np.zeros(2), 1, "h")
     store.write(np.array([3]), [1 + 2j], {}, np.zeros(1), 1, "h")
     store.write(np.array([4, 5, 6]), [True, "3.5", 2 ** 60], {}, np.zeros(3), 1, "h")
@@ -113,15 +113,111 @@ def test_later_values_widen_the_column_instead_of_being_cast(tmp_path):
     assert r["error"][6].startswith("StoreError: result of type int does not fit") and "exactly" in r["error"][6]
 
 
+def test_every_real_number_is_stored_as_float64_from_the_first_value(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(6.0), "m:f", flush_interval=0)
+    store.write(np.array([0, 1]), [True, 3], {}, np.zeros(2), 1, "h")
+    store.write(np.array([2, 3]), np.array([2 ** 53, -7]), {}, np.zeros(2), 1, "h")
+    store.write(np.array([4, 5]), [2.5, -(2 ** 53) - 2], {}, np.zeros(2), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert r["value"].dtype == np.float64 and list(r["status"]) == ["done"] * 5 + ["failed"]
+    assert list(r["value"][:5]) == [1, 3, 2 ** 53, -7, 2.5] and "exactly" in r["error"][5]
+
+
+READER = """
+import sys, numpy as np
+from mpimap.store import open_for_reading, _read_columns
+reader = open_for_reading(sys.argv[1])  # opened while the job runs, as a monitoring script would
+print("opened", flush=True)
+sys.stdin.readline()
+r = _read_columns(reader, sys.argv[1])
+done = r["status"] == "done"
+print(int(done.sum()), repr(r["value"][done].tolist()), flush=True)
+"""
+
+
+def test_a_reader_that_opened_the_file_before_floats_follow_ints_reads_the_right_values(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(100.0), "m:f", flush_interval=0)
+    store.write(np.arange(50), np.arange(50) * 3, {}, np.zeros(50), 1, "h")  # integers first
+    reader = subprocess.Popen([sys.executable, "-c", READER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert reader.stdout.readline().strip() == "opened"
+        store.write(np.arange(50, 100), np.arange(50, 100) / 7, {}, np.zeros(50), 1, "h")
+        out, _ = reader.communicate("go\n", timeout=60)
+    finally:
+        reader.kill()
+        store.close("complete")
+    count, values = out.split(" ", 1)
+    expected = np.concatenate([np.arange(50) * 3, np.arange(50, 100) / 7])
+    assert int(count) == 100 and eval(values) == expected.tolist()
+
+
+def _format1_file(path, values):
+    """A results file as mpimap wrote format 1 with integer results: an int64 ``value`` column, rows done."""
+    ResultStore.open(path, np.arange(4.0), "m:f").close("interrupted")
+    with h5py.File(path, "r+", libver="latest") as f:
+        f.create_dataset("value", data=np.array(values + [0] * (4 - len(values)), np.int64), maxshape=(None,),
+                         chunks=True, fillvalue=0)
+        f["status"][:len(values)] = np.ones(len(values), np.int8)
+
+
+def test_an_int64_column_of_an_older_file_still_widens_when_every_integer_is_exact(tmp_path):
+    path = str(tmp_path / "r.h5")
+    _format1_file(path, [5, -3])
+    store = ResultStore.open(path, np.arange(4.0), "m:f", flush_interval=0)
+    store.write(np.array([2, 3]), [0.5, 7], {}, np.zeros(2), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert r["value"].dtype == np.float64 and list(r["value"]) == [5, -3, 0.5, 7]
+
+
 def test_integers_that_a_float_column_cannot_hold_exactly_are_kept_and_the_float_fails(tmp_path):
     path = str(tmp_path / "r.h5")
-    store = ResultStore.open(path, np.arange(3.0), "m:f", flush_interval=0)
-    store.write(np.array([0]), [2 ** 60 + 1], {}, np.zeros(1), 1, "h")
+    _format1_file(path, [2 ** 60 + 1])
+    store = ResultStore.open(path, np.arange(4.0), "m:f", flush_interval=0)
     store.write(np.array([1, 2]), [0.5, True], {}, np.zeros(2), 1, "h")
     store.close("complete")
     r = read_results(path)
-    assert list(r["status"]) == ["done", "failed", "done"] and r["value"].dtype == np.int64
+    assert list(r["status"]) == ["done", "failed", "done", "pending"] and r["value"].dtype == np.int64
     assert r["value"][0] == 2 ** 60 + 1 and r["value"][2] == 1 and r["error"][1].startswith("StoreError")
+
+
+def test_a_first_integer_beyond_float64_precision_makes_the_column_json_and_exact(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f", flush_interval=0)
+    store.write(np.array([0, 1, 2]), [2 ** 70, 2 ** 60 + 1, 0.5], {}, np.zeros(3), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done"] * 3 and list(r["value"]) == [2 ** 70, 2 ** 60 + 1, 0.5]
+
+
+def test_a_later_integer_beyond_int64_fails_its_point_and_the_job_goes_on(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(4.0), "m:f", flush_interval=0)
+    store.write(np.array([0]), [1], {}, np.zeros(1), 1, "h")
+    store.write(np.array([1, 2]), [2 ** 70, 2], {}, np.zeros(2), 1, "h")
+    store.write(np.array([3]), np.array([-(2 ** 70)], dtype=object), {}, np.zeros(1), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done", "failed", "done", "failed"] and list(r["value"][[0, 2]]) == [1, 2]
+    assert r["error"][1].startswith("StoreError: result of type int does not fit") and "int64" in r["error"][1]
+    store = ResultStore.open(path, np.arange(4.0), "m:f")  # and the file resumes
+    assert list(store.todo(retry_failed=True)) == [1, 3]
+    store.close("complete")
+
+
+def test_a_long_double_is_not_rounded_to_float64(tmp_path):
+    path = str(tmp_path / "r.h5")
+    store = ResultStore.open(path, np.arange(3.0), "m:f", flush_interval=0)
+    store.write(np.array([0, 1]), [np.float16(1.5), np.longdouble(1) / 3], {}, np.zeros(2), 1, "h")
+    store.write(np.array([2]), np.array([np.longdouble(2) / 3]), {}, np.zeros(1), 1, "h")
+    store.close("complete")
+    r = read_results(path)
+    assert list(r["status"]) == ["done", "failed", "failed"] and r["value"][0] == 1.5
+    assert all(e.startswith("StoreError") and "exactly" in e for e in r["error"][1:])
 
 
 def test_retried_rows_lose_their_old_error_and_log_and_attempts_accumulate(tmp_path):
@@ -180,3 +276,29 @@ def test_a_lock_file_removed_by_the_job_that_released_it_is_not_taken(tmp_path, 
     with pytest.raises(MpimapError, match="is being written by another running job"):
         store_module._take_lock(path)  # a third job: the second must hold the lock file that exists
     store_module._release_lock(second, path)
+
+
+RESTRUCTURING_WRITER = '''
+import sys, time, numpy as np
+from mpimap.store import ResultStore
+store = ResultStore.open(sys.argv[1], np.arange(10.0), "m:f", flush_interval=0)
+store.write(np.arange(5), np.arange(5.0), {}, np.zeros(5), 1, "h")
+with store._restructuring():  # what the job does when the value column appears or widens, held longer
+    store._file.flush()
+    print("restructuring", flush=True)
+    time.sleep(2)
+sys.stdin.read()
+store.close("complete")
+'''
+
+
+def test_a_reader_of_a_file_its_live_job_is_restructuring_waits_instead_of_failing(tmp_path):
+    path = str(tmp_path / "r.h5")
+    writer = subprocess.Popen([sys.executable, "-c", RESTRUCTURING_WRITER, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "restructuring"
+        r = read_results(path)
+        assert list(r["value"][:5]) == [0, 1, 2, 3, 4] and list(r["status"][:5]) == ["done"] * 5
+    finally:
+        writer.communicate("", timeout=60)
