@@ -18,6 +18,7 @@ import weakref
 
 import pytest
 
+import jobfuncs
 import mpimap
 
 # -- functions the checks send to the workers (importable there as test_executor_contract) ------------------------
@@ -59,7 +60,7 @@ def make_dummy(x):
 
 def stop_on_rank_2(x):
     """Hang this rank for ever (as a dead node would) if it is rank 2."""
-    if os.environ.get("PMI_RANK") == "2":
+    if jobfuncs.rank() == "2":
         os.kill(os.getpid(), signal.SIGSTOP)
     return x
 

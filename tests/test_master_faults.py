@@ -361,7 +361,7 @@ def _job_pids(marker: str) -> dict:
         except OSError:
             continue
         if env.get(b"MPIMAP_TEST_JOB") == marker.encode():
-            rank = env.get(b"PMI_RANK")
+            rank = env.get(b"PMI_RANK") or env.get(b"OMPI_COMM_WORLD_RANK")  # MPICH, Open MPI
             pids[int(entry)] = None if rank is None else int(rank)
     return pids
 
