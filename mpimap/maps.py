@@ -211,6 +211,20 @@ class MapHandle:
 
     def _wait(self, ready, deadline) -> None:
         """Wait, under the lock, until ``ready()`` or the map ends; TimeoutError after ``deadline``."""
+        if ready():
+            return
+        master = self.master
+        if master is None or not master.drivable:
+            self._wait_for(ready, deadline, lambda timeout: self._cond.wait(timeout))
+            return
+        with master.signals_between_turns() as deliver:
+            def drive(timeout):
+                master.drive(self._cond, timeout)  # run the master loop here: no hand-off between threads
+                deliver()
+
+            self._wait_for(ready, deadline, drive)
+
+    def _wait_for(self, ready, deadline, wait) -> None:
         while not ready():
             if self.error is not None:
                 raise self.error
@@ -221,10 +235,7 @@ class MapHandle:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 raise TimeoutError(f"map results not ready: {self.done} of {self.size} points done")
-            if self.master is not None and self.master.drivable:
-                self.master.drive(self._cond, timeout)  # run the master loop here: no hand-off between threads
-            else:
-                self._cond.wait(timeout)
+            wait(timeout)
 
     def ordered(self, deadline: float | None = None):
         """Yield values in input order; raise a point's exception when its turn comes."""

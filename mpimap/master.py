@@ -11,10 +11,12 @@ import atexit
 import itertools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,6 +185,38 @@ class Master:
             with self._drivers_lock:
                 self._drivers -= 1
             cond.acquire()
+
+    @contextmanager
+    def signals_between_turns(self):
+        """While a caller waits by driving the loop: Ctrl-C and SIGTERM handlers run between turns, never inside one.
+
+        A handler's exception (KeyboardInterrupt, the CLI's interrupt) raised
+        half-way through a turn would leave the loop's state torn; here it is
+        held and raised by ``deliver()``, which the waiting caller calls after
+        each turn, and on leaving.
+        """
+        if threading.current_thread() is not threading.main_thread():  # only the main thread runs handlers
+            yield _nothing
+            return
+        pending: list = []
+        saved = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                saved[sig] = handler
+                signal.signal(sig, lambda signum, frame: pending.append(signum))
+
+        def deliver():
+            while pending:
+                signum = pending.pop(0)
+                saved[signum](signum, None)
+
+        try:
+            yield deliver
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+            deliver()
 
     def _turn(self) -> bool:
         """One turn of the loop: commands, dispatch, messages, liveness; True if messages came."""
@@ -544,6 +578,10 @@ def _fill_holes(live, n, values, failures, durations, logs):
     spread = np.zeros(n)
     spread[live] = durations
     return (full, {live[j]: f for j, f in failures.items()}, spread, {live[j]: t for j, t in logs.items()})
+
+
+def _nothing() -> None:
+    """No signal is ever held for a caller that is not the main thread."""
 
 
 def _same(a, b) -> bool:

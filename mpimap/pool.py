@@ -265,15 +265,16 @@ class _DrivenFuture(Future):
     def _drive(self, timeout):
         """Drive the loop until this future is done or ``timeout`` passes; return the time left of ``timeout``."""
         master = self._master
-        if not master.drivable:
+        if not master.drivable or self.done():
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._condition:
+        with self._condition, master.signals_between_turns() as deliver:
             while not self.done():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return 0
                 master.drive(self._condition, left)
+                deliver()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 

@@ -440,3 +440,34 @@ if __name__ == "__main__":
     waited = [int(line.split()[2]) for line in out.splitlines() if line.startswith("WAITED")]
     assert len(waited) == 2 and all(3 <= w < 5 for w in waited), out
 
+
+
+def test_an_interrupt_while_a_caller_drives_the_loop_leaves_the_pool_serving(run_script):
+    """Ctrl-C (here interrupt_main, which runs the SIGINT handler) while result() or a map's iterator drives the loop."""
+    proc = run_script('''
+import _thread, random, threading, time
+import mpimap
+from jobfuncs import square
+if __name__ == "__main__":
+    random.seed(5)
+    with mpimap.Pool() as pool:
+        interrupted = 0
+        for trial in range(30):
+            futures = [pool.submit(square, i) for i in range(300)]
+            timer = threading.Timer(random.uniform(0, 0.02), _thread.interrupt_main)
+            try:
+                timer.start()
+                if trial % 2:
+                    [f.result(timeout=60) for f in futures]
+                else:
+                    list(pool.map(square, range(3000), chunksize=1, timeout=60))
+                timer.join()  # the interrupt lands here if the results came first
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                interrupted += 1
+                timer.join()
+            assert list(pool.map(square, range(3), timeout=30)) == [0, 1, 4], trial
+        print("SERVING", interrupted > 0, flush=True)
+''', ranks=2, timeout=240, full=True)
+    assert "SERVING True" in proc.stdout
+    assert "master failed" not in proc.stderr
