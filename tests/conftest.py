@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,3 +102,12 @@ def run_script(tmp_path):
         return proc if full else proc.stdout
 
     return run
+
+
+def freed(ref, seconds: float = 10.0) -> bool:
+    """Whether the object behind weakref ``ref`` is freed within ``seconds`` (a thread may still be letting go of it)."""
+    deadline = time.monotonic() + seconds
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    return ref() is None

@@ -8,7 +8,6 @@ one line per check, which pytest then reads.
 """
 
 import concurrent.futures as cf
-import gc
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import weakref
 import pytest
 
 import jobfuncs
+from conftest import freed
 import mpimap
 
 # -- functions the checks send to the workers (importable there as test_executor_contract) ------------------------
@@ -63,15 +63,6 @@ def stop_on_rank_2(x):
     if jobfuncs.rank() == "2":
         os.kill(os.getpid(), signal.SIGSTOP)
     return x
-
-
-def _gone(ref, seconds=10.0) -> bool:
-    """Whether the object behind ``ref`` is freed (allowing the master thread to return from set_result)."""
-    deadline = time.monotonic() + seconds
-    while ref() is not None and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
-    return ref() is None
 
 
 # -- the checks ------------------------------------------------------------------------------------------------------
@@ -278,11 +269,11 @@ def check_no_result_kept_alive(new_pool):
         future = pool.submit(make_dummy, 1)
         ref = weakref.ref(future.result(timeout=60))
         del future
-        assert _gone(ref)
+        assert freed(ref)
         for obj in pool.map(make_dummy, range(5)):
             ref = weakref.ref(obj)
             del obj
-            assert _gone(ref)
+            assert freed(ref)
 
 
 def check_many_submits_then_shutdown(new_pool):

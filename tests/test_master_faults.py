@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mpimap
-from conftest import job_env
+from conftest import freed, job_env
 from jobfuncs import exits_on_2, square
 from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
@@ -156,16 +156,7 @@ def test_no_result_is_kept_alive_by_the_pool_after_a_submit():
         future = pool.submit(payload, 7)
         ref = weakref.ref(future.result(timeout=30))
         del future
-        assert _released(ref)
-
-
-def _released(ref, seconds=10.0) -> bool:
-    """Whether the object behind ``ref`` is freed (the master thread may still be returning from set_result)."""
-    deadline = time.monotonic() + seconds
-    while ref() is not None and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.01)
-    return ref() is None
+        assert freed(ref)
 
 
 # -- suspected: submit racing close ----------------------------------------------------------------------------
