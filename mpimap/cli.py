@@ -1,4 +1,4 @@
-"""The command line: ``mpimap run | show | export | demo`` (``python -m mpimap ...`` under mpiexec)."""
+"""The command line: ``mpimap run | show | export | demo``, and the job commands (``mpimap.jobs``)."""
 
 from __future__ import annotations
 
@@ -265,6 +265,17 @@ def demo(ranks, npoints, out):
     from .demo import run_demo
 
     sys.exit(run_demo(ranks, npoints, out))
+
+
+def _add_job_commands() -> None:
+    """The job commands (submit, ls, status, ...) live with the jobs package: they only add argument handling."""
+    from .jobs import commands_read, commands_steer
+
+    for command in (*commands_steer.COMMANDS, *commands_read.COMMANDS):
+        cli.add_command(command)
+
+
+_add_job_commands()
 
 
 def main(argv=None) -> int:
