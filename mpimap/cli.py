@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import signal
 import socket
@@ -225,26 +224,10 @@ def show(results, show_errors):
 @click.option("--csv", "csv_path", required=True, metavar="FILE.csv", help="Where to write the table.")
 def export(results, csv_path):
     """Write a results file as CSV: index, status, points, values, seconds, rank, host, error."""
-    r = _read(results)
-    points = r["points"].reshape(len(r["points"]), -1)
-    values = r.get("value")
-    flat = None if values is None or values.dtype == object else values.reshape(len(values), -1)
-    try:
-        f = open(csv_path, "w", newline="")
-    except OSError as exc:
-        raise MpimapError(f"cannot write {csv_path}: {exc.strerror}; choose another --csv") from None
-    with f:
-        writer = csv.writer(f)
-        header = ["index", "status"] + [f"x{j}" for j in range(points.shape[1])]
-        header += ["value"] if flat is None else [f"y{j}" for j in range(flat.shape[1])]
-        writer.writerow(header + ["seconds", "rank", "host", "error"])
-        for i in range(len(points)):
-            value = [("" if values is None else values[i])] if flat is None else list(flat[i])
-            if r["status"][i] != "done":
-                value = [""] * len(value)
-            writer.writerow([i, r["status"][i], *points[i], *value, r["seconds"][i], r["rank"][i], r["host"][i],
-                             r["error"][i].split("\n", 1)[0]])
-    click.echo(f"wrote {len(points)} rows to {csv_path}")
+    from .results import columns, write_csv
+
+    rows = write_csv(columns(_read(results)), csv_path)
+    click.echo(f"wrote {rows} rows to {csv_path}")
 
 
 def _read(results: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -40,7 +41,10 @@ def read_json(path: str, kind: str, version: int, upgrades: dict | None = None) 
     next version's, applied in turn up to ``version``.
     """
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block the reader
+        with open(fd, "rb") as f:  # bytes: json.loads says "damaged" for bad UTF-8 too
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MpimapError(f"{path} is not a regular file (a pipe or device?); restore the job's file")
             text = f.read()
     except FileNotFoundError:
         raise MpimapError(f"{path} does not exist") from None
