@@ -34,19 +34,21 @@ def _read_results(path: str) -> dict:
 
 
 def _json(value) -> None:
-    click.echo(json.dumps(value, indent=1, default=_plain))
+    click.echo(json.dumps(_plain(value), indent=1, allow_nan=False))
 
 
 def _plain(value):
-    """numpy scalars and arrays as JSON (NaN as null)."""
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()] if value.ndim else _plain(value.item())
+    """``value`` with numpy scalars and arrays as plain JSON (NaN and infinities as null, complex as [re, im])."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, complex):
-        return [value.real, value.imag]
+        return [_plain(value.real), _plain(value.imag)]
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value
@@ -100,14 +102,14 @@ def attach(job, interval):
             time.sleep(interval)
     except KeyboardInterrupt:
         click.echo(("\n" if redraw else "") + "detached; the job goes on")
-        raise click.exceptions.Exit(0) from None
+        sys.exit(0)
     s = look.status
     counts = f": {s.done} done, {s.failed} failed of {s.total}" if s else ""
     click.echo(("\n" if redraw else "") + f"job {the_job.name} {look.state}{counts}"
                + (f" ({s.message})" if s and s.message else ""))
     click.echo(f"results: mpimap results {job} -o FILE.csv; thumbnail: mpimap thumbnail {job} "
                f"(writes {the_job.dir.thumbnail})")
-    raise click.exceptions.Exit(EXIT_STATUS.get(look.state, 1))
+    sys.exit(EXIT_STATUS.get(look.state, 1))
 
 
 def _progress(look) -> str:
@@ -141,7 +143,7 @@ def ps(jobs, all_users, as_json):
         for text in unreadable:
             click.echo(f"mpimap: error: {text}", err=True)
     if unreadable:
-        raise click.exceptions.Exit(2)
+        sys.exit(2)
 
 
 def _registered_jobs(all_users: bool) -> list:
@@ -198,8 +200,8 @@ def _cell(value, name: str) -> str:
         text = str(value).split("\n", 1)[0]
         return text[:60] + ("..." if len(text) > 60 else "")
     if isinstance(value, (float, np.floating)):
-        return "" if value != value else f"{value:.6g}"
-    return "" if value is None else str(value)
+        return "-" if value != value else f"{value:.6g}"
+    return "-" if value is None or value == "" else str(value)
 
 
 @click.command()

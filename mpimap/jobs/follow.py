@@ -17,7 +17,7 @@ from ..errors import MpimapError
 from ..results import FAILED
 from .job import Job
 from .records import FINAL_STATES, JobStatus
-from .views import job_state
+from .views import job_state, read_status
 
 EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
 """attach's exit status for the state the job ended in (those of ``mpimap run`` where they exist)."""
@@ -65,7 +65,7 @@ class Follower:
         self._unreadable = 0
 
     def look(self) -> Look:
-        status = self.job.status()
+        status = read_status(self.job)
         state = job_state(self.job, status)
         return Look(state, status, self._new_failures())
 

@@ -29,6 +29,18 @@ def open_job(name_or_dir: str) -> Job:
                           f"(the one holding job.json)") from None
 
 
+def read_status(job: Job) -> JobStatus | None:
+    """:meth:`Job.status`, where a file that is JSON but not a status (fields missing, of a wrong type) is one line too."""
+    try:
+        status = job.status()
+        if status is not None:
+            status.check()
+        return status
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise MpimapError(f"{job.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore it from a "
+                          f"copy, or remove it if the job does not matter") from None
+
+
 def job_state(job: Job, status: JobStatus | None) -> str:
     """The job's state as :meth:`Job.state` sees it (status file and batch system together)."""
     state = getattr(job, "state", None)
@@ -119,7 +131,7 @@ class StatusReport:
 
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
-        status = job.status()
+        status = read_status(job)
         thumb = job.dir.thumbnail
         return cls(name=job.name, directory=job.dir.path, state=job_state(job, status), status=status,
                    hosts=host_rows(status), batch=batch_view(job), thumbnail=thumb,
@@ -187,7 +199,7 @@ class ProcessRow:
 
 def processes(job: Job) -> list[ProcessRow]:
     """The processes of a running (or paused) job from its status file; [] if it does not run."""
-    status = job.status()
+    status = read_status(job)
     if status is None or job_state(job, status) not in ("running", "paused"):
         return []
     name = job.name
