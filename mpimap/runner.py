@@ -209,6 +209,8 @@ class Runner:
                         state = "cancelled"
                     finally:
                         watcher.stop()
+                        if self.status is not None:
+                            self.status.keep_ranks()
                     pool.shutdown(wait=True)  # verifications may still be running
                     _store_verification(store, todo, pool.verification())
             if state != "cancelled":

@@ -124,6 +124,13 @@ class StatusWriter(threading.Thread):
             except Exception as exc:
                 log.warning("cannot write %s: %s", self.path, exc)
 
+    def keep_ranks(self) -> None:
+        """Take the ranks' rows now: the final report shows the rows taken last before the pool went away."""
+        try:
+            self._rows = self.ranks()
+        except Exception:  # the pool is shut down: keep what it last said
+            pass
+
     def report(self) -> JobStatus:
         now = time.time()
         t = self.tally
@@ -138,10 +145,7 @@ class StatusWriter(threading.Thread):
         self.history.append([round(now, 3), done, failed])
         if len(self.history) > HISTORY_LIMIT:
             self.history = self.history[:-1:2] + self.history[-1:]  # thin: every other sample, and the newest
-        try:
-            self._rows = self.ranks()
-        except Exception:  # the pool is shut down: keep what it last said
-            pass
+        self.keep_ranks()
         return JobStatus(
             state=self.state, updated=now, total=t.total, done=done, failed=failed, pending=pending,
             started=self.started, ended=self.ended, host=socket.gethostname(), pid=os.getpid(), batch_id=batch_id(),
