@@ -22,15 +22,24 @@ from .records import FINAL_STATES
 EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
 
 
-def _run_options() -> list[click.Option]:
-    """``mpimap run``'s own options, for ``submit`` to pass on to the job (one definition, in cli.py)."""
-    from ..cli import run
-    from .submit import NOT_RUN_OPTIONS
+class _WithRunOptions(click.Command):
+    """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
 
-    return [copy.copy(p) for p in run.params if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS]
+    They are added when the command is first used, not at import: cli.py imports this module.
+    """
+
+    def get_params(self, ctx):
+        if not getattr(self, "_run_options_added", False):
+            from ..cli import run
+            from .submit import NOT_RUN_OPTIONS
+
+            self.params.extend(copy.copy(p) for p in run.params
+                               if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS)
+            self._run_options_added = True
+        return super().get_params(ctx)
 
 
-@click.command()
+@click.command(cls=_WithRunOptions)
 @click.argument("function")
 @click.option("--points", "points", required=True, metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET (copied into the job).")
@@ -81,9 +90,6 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         sys.exit(EXIT_STATUS[state])
 
 
-submit.params.extend(_run_options())
-
-
 @click.command(name="ls")
 @click.option("--all-users", is_flag=True, help="Also jobs of other users found in the scanned directories.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list of jobs.")
@@ -106,7 +112,7 @@ def ls(all_users, as_json, scan):
     for path in paths:
         job = Job(path)
         try:
-            job.spec()
+            job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
             jobs.append(job)
         except MpimapError as exc:
             bad.append(str(exc))
