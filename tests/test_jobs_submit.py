@@ -140,7 +140,8 @@ def test_ls_shows_running_then_cancel_ends_the_local_job(where):
     proc = mpimap(where, "cancel", "sleepy", "--grace", "0")
     assert proc.returncode == 0, proc.stderr
     assert job.state() == "cancelled" and job.batch_view().state == "gone"  # the session is gone, not only asked
-    assert json.loads(mpimap(where, "ls", "--json").stdout)[0]["state"] == "cancelled"
+    [row] = json.loads(mpimap(where, "ls", "--json").stdout)
+    assert (row["state"], row["done"], row["total"]) == ("cancelled", 0, 20)
     one_line_error(mpimap(where, "cancel", "sleepy"), "cancelled already")
 
 
@@ -329,6 +330,19 @@ def test_a_job_directory_of_another_user_is_refused_in_one_line(where):
     for command in ("cancel", "pause"):
         one_line_error(mpimap(where, command, str(d)), "another user")
     assert Job(str(d)).state() == "running"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_ls_all_users_adds_the_jobs_of_others_found_in_the_scanned_directories(where):
+    for name in ("mine", "theirs"):
+        assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name,
+                      "--template", sleeper(where)).returncode == 0
+    Registry().remove("theirs")
+    os.chown(job_dir(where, "theirs"), 12345, 12345)
+    assert [r["name"] for r in json.loads(mpimap(where, "ls", "--json").stdout)] == ["mine"]
+    rows = json.loads(mpimap(where, "ls", "--json", "--all-users").stdout)
+    assert sorted((r["name"], r["user"]) for r in rows) == [("mine", "root"), ("theirs", "12345")]
+    assert "USER" in mpimap(where, "ls", "--all-users").stdout.splitlines()[0]
 
 
 def test_the_python_api_submits_and_its_job_reports_state(where):

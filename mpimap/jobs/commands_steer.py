@@ -136,24 +136,25 @@ def ls(all_users, as_json, scan):
 def _row(job: Job, view) -> dict:
     spec, status = job.spec(), job.status()
     subs = job.submissions()
-    total = status.total if status is not None else _count_points(job)
+    total = status.total if status is not None else job.points_total()
     return {
         "name": spec.name, "state": job.state(view), "done": status.done if status else 0,
         "failed": status.failed if status else 0, "total": total,
         "batch_id": subs[-1].batch_id if subs else "", "scheduler": spec.scheduler,
         "submitted": subs[-1].submitted if subs else spec.created,
         "started": status.started if status else None, "last_heard": status.updated if status else None,
-        "user": spec.user, "dir": job.dir.path,
+        "user": _owner(job.dir.path), "dir": job.dir.path,
     }
 
 
-def _count_points(job: Job) -> int:
-    import numpy as np
+def _owner(path: str) -> str:
+    import pwd
 
+    uid = os.stat(path).st_uid
     try:
-        return len(np.load(job.dir.points, mmap_mode="r"))
-    except (OSError, ValueError):
-        return 0
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _table(rows: list[dict], with_user: bool) -> None:
@@ -229,6 +230,9 @@ def log(job, follow, level, ranks):
                     from None
         j.set_log_level(level, ranks)
         click.echo(f"sent: log level {level.upper()} for {ranks} of job {j.name}")
+        return
+    if not follow and not os.path.exists(j.dir.log):
+        click.echo(f"job {j.name} has written nothing yet ({j.dir.log} does not exist)", err=True)
         return
     offset = 0
     while True:

@@ -7,6 +7,8 @@ import os
 import socket
 import time
 
+import numpy as np
+
 from ..errors import MpimapError
 from . import files
 from .batch import BatchView, scheduler
@@ -53,6 +55,13 @@ class Job:
             return []
         body = files.read_json(self.dir.batch, Submission.FORMAT, Submission.VERSION)
         return [Submission.from_json(s) for s in body["submissions"]]
+
+    def points_total(self) -> int:
+        """How many points the job has (from its copy of them; 0 if that cannot be read)."""
+        try:
+            return len(np.load(self.dir.points, mmap_mode="r"))
+        except (OSError, ValueError):
+            return 0
 
     def add_submission(self, submission: Submission) -> None:
         subs = [s.to_json() for s in self.submissions()] + [submission.to_json()]
@@ -152,7 +161,7 @@ class Job:
 
     def _final_status(self, state: str, message: str) -> None:
         """Record a final state on the master's behalf (it never started, or did not stop)."""
-        status = self.status() or JobStatus(state=state, updated=0.0)
+        status = self.status() or JobStatus(state=state, updated=0.0, total=self.points_total())
         status.state, status.updated, status.ended, status.message = state, time.time(), time.time(), message
         status.host = status.host or socket.gethostname()
         files.write_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION, status.to_json())
