@@ -100,6 +100,50 @@ def test_submit_local_runs_to_done_with_results_of_a_serial_run(where):
     assert (row["name"], row["state"], row["done"], row["failed"], row["total"]) == ("sq", "done", 20, 0, 20)
 
 
+def slow_job(where, name, monkeypatch, n=150):
+    """Submit jobfuncs:record over n 2-D points, 0.1 s each, on 3 ranks; wait until its master reports."""
+    np.save(where / "rows.npy", np.column_stack([np.arange(n), np.ones(n)]).astype(float))
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.1")
+    monkeypatch.setenv("MPIMAP_TEST_LOG", str(where / f"{name}.evaluated"))
+    import mpimap.jobs
+
+    job = mpimap.jobs.submit("jobfuncs:record", str(where / "rows.npy"), name=name, ranks=3)
+    deadline = time.monotonic() + 120
+    while (job.status() is None or job.status().done == 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.state() == "running", open(job.dir.log).read()
+    return job
+
+
+def test_cancel_of_a_running_job_stops_it_through_its_control_file(where, monkeypatch):
+    job = slow_job(where, "stopme", monkeypatch)
+    proc = mpimap(where, "cancel", "stopme", "--grace", "60", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "job stopme: cancelled: its results so far stay readable"
+    assert job.state() == "cancelled" and job.batch_view().state == "gone"
+    results = read_results(job.dir.results)
+    done = results["status"] == "done"
+    assert 0 < done.sum() < 150
+    np.testing.assert_array_equal(results["value"][done], np.arange(150.0)[done] * 2 + 1)
+
+
+def test_pause_holds_back_new_points_and_resume_finishes_the_job(where, monkeypatch):
+    job = slow_job(where, "hold", monkeypatch)
+    assert mpimap(where, "pause", "hold").returncode == 0
+    assert wait_state(job, ("paused",), 30) == "paused"
+    time.sleep(3)  # in-flight points finish and are stored
+    before = job.status().done
+    time.sleep(3)
+    assert job.status().done == before < 150
+    assert mpimap(where, "resume", "hold").returncode == 0
+    assert job.wait(poll=0.5) == "done"
+    results = read_results(job.dir.results)
+    assert list(results["status"]) == ["done"] * 150
+    np.testing.assert_array_equal(results["value"], np.arange(150.0) * 2 + 1)
+    evaluated = sorted(int(line) for line in open(where / "hold.evaluated"))
+    assert evaluated == list(range(150))  # none lost, none evaluated twice
+
+
 def test_a_site_template_runs_detached_and_its_results_equal_a_serial_run(where):
     site = template(where, "exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run jobfuncs:square "
                            "--points {{job_dir}}/points.npy --out {{job_dir}}/results.h5")

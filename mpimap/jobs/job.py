@@ -132,8 +132,9 @@ class Job:
         self._send({"command": "cancel"})
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if self.state() in FINAL_STATES and batch.views([batch_id])[batch_id].state != "running":
-                return "cancelled: its results so far stay readable"
+            state = self.state()
+            if state in FINAL_STATES and batch.views([batch_id])[batch_id].state != "running":
+                return f"{state}: its results so far stay readable"
             time.sleep(0.5)
         batch.cancel(batch_id)
         status = self.status()
