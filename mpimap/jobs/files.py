@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from ..errors import MpimapError
 
 
+class DamagedFile(MpimapError):
+    """A job file that is not what it should be (not JSON, or untagged): a caller may say how to recover."""
+
+
 def write_json(path: str, kind: str, version: int, body: dict) -> None:
     """Replace ``path`` atomically with ``body`` tagged as ``kind`` at ``version`` (owner-only)."""
     data = json.dumps({"format": kind, "version": version, **body}, indent=1, sort_keys=False)
@@ -56,7 +60,7 @@ def read_json(path: str, kind: str, version: int, upgrades: dict | None = None) 
         if not isinstance(have, int):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise MpimapError(f"{path} is damaged (not a {kind} file); restore it from a copy, "
+        raise DamagedFile(f"{path} is damaged (not a {kind} file); restore it from a copy, "
                           f"or remove it if the job does not matter") from None
     if found != kind:
         raise MpimapError(f"{path} is a {found!r} file, not {kind!r}")
