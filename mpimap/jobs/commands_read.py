@@ -147,11 +147,11 @@ def ps(jobs, all_users, as_json):
 
 
 def _registered_jobs(all_users: bool) -> list:
-    """The jobs of the registry (the user's, or every user's)."""
+    """The jobs `ls` lists (the user's registered ones; with all_users, others' found where jobs are kept)."""
     from .job import Job
-    from .registry import Registry
+    from .registry import listed_jobs
 
-    return [Job(path) for path in Registry(all_users=all_users).jobs().values()]
+    return [Job(path) for path in listed_jobs(all_users)]
 
 
 @click.command()
