@@ -18,10 +18,6 @@ from ..errors import MpimapError
 from .job import Job, batch_views
 from .records import FINAL_STATES
 
-# How `submit --wait` exits for each final state (as `mpimap run` would have).
-EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
-
-
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
 
@@ -84,6 +80,8 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         return
     click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
     if wait:
+        from .follow import EXIT_STATUS  # as `attach` exits
+
         state = result.wait()
         click.echo(f"job {result.name} {state}")
         sys.exit(EXIT_STATUS[state])
