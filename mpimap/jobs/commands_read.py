@@ -121,7 +121,7 @@ def _progress(look) -> str:
 
 @click.command()
 @click.argument("jobs", nargs=-1, metavar="[JOB]...")
-@click.option("--all-users", is_flag=True, help="Jobs of every user in the registry, not only yours.")
+@click.option("--all-users", is_flag=True, help="Also jobs of other users in ./mpimap-jobs (as `ls --all-users`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the processes as JSON.")
 def ps(jobs, all_users, as_json):
     """Every process of your running jobs (or of JOB...): host, rank, PID, state, the points it evaluates."""
@@ -147,11 +147,11 @@ def ps(jobs, all_users, as_json):
 
 
 def _registered_jobs(all_users: bool) -> list:
-    """The jobs of the registry (the user's, or every user's)."""
+    """The jobs `ls` lists (the user's registered ones; with all_users, others' found where jobs are kept)."""
     from .job import Job
-    from .registry import Registry
+    from .registry import listed_jobs
 
-    return [Job(path) for path in Registry(all_users=all_users).jobs().values()]
+    return [Job(path) for path in listed_jobs(all_users)]
 
 
 @click.command()

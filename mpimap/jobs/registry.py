@@ -125,3 +125,18 @@ def scan_dirs(directories: list[str]) -> list[str]:
                 if os.path.isfile(os.path.join(path, "job.json")):
                     found.append(path)
     return found
+
+
+def listed_jobs(all_users: bool = False, scan: tuple = ()) -> list[str]:
+    """The job directories a listing shows: the user's registered ones (the registry rebuilt from ``./mpimap-jobs``
+    and ``scan`` if it is missing; ``scan`` registered too), and with ``all_users`` the jobs of other users found in
+    those directories."""
+    registry = Registry()
+    if not registry.exists():
+        registry.rebuild([DEFAULT_SCAN, *scan])
+    elif scan:
+        registry.rebuild(list(scan))
+    paths = [p for p in registry.jobs().values() if os.path.isdir(p)]
+    if all_users:
+        paths += [p for p in scan_dirs([DEFAULT_SCAN, *scan]) if os.stat(p).st_uid != os.getuid()]
+    return paths
