@@ -160,6 +160,7 @@ def test_load_with_and_without_pandas(tmp_path):
     assert frame.index.name == "index" and list(frame.index) == list(range(12))
     assert frame.loc[8, "y0"] == 8.5 and frame.loc[7, "status"] == "failed"
     assert mpimap.load(job.dir.results, as_frame=False)["status"].tolist() == list(data["status"])  # a results file
+    assert job.results(as_frame=False)["status"].tolist() == list(data["status"])  # the Job API
     # without pandas: the dict by default, one line when pandas is insisted on
     script = ("import sys; sys.modules['pandas'] = None\nimport mpimap\n"
               f"r = mpimap.load({job.dir.path!r}); print(type(r).__name__, sorted(r))\n"
@@ -446,6 +447,14 @@ def test_attach_follows_a_job_to_its_end_and_prints_each_failure(tmp_path, submi
     assert "job followed done: 24 done, 6 failed of 30" in out
     assert out[-1].startswith("results: mpimap results followed") and job.dir.thumbnail in out[-1]
     assert job.state() == "done"
+    assert cli("results", "followed", "-o", "f.csv", cwd=tmp_path, env=submitted.env).returncode == 0  # by its name
+    rows = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    assert all((r["status"], r["y0"]) == (("failed", "") if i % 5 == 3 else ("done", str(2.0 * i)))
+               for i, r in enumerate(rows))
+    assert len(job.status().history) >= 2  # the master's samples: the thumbnail draws them
+    assert cli("thumbnail", "followed", cwd=tmp_path, env=submitted.env).returncode == 0
+    assert _image(job.dir.thumbnail)[..., :3].std() > 0.05
 
 
 def test_attach_ctrl_c_detaches_and_leaves_the_job_running(tmp_path, submitted):
