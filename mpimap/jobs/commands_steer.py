@@ -16,7 +16,8 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import FINAL_STATES
+from .records import EXIT_STATUS, FINAL_STATES
+
 
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
@@ -27,9 +28,10 @@ class _WithRunOptions(click.Command):
     def get_params(self, ctx):
         if not getattr(self, "_run_options_added", False):
             from ..cli import run
-            from .submit import JOB_RUN_OPTIONS
+            from .submit import NOT_RUN_OPTIONS
 
-            self.params.extend(copy.copy(p) for p in run.params if p.name in JOB_RUN_OPTIONS)
+            self.params.extend(copy.copy(p) for p in run.params
+                               if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS)
             self._run_options_added = True
         return super().get_params(ctx)
 
@@ -80,8 +82,6 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         return
     click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
     if wait:
-        from .follow import EXIT_STATUS  # as `attach` exits
-
         state = result.wait()
         click.echo(f"job {result.name} {state}")
         sys.exit(EXIT_STATUS[state])
@@ -94,12 +94,11 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
               help="Also look for job directories in DIR (and register yours): rebuilds a lost registry.")
 def ls(all_users, as_json, scan):
     """List your jobs: name, state, points done/failed/total, batch id, started, last heard."""
-    from .registry import listed_jobs
+    from .registry import job_paths
 
-    paths = listed_jobs(all_users, scan)
     rows, bad = [], []
     jobs = []
-    for path in paths:
+    for path in job_paths(all_users, scan):
         job = Job(path)
         try:
             job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
