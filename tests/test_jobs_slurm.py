@@ -170,6 +170,7 @@ def test_submit_queued_running_done_and_the_allocation_ends_with_the_points(user
     batch_id = user.submit("scan", "--partition", "held", "--walltime", "30:00")
     assert user.squeue(batch_id) == ("PENDING", "")
     assert user.wait_state("scan", "queued")["batch_id"] == batch_id
+    assert user.json("status", "scan")["batch"]["reason"] == "PartitionDown"  # why Slurm holds it back
 
     slurm.command("scontrol", "update", f"JobId={batch_id}", "Partition=debug")
     user.wait_state("scan", "running", timeout=60)
@@ -272,14 +273,15 @@ def test_ls_status_and_ps_agree_with_squeue(user, slurm):
     row = user.ls("seen")
     assert (row["state"], row["batch_id"], row["total"]) == ("running", batch_id, POINTS)
     status = user.json("status", "seen")
-    assert status["state"] == "running" and status["batch_id"] == batch_id
-    text = user("status", "seen").stdout
-    assert batch_id in text and "localhost" in text  # the batch system's view: its id and the node list
+    assert status["state"] == "running" and status["status"]["batch_id"] == batch_id
+    assert status["batch"]["nodes"] == "localhost"  # the batch system's view: squeue's node list
+    assert "localhost" in user("status", "seen").stdout
 
-    # Every process ps lists belongs to this Slurm job: its environment carries the job's id.
-    processes = [p for p in user.json("ps") if p.get("job", p.get("name")) == "seen"]
-    ranks = {p["rank"] for p in processes}
-    assert {0, 1} <= ranks, processes
+    # ps lists the master and the worker, and each is a process of this Slurm job: its environment says so.
+    # (Slurm calls the node "localhost"; the processes see the machine's own host name.)
+    processes = [p for p in user.json("ps")["processes"] if p["job"] == "seen"]
+    assert sorted(p["rank"] for p in processes) == [0, 1], processes
+    assert {p["host"] for p in processes} == {os.uname().nodename}
     for p in processes:
         with open(f"/proc/{p['pid']}/environ", "rb") as f:
             assert f"SLURM_JOB_ID={batch_id}".encode() in f.read().split(b"\0"), p
