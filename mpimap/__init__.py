@@ -2,6 +2,7 @@
 
 from .failures import RemoteError
 from .pool import Pool
+from .results import load
 
 __version__ = "0.1.0"
-__all__ = ["Pool", "RemoteError", "__version__"]
+__all__ = ["Pool", "RemoteError", "load", "__version__"]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import logging
-import signal
-import socket
 import sys
 from collections import Counter
 
@@ -15,14 +11,6 @@ import numpy as np
 from . import __version__
 from .errors import MpimapError
 from .watchdog import bounded_read
-
-
-class _Interrupted(Exception):
-    """SIGTERM (e.g. scancel) or SIGINT reached rank 0: stop, keeping everything stored so far."""
-
-
-def _interrupt(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,11 +24,12 @@ def cli():
 
 
 @cli.command()
-@click.argument("function")
-@click.option("--points", "points_spec", required=True, metavar="FILE",
+@click.argument("function", required=False)
+@click.option("--points", "points_spec", metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET.")
-@click.option("--out", required=True, metavar="RESULTS.h5",
-              help="Results file; an existing one of the same job is resumed.")
+@click.option("--out", metavar="RESULTS.h5", help="Results file; an existing one of the same job is resumed.")
+@click.option("--job", "job_dir", metavar="DIR",
+              help="Run the submitted job in DIR: function, points, results file and every option from DIR/job.json.")
 @click.option("--chunksize", type=click.IntRange(min=1), default=None,
               help="Points per message (default: chosen from the measured cost of a point).")
 @click.option("--fresh", is_flag=True, help="Start over, replacing an existing results file.")
@@ -80,99 +69,33 @@ def cli():
               help="Warn when a live rank returns nothing for this long.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
-def run(function, points_spec, out, chunksize, fresh, retry_failed, flush_interval, progress, isolation,
-        point_timeout, max_points, max_memory_mb, scratch, on_error, retries, quarantine, keep_logs, slow_seconds,
-        debug_rerun, log_level, verify, host_failures, stall_timeout, rank_timeout):
-    """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5."""
-    from .inputs import FunctionRef, load_points
-    from .pool import Pool, map_settings
-    from .progress import Progress
-    from .control import Watcher
-    from .store import RESUME_FIX, ResultStore
+def run(function, points_spec, out, job_dir, **options):
+    """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fn = FunctionRef(function)
-    points = load_points(points_spec)
-    try:
-        options = dict(isolation=isolation, point_timeout=point_timeout, max_points=max_points,
-                       max_memory_mb=max_memory_mb, scratch=scratch, on_error="record", retries=retries,
-                       quarantine=quarantine, keep_logs=keep_logs, slow_seconds=slow_seconds, debug_rerun=debug_rerun,
-                       verify=verify)
-        map_settings(options)
-    except ValueError as exc:
-        raise MpimapError(str(exc)) from None
-    with bounded_read(out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it
-        store = ResultStore.open(out, points, fn.spec, fresh=fresh, flush_interval=flush_interval)
-        try:
-            todo = store.todo(retry_failed)
-        except BaseException:
-            store.close("failed")
-            raise
-    state = "failed"
-    old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        meter = Progress(len(todo), already=len(points) - len(todo), enabled=progress)
-        per_rank: Counter = Counter()
-        if len(todo):
-            with Pool(rank_timeout=rank_timeout, stall_timeout=stall_timeout,
-                      host_failures=host_failures or None) as pool:
-                pool.set_log_level(log_level, "workers")
-                watcher = Watcher(out, lambda command: _apply(pool, command))
-                watcher.start()
-                try:
-                    _stream(pool.imap_chunks(fn, points[todo], chunksize=chunksize, **options), todo, store,
-                            meter, per_rank, stop_on_error=on_error == "stop")
-                finally:
-                    watcher.stop()
-                pool.shutdown(wait=True)  # verifications may still be running
-                _store_verification(store, todo, pool.verification())
-        state = "complete"
-    except _Interrupted as why:
-        state = "interrupted"
-        click.echo(f"\nmpimap: {why}: stopping; results so far are kept in {out}; run the same command to resume",
-                   err=True)
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        store.close(state)
-    meter.close()
-    click.echo(meter.summary(out=out, state=state, per_rank=per_rank))
-    if state != "complete":
-        sys.exit(3)
+    Exit status: 0 done, 2 bad input, 3 interrupted (SIGTERM, Ctrl-C; run again to resume),
+    4 worker ranks lost, 5 cancelled through the control file.
+    """
+    from . import runner
 
-
-def _stream(chunks, todo, store, meter, per_rank: Counter, stop_on_error: bool) -> None:
-    """Write each chunk's results to the store as it arrives (``todo`` maps map positions to file rows)."""
-    for chunk in chunks:
-        host = chunk.host or socket.gethostname()
-        kept = chunk.delivered()  # without the points that went to another attempt
-        indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
-        store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts, kept.logs)
-        per_rank[f"{host}/{chunk.rank}"] += len(indices)
-        meter.update(len(indices), [f.text for f in kept.failures.values()])
-        if stop_on_error and kept.failures:
-            offset, failure = next(iter(kept.failures.items()))
-            raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error stop. "
-                              f"Results so far are in {store.path}: fix the cause and run again with --retry-failed")
-
-
-def _store_verification(store, todo, verification) -> None:
-    """Record which points a second host agreed on (``--verify``) and say how many did not."""
-    checks = [(todo[v["index"]], v["same"]) for v in verification]
-    if checks:
-        store.mark_verified(*zip(*checks))
-        click.echo(f"mpimap: verified {len(checks)} points on a second host: "
-                   f"{sum(not same for _, same in checks)} mismatches (column 'verified')", err=True)
-
-
-def _apply(pool, command: dict) -> None:
-    """Carry out one command from the job's control file."""
-    if command.get("command") == "loglevel":
-        pool.set_log_level(command["level"], command.get("ranks", "all"))
-        logging.getLogger("mpimap.control").warning("log level of %s set to %s", command.get("ranks", "all"),
-                                                    command["level"])
+    named = (("FUNCTION", function), ("--points", points_spec), ("--out", out))
+    if job_dir is not None:
+        context = click.get_current_context()
+        given = [name for name, value in named if value is not None]
+        given += ["--" + name.replace("_", "-") for name in options
+                  if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise MpimapError(f"--job takes the function, points, results file and every option from DIR/job.json: "
+                              f"leave out {', '.join(given)}")
+        outcome = runner.run_job(job_dir)
     else:
-        raise ValueError(f"unknown command {command.get('command')!r}")
+        missing = [name for name, value in named if value is None]
+        if missing:
+            raise MpimapError(f"missing {', '.join(missing)}: give FUNCTION --points FILE --out RESULTS.h5, "
+                              "or --job DIR")
+        outcome = runner.run(function, points_spec, out, runner.RunOptions(**options))
+    click.echo(outcome.summary)
+    if outcome.exit_status:
+        sys.exit(outcome.exit_status)
 
 
 @cli.command()
@@ -182,14 +105,14 @@ def _apply(pool, command: dict) -> None:
               help="all, master, workers, or worker ranks such as 2 or 1,3.")
 def loglevel(results, level, ranks):
     """Change the log level of a running job's master and/or worker ranks."""
-    from .control import send
+    from .control import results_control, send
 
     if ranks not in ("all", "master", "workers"):
         try:
             ranks = [int(r) for r in ranks.split(",")]
         except ValueError:
             raise MpimapError(f"--ranks {ranks!r}: use all, master, workers, or rank numbers such as 1,3") from None
-    send(results, {"command": "loglevel", "level": level.upper(), "ranks": ranks})
+    send(results_control(results), {"command": "loglevel", "level": level.upper(), "ranks": ranks})
     click.echo(f"sent: log level {level.upper()} for {ranks} of the job writing {results}")
 
 
@@ -225,26 +148,10 @@ def show(results, show_errors):
 @click.option("--csv", "csv_path", required=True, metavar="FILE.csv", help="Where to write the table.")
 def export(results, csv_path):
     """Write a results file as CSV: index, status, points, values, seconds, rank, host, error."""
-    r = _read(results)
-    points = r["points"].reshape(len(r["points"]), -1)
-    values = r.get("value")
-    flat = None if values is None or values.dtype == object else values.reshape(len(values), -1)
-    try:
-        f = open(csv_path, "w", newline="")
-    except OSError as exc:
-        raise MpimapError(f"cannot write {csv_path}: {exc.strerror}; choose another --csv") from None
-    with f:
-        writer = csv.writer(f)
-        header = ["index", "status"] + [f"x{j}" for j in range(points.shape[1])]
-        header += ["value"] if flat is None else [f"y{j}" for j in range(flat.shape[1])]
-        writer.writerow(header + ["seconds", "rank", "host", "error"])
-        for i in range(len(points)):
-            value = [("" if values is None else values[i])] if flat is None else list(flat[i])
-            if r["status"][i] != "done":
-                value = [""] * len(value)
-            writer.writerow([i, r["status"][i], *points[i], *value, r["seconds"][i], r["rank"][i], r["host"][i],
-                             r["error"][i].split("\n", 1)[0]])
-    click.echo(f"wrote {len(points)} rows to {csv_path}")
+    from .results import columns, write_csv
+
+    rows = write_csv(columns(_read(results)), csv_path)
+    click.echo(f"wrote {rows} rows to {csv_path}")
 
 
 def _read(results: str) -> dict:

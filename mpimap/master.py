@@ -129,6 +129,13 @@ class Master:
         """Change the log level of worker ranks (an iterable of ranks, or None for all) while they run."""
         self._command("level", (level, None if ranks is None else list(ranks)))
 
+    def pause(self, paused: bool) -> None:
+        """Stop handing out chunks (``paused``) or start again; chunks in flight finish and are delivered."""
+        self._command("pause", paused)
+
+    def _pause(self, paused: bool) -> None:
+        self.scheduler.paused = paused
+
     def _command(self, name: str, handle) -> None:
         self._inbox.append((name, handle))
         self._wake.set()
@@ -152,13 +159,15 @@ class Master:
             self._shutdown_workers()
 
     def status(self) -> list[dict]:
-        """One row per worker rank: host, pid, chunks in flight, points done, busy time, seconds since last heard."""
+        """One row per worker rank: host, pid, chunks in flight (``chunks``: the scheduler's Chunk records),
+        points done, busy time, seconds since last heard.  Safe to call from any thread."""
         now = time.monotonic()
         return [
-            dict(rank=r, host=info.host, pid=info.pid, in_flight=len(s.in_flight), points_done=s.points_done,
-                 busy_seconds=s.busy_seconds, last_heard=now - s.last_heard, lost=r in self.lost,
-                 retired=r in self.retired)
+            dict(rank=r, host=info.host, pid=info.pid, in_flight=len(chunks), chunks=chunks,
+                 points_done=s.points_done, busy_seconds=s.busy_seconds, last_heard=now - s.last_heard,
+                 lost=r in self.lost, retired=r in self.retired)
             for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
+            for chunks in [list(s.in_flight.values())]  # one copy, taken at once: the master thread changes it
         ]
 
     # -- the loop ----------------------------------------------------------------

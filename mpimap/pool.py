@@ -195,8 +195,34 @@ class Pool(Executor):
                                 options=options)
 
     def status(self) -> list[dict]:
-        """One row per worker rank: host, pid, chunks in flight, points done, busy seconds, seconds since last heard."""
+        """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
+        map each holds), points done, busy seconds, seconds since last heard, and whether it was lost or retired."""
         return self._live_master().status()
+
+    def pause(self) -> None:
+        """Hand out no more points until :meth:`resume`; the points being evaluated finish and are delivered.
+
+        Maps stay open and their iterators keep waiting; worker ranks idle (and
+        keep sending heartbeats, so none is judged lost).  Under ``python -m
+        mpimap`` the pools of a session share one master: pausing one pauses all.
+        """
+        self._live_master().pause(True)
+
+    def resume(self) -> None:
+        """Hand out points again after :meth:`pause`."""
+        self._live_master().pause(False)
+
+    @property
+    def paused(self) -> bool:
+        return self._live_master().scheduler.paused
+
+    def cancel_all(self) -> None:
+        """Cancel this pool's open maps and queued calls (a call already running completes); the pool stays open.
+
+        An iterator over a cancelled map yields what had arrived, then raises
+        ``concurrent.futures.CancelledError``.  Safe to call from any thread.
+        """
+        _cancel(list(self._handles))
 
     def verification(self) -> list[dict]:
         """Every point of this pool's maps verified so far (also after shutdown): the map's position of the
@@ -231,13 +257,7 @@ class Pool(Executor):
             return
         handles = list(self._handles)
         if cancel_futures:
-            for handle in handles:
-                if handle.futures is None:
-                    handle.cancel()
-                else:
-                    for future in list(handle.futures):
-                        if future is not None:
-                            future.cancel()  # only if still queued; a running one completes
+            _cancel(handles)
         if self._own_master:
             master.close(wait=wait)
             if wait and master.lost and self._comm is not None:
@@ -276,6 +296,17 @@ class _DrivenFuture(Future):
                 master.drive(self._condition, left)
                 deliver()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _cancel(handles) -> None:
+    """Cancel maps, and the calls of batches still queued (a running call completes)."""
+    for handle in handles:
+        if handle.futures is None:
+            handle.cancel()
+        else:
+            for future in list(handle.futures):
+                if future is not None:
+                    future.cancel()
 
 
 def map_settings(options: dict, isolation: Isolation = Isolation(), policy: Policy = Policy(),

@@ -14,6 +14,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def bar_line(done: int, total: int, failed: int, rate: float, eta: float | None, width: int = 24) -> str:
+    """The progress line: a bar of ``done`` out of ``total``, failures, rate and time left (None: unknown)."""
+    filled = min(width, int(width * done / total)) if total else width
+    bar = "#" * filled + "-" * (width - filled)
+    eta_text = _duration(eta) if eta is not None and eta == eta else "?"
+    return f"[{bar}] {done}/{total} points, {failed} failed, {rate_text(rate)} points/s, ETA {eta_text}"
+
+
+def rate_text(rate: float) -> str:
+    """A rate readable at any size: 12,345 or 0.031 (slow points must not show as 0)."""
+    return f"{rate:,.0f}" if rate >= 10 or rate == 0 else f"{rate:.2g}"
+
+
 def user_terminal():
     """The terminal this job's output goes to, if the job runs in its foreground; else None.
 
@@ -89,13 +102,8 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.monotonic()) - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        bar = "#" * filled + "-" * (width - filled)
-        eta_text = _duration(eta) if eta == eta else "?"
-        return (f"[{bar}] {self.done}/{self.total} points, {self.failed} failed, "
-                f"{rate:,.0f} points/s, ETA {eta_text}")
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        return bar_line(self.done, self.total, self.failed, rate, eta)
 
     def close(self) -> None:
         if self.enabled:

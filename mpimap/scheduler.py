@@ -115,6 +115,7 @@ class Scheduler:
         # count changes; _pop_room skips those.
         self._room = [deque() for _ in range(prefetch)]
         self._room[0].extend(self.ranks)
+        self.paused = False  # hand out nothing (not even copies of stragglers); in-flight chunks still complete
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
@@ -148,7 +149,13 @@ class Scheduler:
 
     # -- dispatch --------------------------------------------------------------
     def assign(self, now: float = 0.0) -> list[tuple[int, Chunk]]:
-        """Hand out chunks to every rank that has room, while there is work; then copies of stragglers."""
+        """Hand out chunks to every rank that has room, while there is work; then copies of stragglers.
+
+        While :attr:`paused`, nothing: chunks in flight finish, and what is
+        queued (retries and requeued points too) waits for the resume.
+        """
+        if self.paused:
+            return []
         out, passed = [], []
         while self._queue:
             rank = self._pop_room()

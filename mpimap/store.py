@@ -149,6 +149,12 @@ class ResultStore:
                 self._retried_attempts = self._file["attempts"][()][self._retried]
             return np.flatnonzero(wanted)
 
+    def counts(self) -> dict:
+        """How many rows have each status (pending, done, failed, timeout, crashed), as stored now."""
+        with self._mutex:
+            found = np.bincount(self._file["status"][()].astype(np.int64), minlength=len(STATUS))
+        return {name: int(found[code]) for name, code in STATUS.items()}
+
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
               attempts: dict | None = None, logs: dict | None = None) -> None:

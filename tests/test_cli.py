@@ -378,7 +378,7 @@ def test_export_to_an_unwritable_path_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mpimap", "export", "r.h5", "--csv", "nodir/r.csv"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, env=job_env())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "mpimap: error: cannot write nodir/r.csv: No such file or directory; choose another --csv"]
+        "mpimap: error: cannot write nodir/r.csv: No such file or directory; choose another file"]
 
 
 def _run_on_a_terminal(tmp_path, *command):

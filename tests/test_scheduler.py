@@ -358,3 +358,26 @@ def test_assign_survives_a_rank_listed_twice_for_room():
     sched.add_map(Z, 5, chunksize=1)
     out = sched.assign(0.3)
     assert sorted((r, c.map_id) for r, c in out) == [(1, Z), (2, X)]
+
+
+
+def test_a_paused_scheduler_hands_out_nothing_but_takes_results_and_resumes_where_it_stopped():
+    sched = Scheduler([1, 2], prefetch=2, straggler_min=0.0)
+    sched.add_map(0, 20, chunksize=2)
+    out = sched.assign(now=0.0)
+    assert len(out) == 4  # two chunks for each of the two ranks
+    sched.paused = True
+    done = []
+    rank, chunk = out.pop(0)
+    assert sched.complete(rank, chunk.chunk_id, 0.1, now=1.0) == chunk  # in-flight work still completes
+    done += range(chunk.start, chunk.stop)
+    assert sched.assign(now=100.0) == []  # nothing new, not even copies of stragglers
+    sched.paused = False
+    now = 101.0
+    while not sched.map_finished(0):
+        out += sched.assign(now=now)
+        rank, chunk = out.pop(0)
+        assert sched.complete(rank, chunk.chunk_id, 0.1, now=now) == chunk
+        done += range(chunk.start, chunk.stop)
+        now += 1.0
+    assert sorted(done) == list(range(20))

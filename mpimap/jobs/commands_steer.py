@@ -1,5 +1,252 @@
-"""Job commands that create or change a job: submit, cancel, pause, resume, log (levels), ls."""
+"""Job commands that create or change a job: submit, cancel, pause, resume, log (levels), ls.
+
+Each is a thin shell over :mod:`mpimap.jobs` (``submit``, ``Job``); every
+command names a job by its name or its directory.
+"""
 
 from __future__ import annotations
 
-COMMANDS: list = []
+import copy
+import json
+import os
+import sys
+import time
+
+import click
+
+from ..errors import MpimapError
+from .job import Job, batch_views
+from .records import FINAL_STATES
+
+# How `submit --wait` exits for each final state (as `mpimap run` would have).
+EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
+
+
+class _WithRunOptions(click.Command):
+    """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
+
+    They are added when the command is first used, not at import: cli.py imports this module.
+    """
+
+    def get_params(self, ctx):
+        if not getattr(self, "_run_options_added", False):
+            from ..cli import run
+            from .submit import NOT_RUN_OPTIONS
+
+            self.params.extend(copy.copy(p) for p in run.params
+                               if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS)
+            self._run_options_added = True
+        return super().get_params(ctx)
+
+
+@click.command(cls=_WithRunOptions)
+@click.argument("function")
+@click.option("--points", "points", required=True, metavar="FILE",
+              help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET (copied into the job).")
+@click.option("--name", default=None, help="The job's name, unique among your jobs (default: FUNCTION-DATE-TIME).")
+@click.option("--scheduler", default="local", show_default=True, help="slurm, or local (this machine, detached).")
+@click.option("--ranks", "-n", type=click.IntRange(min=2), default=None,
+              help="MPI ranks in all: one master, the rest workers (default 2).")
+@click.option("--nodes", type=click.IntRange(min=1), default=None, help="Nodes (with --ntasks-per-node).")
+@click.option("--ntasks-per-node", type=click.IntRange(min=1), default=None, help="Ranks per node.")
+@click.option("--walltime", default=None, metavar="TIME", help="MINUTES, HH:MM:SS or D-HH:MM:SS.")
+@click.option("--partition", default=None)
+@click.option("--account", default=None)
+@click.option("--qos", default=None)
+@click.option("--priority", type=int, default=None,
+              help="Higher runs sooner (Slurm: --nice=-PRIORITY; raising it above 0 needs an operator).")
+@click.option("--mail", default=None, metavar="ADDR", help="The batch system mails ADDR when the job begins and ends.")
+@click.option("--env-setup", default="", metavar="LINES",
+              help="Shell lines run before mpiexec, e.g. 'module load mpi; source venv/bin/activate'.")
+@click.option("--template", default=None, metavar="FILE", help="Job script template (default: the scheduler's own).")
+@click.option("--notify-command", default=None, metavar="CMD", help="Run by the master when the job starts and ends.")
+@click.option("--notify-email", default=None, metavar="ADDR", help="Mail ADDR when the job starts and ends (SMTP).")
+@click.option("--dir", "directory", default=None, metavar="DIR", help="The job directory (default ./mpimap-jobs/NAME).")
+@click.option("--dry-run", is_flag=True, help="Print the job script; create and submit nothing.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit with its status (0: done).")
+@click.pass_context
+def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node, walltime, partition, account, qos,
+           priority, mail, env_setup, template, notify_command, notify_email, directory, dry_run, wait, **run):
+    """Submit FUNCTION (MODULE:NAME or path/file.py:NAME) over the points as a job; print its name and batch id.
+
+    Every option of `mpimap run` is accepted and passed on to the job.
+    """
+    from .submit import submit as submit_job
+
+    given = {key: value for key, value in run.items()
+             if ctx.get_parameter_source(key) is not click.core.ParameterSource.DEFAULT}
+    result = submit_job(function, points, name=name, scheduler=scheduler, ranks=ranks, nodes=nodes,
+                        ntasks_per_node=ntasks_per_node, walltime=walltime, partition=partition, account=account,
+                        qos=qos, priority=priority, mail=mail, env_setup=env_setup, template=template,
+                        notify_command=notify_command, notify_email=notify_email, directory=directory,
+                        dry_run=dry_run, **given)
+    if dry_run:
+        click.echo(result, nl=False)
+        return
+    click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
+    if wait:
+        state = result.wait()
+        click.echo(f"job {result.name} {state}")
+        sys.exit(EXIT_STATUS[state])
+
+
+@click.command(name="ls")
+@click.option("--all-users", is_flag=True, help="Also jobs of other users found in the scanned directories.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of jobs.")
+@click.option("--scan", multiple=True, metavar="DIR",
+              help="Also look for job directories in DIR (and register yours): rebuilds a lost registry.")
+def ls(all_users, as_json, scan):
+    """List your jobs: name, state, points done/failed/total, batch id, started, last heard."""
+    from .registry import DEFAULT_SCAN, Registry, scan_dirs
+
+    registry = Registry()
+    if not registry.exists():
+        registry.rebuild([DEFAULT_SCAN, *scan])
+    elif scan:
+        registry.rebuild(list(scan))
+    paths = [p for p in registry.jobs().values() if os.path.isdir(p)]
+    if all_users:
+        paths += [p for p in scan_dirs([DEFAULT_SCAN, *scan]) if os.stat(p).st_uid != os.getuid()]
+    rows, bad = [], []
+    jobs = []
+    for path in paths:
+        job = Job(path)
+        try:
+            job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
+            jobs.append(job)
+        except MpimapError as exc:
+            bad.append(str(exc))
+    views = batch_views(jobs)
+    for job in jobs:
+        try:
+            rows.append(_row(job, views[job.dir.path]))
+        except MpimapError as exc:
+            bad.append(str(exc))
+    rows.sort(key=lambda r: r["submitted"])
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+    else:
+        _table(rows, all_users)
+    for line in bad:
+        click.echo(f"mpimap: error: {line}", err=True)
+    if bad:
+        sys.exit(2)
+
+
+def _row(job: Job, view) -> dict:
+    spec, status = job.spec(), job.status()
+    subs = job.submissions()
+    total = status.total if status is not None else job.points_total()
+    return {
+        "name": spec.name, "state": job.state(view), "done": status.done if status else 0,
+        "failed": status.failed if status else 0, "total": total,
+        "batch_id": subs[-1].batch_id if subs else "", "scheduler": spec.scheduler,
+        "submitted": subs[-1].submitted if subs else spec.created,
+        "started": status.started if status else None, "last_heard": status.updated if status else None,
+        "user": _owner(job.dir.path), "dir": job.dir.path,
+    }
+
+
+def _owner(path: str) -> str:
+    import pwd
+
+    uid = os.stat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _table(rows: list[dict], with_user: bool) -> None:
+    if not rows:
+        click.echo("no jobs (mpimap submit creates one; mpimap ls --scan DIR finds job directories)")
+        return
+    header = ["NAME", "STATE", "DONE/FAILED/TOTAL", "BATCH ID", "STARTED", "LAST HEARD"] + (["USER"] if with_user else [])
+    table = [header]
+    now = time.time()
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])) if r["started"] else "-"
+        heard = _ago(now - r["last_heard"]) if r["last_heard"] else "-"
+        table.append([r["name"], r["state"], f"{r['done']}/{r['failed']}/{r['total']}", r["batch_id"] or "-",
+                      started, heard] + ([r["user"]] if with_user else []))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago" if seconds < 172800 else f"{seconds // 86400}d ago"
+
+
+@click.command()
+@click.argument("job")
+def pause(job):
+    """Stop handing out points (in-flight ones finish and are stored); `resume` starts again."""
+    j = Job.open(job)
+    j.pause()
+    click.echo(f"pausing job {j.name}: no new points are handed out; `mpimap status {j.name}` shows it within 2 s")
+
+
+@click.command()
+@click.argument("job")
+def resume(job):
+    """Hand out points again after `pause`."""
+    j = Job.open(job)
+    j.resume()
+    click.echo(f"resuming job {j.name}")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="How long a running job has to stop by itself before its batch job is cancelled.")
+def cancel(job, grace):
+    """Cancel a job: a queued one leaves the queue; a running one flushes, records `cancelled` and ends."""
+    j = Job.open(job)
+    click.echo(f"job {j.name}: {j.cancel(grace=grace)}")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing what the job writes until it ends.")
+@click.option("--level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+              default=None, help="Instead: set the running job's log level.")
+@click.option("--ranks", default="all", show_default=True,
+              help="With --level: all, master, workers, or worker ranks such as 2 or 1,3.")
+def log(job, follow, level, ranks):
+    """Print the job's log (its stdout and stderr); or, with --level, change the running job's log level."""
+    j = Job.open(job)
+    if level is not None:
+        if ranks not in ("all", "master", "workers"):
+            try:
+                ranks = [int(r) for r in ranks.split(",")]
+            except ValueError:
+                raise MpimapError(f"--ranks {ranks!r}: use all, master, workers, or rank numbers such as 1,3") \
+                    from None
+        j.set_log_level(level, ranks)
+        click.echo(f"sent: log level {level.upper()} for {ranks} of job {j.name}")
+        return
+    if not follow and not os.path.exists(j.dir.log):
+        click.echo(f"job {j.name} has written nothing yet ({j.dir.log} does not exist)", err=True)
+        return
+    offset = 0
+    while True:
+        ended = not follow or j.state() in FINAL_STATES
+        if os.path.exists(j.dir.log):
+            with open(j.dir.log, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+            offset += len(data)
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+        if ended:
+            return
+        time.sleep(1.0)
+
+
+COMMANDS: list = [submit, ls, pause, resume, cancel, log]

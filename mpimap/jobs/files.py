@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 
 from ..errors import MpimapError
+
+
+class DamagedFile(MpimapError):
+    """A job file that is not what it should be (not JSON, or untagged): a caller may say how to recover."""
 
 
 def write_json(path: str, kind: str, version: int, body: dict) -> None:
@@ -40,7 +45,10 @@ def read_json(path: str, kind: str, version: int, upgrades: dict | None = None) 
     next version's, applied in turn up to ``version``.
     """
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in its place must not block the reader
+        with open(fd, "rb") as f:  # bytes: json.loads says "damaged" for bad UTF-8 too
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise MpimapError(f"{path} is not a regular file (a pipe or device?); restore the job's file")
             text = f.read()
     except FileNotFoundError:
         raise MpimapError(f"{path} does not exist") from None
@@ -52,7 +60,7 @@ def read_json(path: str, kind: str, version: int, upgrades: dict | None = None) 
         if not isinstance(have, int):
             raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise MpimapError(f"{path} is damaged (not a {kind} file); restore it from a copy, "
+        raise DamagedFile(f"{path} is damaged (not a {kind} file); restore it from a copy, "
                           f"or remove it if the job does not matter") from None
     if found != kind:
         raise MpimapError(f"{path} is a {found!r} file, not {kind!r}")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
+
+import numpy as np
 
 from ..errors import MpimapError
 from . import files
-from .records import JobSpec, JobStatus, Submission
+from .batch import BatchView, scheduler
+from .records import FINAL_STATES, JobSpec, JobStatus, Submission
+
+CANCEL_GRACE = 30.0  # seconds a running job has to stop by itself after a cancel before its batch job is ended
 
 
 class Job:
@@ -20,9 +28,14 @@ class Job:
         """The job with this name (in the user's registry) or in this directory; one-line error if neither."""
         if os.path.isfile(os.path.join(name_or_dir, "job.json")):
             return cls(name_or_dir)
-        from .registry import Registry  # the registry knows names
+        if os.sep in name_or_dir or os.path.isdir(name_or_dir):
+            raise MpimapError(f"{name_or_dir} is not a job directory (it has no job.json)")
+        from .registry import DEFAULT_SCAN, Registry  # the registry knows names
 
-        return cls(Registry().find(name_or_dir))
+        registry = Registry()
+        if not registry.exists():
+            registry.rebuild([DEFAULT_SCAN])
+        return cls(registry.find(name_or_dir))
 
     @property
     def name(self) -> str:
@@ -43,11 +56,136 @@ class Job:
         body = files.read_json(self.dir.batch, Submission.FORMAT, Submission.VERSION)
         return [Submission.from_json(s) for s in body["submissions"]]
 
+    def points_total(self) -> int:
+        """How many points the job has (from its copy of them; 0 if that cannot be read)."""
+        try:
+            return len(np.load(self.dir.points, mmap_mode="r"))
+        except (OSError, ValueError):
+            return 0
+
+    def add_submission(self, submission: Submission) -> None:
+        subs = [s.to_json() for s in self.submissions()] + [submission.to_json()]
+        files.write_json(self.dir.batch, Submission.FORMAT, Submission.VERSION, {"submissions": subs})
+
+    def batch_id(self) -> str:
+        """The id of the job's last submission ('' if it was never submitted)."""
+        subs = self.submissions()
+        return subs[-1].batch_id if subs else ""
+
+    def batch_view(self) -> BatchView:
+        """What the batch system says of the last submission: queued reason, nodes, time left (Slurm); alive (local)."""
+        batch_id = self.batch_id()
+        if not batch_id:
+            return BatchView("gone")
+        return scheduler(self.spec().scheduler).views([batch_id])[batch_id]
+
+    def state(self, view: BatchView | None = None) -> str:
+        """One of records.STATES, from the master's last report and the batch system's view.
+
+        ``view`` (from :func:`batch_views`) spares a query per job when many are listed.
+        """
+        status = self.status()
+        if status is not None and status.state in FINAL_STATES:
+            return status.state
+        view = view or self.batch_view()
+        if status is not None:
+            # The master said it runs, but its batch job is gone: it died without a final word (kill -9, node lost).
+            return "interrupted" if view.state == "gone" else status.state
+        return {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
+
+    def wait(self, poll: float = 2.0) -> str:
+        """Block until the job has ended; return its final state."""
+        while True:
+            state = self.state()
+            if state in FINAL_STATES:
+                return state
+            time.sleep(poll)
+
+    def pause(self) -> None:
+        """Ask the running master to hand out no new points (in-flight ones finish and are stored)."""
+        self._steer("pause")
+
+    def resume(self) -> None:
+        self._steer("resume")
+
+    def set_log_level(self, level: str, ranks="all") -> None:
+        self._steer("loglevel", level=level.upper(), ranks=ranks)
+
+    def cancel(self, grace: float = CANCEL_GRACE) -> str:
+        """Cancel the job; return what was done, in a few words.
+
+        A queued job leaves the queue (its status says cancelled).  A running one
+        is asked to stop (it flushes, records ``cancelled`` and ends); if it has not
+        ended after ``grace`` seconds, its batch job is cancelled as well.
+        """
+        check_owner(self.dir.path)
+        state = self.state()
+        if state in FINAL_STATES:
+            raise MpimapError(f"job {self.name} is {state} already; nothing to cancel")
+        batch = scheduler(self.spec().scheduler)
+        batch_id = self.batch_id()
+        view = batch.views([batch_id])[batch_id]
+        if view.state == "pending" or self.status() is None:
+            batch.cancel(batch_id)
+            self._final_status("cancelled", "cancelled before it started")
+            return "removed from the queue" if view.state == "pending" else "stopped before its master started"
+        self._send({"command": "cancel"})
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            state = self.state()
+            if state in FINAL_STATES and batch.views([batch_id])[batch_id].state != "running":
+                return f"{state}: its results so far stay readable"
+            time.sleep(0.5)
+        batch.cancel(batch_id)
+        status = self.status()
+        if status is None or status.state != "cancelled":
+            self._final_status("cancelled", f"its master did not stop within {grace:g} s of the cancel; "
+                                            f"its batch job {batch_id} was cancelled")
+        return f"cancelled; its master did not stop within {grace:g} s, so its batch job was ended"
+
+    def _steer(self, command: str, **fields) -> None:
+        """Send a command that only a running master can carry out."""
+        check_owner(self.dir.path)
+        state = self.state()
+        if state not in ("running", "paused"):
+            why = "has not started yet" if state == "queued" else f"is {state}"
+            raise MpimapError(f"job {self.name} {why}: {command} works only on a running job")
+        self._send({"command": command, **fields})
+
+    def _send(self, command: dict) -> None:
+        line = json.dumps(command) + "\n"
+        fd = os.open(self.dir.control, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())  # one small O_APPEND write: lines from several senders never interleave
+        finally:
+            os.close(fd)
+
+    def _final_status(self, state: str, message: str) -> None:
+        """Record a final state on the master's behalf (it never started, or did not stop)."""
+        status = self.status() or JobStatus(state=state, updated=0.0, total=self.points_total())
+        status.state, status.updated, status.ended, status.message = state, time.time(), time.time(), message
+        status.host = status.host or socket.gethostname()
+        files.write_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION, status.to_json())
+
     def __repr__(self):
         return f"Job({self.dir.path!r})"
+
+
+def batch_views(jobs: list[Job]) -> dict[str, BatchView]:
+    """The batch view of each job's last submission, keyed by job directory: one query per batch system."""
+    by_scheduler: dict[str, dict[str, str]] = {}
+    for job in jobs:
+        batch_id = job.batch_id()
+        if batch_id:
+            by_scheduler.setdefault(job.spec().scheduler, {})[job.dir.path] = batch_id
+    views = {job.dir.path: BatchView("gone") for job in jobs}
+    for name, ids in by_scheduler.items():
+        answers = scheduler(name).views(sorted(set(ids.values())))
+        views.update({path: answers[batch_id] for path, batch_id in ids.items()})
+    return views
 
 
 def check_owner(path: str) -> None:
     """Refuse a job directory of another user: its files are theirs to change."""
     if os.stat(path).st_uid != os.getuid():
-        raise MpimapError(f"{path} belongs to another user; you can read jobs of your own only")
+        raise MpimapError(f"{path} belongs to another user; you can steer jobs of your own only")

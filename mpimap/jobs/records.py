@@ -25,6 +25,21 @@ class _Record:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in body.items() if k in names})
 
+    def check(self) -> None:
+        """Raise TypeError unless every field holds its annotated type (a file that is JSON but not this record)."""
+        for f in fields(self):
+            allowed = tuple(_TYPES[name] for name in f.type.split(" | ") if name in _TYPES)
+            value = getattr(self, f.name)
+            if allowed and (not isinstance(value, allowed) or isinstance(value, bool) and bool not in allowed):
+                raise TypeError(f"{f.name} is {type(value).__name__}, not {f.type}")
+            for item in value if isinstance(value, list) else ():
+                if isinstance(item, _Record):
+                    item.check()
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "list": list, "dict": dict, "bool": bool,
+          "None": type(None)}
+
 
 @dataclass
 class Resources(_Record):

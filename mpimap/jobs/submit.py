@@ -1,0 +1,203 @@
+"""Submitting a job: check everything, then create its directory, render its script, submit and register it.
+
+Nothing is created until every input has been checked (scheduler, its
+commands, function, points, options, template), so bad input leaves no
+half-made job behind.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shlex
+import shutil
+import socket
+import sys
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..errors import MpimapError
+from . import files
+from .batch import jobscripts_dir, scheduler as find_scheduler
+from .job import Job
+from .records import JobSpec, Resources, Submission
+from .registry import DEFAULT_SCAN, Registry
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]*)\s*\}\}")
+PLACEHOLDERS = ("directives", "name", "job_dir", "workdir", "log", "env_setup", "environment", "batch_env",
+                "mpiexec", "ranks", "python")
+
+
+def submit(function, points, *, name: str | None = None, scheduler: str = "local", ranks: int | None = None,
+           nodes: int | None = None, ntasks_per_node: int | None = None, walltime: str | None = None,
+           partition: str | None = None, account: str | None = None, qos: str | None = None,
+           priority: int | None = None, mail: str | None = None, env_setup: str = "", template: str | None = None,
+           notify_command: str | None = None, notify_email: str | None = None, directory: str | None = None,
+           dry_run: bool = False, **run_options):
+    """Submit ``function`` over the points in file ``points`` as a job; return its :class:`~mpimap.jobs.Job`.
+
+    ``function`` is ``MODULE:NAME``, ``path/file.py:NAME`` or a module-level
+    function.  ``run_options`` are ``mpimap run``'s options by their Python
+    names (``point_timeout=60``, ``retries=2``, ...).  With ``dry_run`` nothing
+    is created or submitted, and the rendered job script is returned instead.
+    """
+    from ..inputs import FunctionRef, load_points
+
+    batch = find_scheduler(scheduler)
+    if not dry_run:
+        batch.check()
+    fn = FunctionRef(_function_spec(function))
+    source = os.path.abspath(os.fspath(points))
+    values = load_points(source)
+    _check_run_options(run_options)
+    resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
+    registry = Registry()
+    name = _name(name, fn.spec, registry, directory)
+    job_dir = os.path.abspath(directory or os.path.join(DEFAULT_SCAN, name))
+    if os.path.exists(job_dir):
+        raise MpimapError(f"{job_dir} exists already: choose another --name or --dir")
+    template = os.path.abspath(template or os.path.join(jobscripts_dir(), batch.template))
+    workdir = os.getcwd()
+    spec = JobSpec(
+        name=name, function=fn.spec, points_source=source, run_options=dict(run_options), resources=resources,
+        scheduler=batch.name, env_setup=env_setup or "", template=template, notify_command=notify_command,
+        notify_email=notify_email, workdir=workdir, python=sys.executable,
+        environment={"PYTHONPATH": os.pathsep.join(p for p in (workdir, os.environ.get("PYTHONPATH")) if p)},
+        user=getpass.getuser(), created=time.time(), mpimap_version=__version__)
+    script = render(template, batch, spec, job_dir)
+    if dry_run:
+        return script
+    return _create(spec, values, script, job_dir, batch, registry)
+
+
+def _create(spec: JobSpec, points: np.ndarray, script: str, job_dir: str, batch, registry: Registry) -> Job:
+    """Make the job directory (owner-only), fill it, submit the script and register the job."""
+    os.makedirs(os.path.dirname(job_dir), exist_ok=True)  # ./mpimap-jobs: as the user's umask says
+    old_umask = os.umask(0o077)
+    try:
+        os.mkdir(job_dir, 0o700)
+    except FileExistsError:
+        raise MpimapError(f"{job_dir} exists already: choose another --name or --dir") from None
+    finally:
+        os.umask(old_umask)
+    job = Job(job_dir)
+    registered = False
+    try:
+        old_umask = os.umask(0o077)
+        try:
+            np.save(job.dir.points, points, allow_pickle=False)
+            files.write_json(job.dir.spec, JobSpec.FORMAT, JobSpec.VERSION, spec.to_json())
+            with open(job.dir.script, "w") as f:
+                f.write(script)
+            os.chmod(job.dir.script, 0o700)
+            registry.add(spec.name, job_dir)
+            registered = True
+            batch_id = batch.submit(job.dir.script, spec.workdir, job.dir.log)
+        finally:
+            os.umask(old_umask)
+        job.add_submission(Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
+                                      host=socket.gethostname()))
+    except BaseException:
+        # Not submitted: nothing of value is in the directory yet, and a half-made job would only confuse `ls`.
+        if registered:
+            registry.remove(spec.name)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    return job
+
+
+def render(template: str, batch, spec: JobSpec, job_dir: str) -> str:
+    """The job script: ``template`` with every ``{{placeholder}}`` filled; one line naming an unknown one."""
+    from ..launch import find_mpiexec
+
+    try:
+        with open(template) as f:
+            text = f.read()
+    except OSError as exc:
+        raise MpimapError(f"cannot read template {template}: {exc.strerror}") from None
+    log = os.path.join(job_dir, "job.log")
+    values = {
+        "directives": batch.render_directives(spec.resources, spec.name, log),
+        "name": spec.name,
+        "job_dir": shlex.quote(job_dir),
+        "workdir": shlex.quote(spec.workdir),
+        "log": shlex.quote(log),
+        "env_setup": spec.env_setup,
+        "environment": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in spec.environment.items()),
+        "batch_env": batch.env_exports(),
+        "mpiexec": shlex.quote(find_mpiexec()),
+        "ranks": str(spec.resources.ranks),
+        "python": shlex.quote(spec.python),
+    }
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - set(values))
+    if unknown:
+        raise MpimapError(f"{template}: unknown placeholder {{{{{unknown[0]}}}}}; known: "
+                          + ", ".join(PLACEHOLDERS))
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def _function_spec(function) -> str:
+    """``MODULE:NAME`` for a function given by name or as a module-level function object."""
+    if isinstance(function, str):
+        return function
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    if not callable(function) or module is None or "<" in qualname:
+        raise MpimapError(f"{function!r} cannot be named for the job: give a module-level function or 'MODULE:NAME'")
+    if module == "__main__":
+        main_file = getattr(sys.modules["__main__"], "__file__", None)
+        if main_file is None:
+            raise MpimapError(f"{qualname} is defined interactively: put it in a module and give 'MODULE:NAME'")
+        return f"{os.path.abspath(main_file)}:{qualname}"
+    return f"{module}:{qualname}"
+
+
+def _check_run_options(options: dict) -> None:
+    from ..cli import run  # `run`'s parameters are the run options
+
+    known = {p.name for p in run.params} - set(NOT_RUN_OPTIONS)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise MpimapError(f"unknown run option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+
+
+# `run` parameters a job does not take from its spec: the job directory gives them, or they make no sense detached.
+NOT_RUN_OPTIONS = ("function", "points_spec", "out", "job", "fresh", "retry_failed", "progress")
+
+
+def _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail) -> Resources:
+    if nodes is not None and ntasks_per_node is not None:
+        if ranks is not None and ranks != nodes * ntasks_per_node:
+            raise MpimapError(f"--ranks {ranks} differs from --nodes {nodes} x --ntasks-per-node {ntasks_per_node}: "
+                              "give one or the other")
+        ranks = nodes * ntasks_per_node
+    ranks = 2 if ranks is None else ranks
+    if not isinstance(ranks, int) or ranks < 2:
+        raise MpimapError(f"ranks {ranks!r}: a job needs at least 2 ranks (one master, one worker)")
+    if walltime is not None and not _WALLTIME.match(str(walltime)):
+        raise MpimapError(f"walltime {walltime!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
+    return Resources(ranks=ranks, nodes=nodes, ntasks_per_node=ntasks_per_node,
+                     walltime=None if walltime is None else str(walltime), partition=partition, account=account,
+                     qos=qos, priority=priority, mail=mail)
+
+
+def _name(name: str | None, function: str, registry: Registry, directory: str | None) -> str:
+    """The given name if free, or one derived from the function and the time (``f-20261125-2203``)."""
+    if name is not None:
+        if not _NAME.match(name):
+            raise MpimapError(f"job name {name!r}: use letters, digits, '.', '_' and '-' (not first)")
+        taken = registry.taken(name)
+        if taken is not None:
+            raise MpimapError(f"a job named {name!r} exists already ({taken}): choose another --name")
+        return name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", function.rpartition(":")[2].rpartition(".")[2]) or "job"
+    base = f"{base}-{time.strftime('%Y%m%d-%H%M')}"
+    candidate, n = base, 1
+    while registry.taken(candidate) or (directory is None and os.path.exists(os.path.join(DEFAULT_SCAN, candidate))):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate

@@ -1,0 +1,229 @@
+"""What ``status`` and ``ps`` show, built from a job's files only (no port, no daemon): records, then lines.
+
+The logic lives here, as plain records with ``to_json`` (for ``--json``) and
+``lines`` (for people); the commands in :mod:`.commands_read` only print them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..errors import MpimapError
+from ..progress import bar_line, rate_text
+from .job import Job
+from .records import FINAL_STATES, JobStatus
+
+STALE_SECONDS = 30.0  # a running master reports every ~2 s: this long without a report deserves a word
+
+
+def open_job(name_or_dir: str) -> Job:
+    """The job with this name or directory; one line naming both ways if there is none."""
+    try:
+        return Job.open(name_or_dir)
+    except ImportError:  # no registry in this mpimap: only directories name jobs
+        raise MpimapError(f"no job directory {name_or_dir!r}: give the job's directory "
+                          f"(the one holding job.json)") from None
+
+
+def read_status(job: Job) -> JobStatus | None:
+    """:meth:`Job.status`, where a file that is JSON but not a status (fields missing, of a wrong type) is one line too."""
+    try:
+        status = job.status()
+        if status is not None:
+            status.check()
+        return status
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise MpimapError(f"{job.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore it from a "
+                          f"copy, or remove it if the job does not matter") from None
+
+
+def job_state(job: Job, status: JobStatus | None) -> str:
+    """The job's state as :meth:`Job.state` sees it (status file and batch system together)."""
+    state = getattr(job, "state", None)
+    if state is not None:
+        return state()
+    return status.state if status else "queued"
+
+
+def batch_view(job: Job) -> dict:
+    """The batch system's own view of the job (queued reason, nodes, time left), as a dict; {} if none."""
+    view = getattr(job, "batch_view", None)
+    found = view() if view is not None else None
+    if found is None:
+        return {}
+    if hasattr(found, "to_json"):
+        return found.to_json()
+    return dataclasses.asdict(found) if dataclasses.is_dataclass(found) else dict(found)
+
+
+def clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def duration(seconds: float | None) -> str:
+    """``1:02:03``, or ``3.2 s`` below a minute."""
+    if seconds is None:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def index_ranges(indices) -> str:
+    """Point indices as compact ranges: ``3-6,9``."""
+    out, run = [], None
+    for i in sorted(int(i) for i in indices):
+        if run and i == run[1] + 1:
+            run[1] = i
+        else:
+            run = [i, i]
+            out.append(run)
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out) or "-"
+
+
+@dataclass
+class HostRow:
+    """The ranks of a job on one host, as its master last reported them."""
+
+    host: str
+    alive: int = 0
+    busy: int = 0
+    idle: int = 0
+    lost: int = 0      # lost or retired
+    pids: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def host_rows(status: JobStatus | None) -> list[HostRow]:
+    """Ranks alive / busy / idle per host, with the PIDs of the live ones."""
+    hosts: dict[str, HostRow] = {}
+    for rank in status.ranks if status else []:
+        row = hosts.setdefault(rank.host, HostRow(rank.host))
+        if rank.state in ("busy", "idle"):
+            row.alive += 1
+            row.pids.append(rank.pid)
+            setattr(row, rank.state, getattr(row, rank.state) + 1)
+        else:
+            row.lost += 1
+    return sorted(hosts.values(), key=lambda r: r.host)
+
+
+@dataclass
+class StatusReport:
+    """Everything ``mpimap status`` shows about one job."""
+
+    name: str
+    directory: str
+    state: str
+    status: JobStatus | None
+    hosts: list
+    batch: dict
+    thumbnail: str
+    thumbnail_written: float | None    # mtime of the thumbnail, None if there is none
+    now: float
+
+    @classmethod
+    def of(cls, job: Job) -> "StatusReport":
+        status = read_status(job)
+        thumb = job.dir.thumbnail
+        return cls(name=job.name, directory=job.dir.path, state=job_state(job, status), status=status,
+                   hosts=host_rows(status), batch=batch_view(job), thumbnail=thumb,
+                   thumbnail_written=os.path.getmtime(thumb) if os.path.exists(thumb) else None, now=time.time())
+
+    def to_json(self) -> dict:
+        s = self.status
+        return {"name": self.name, "directory": self.directory, "state": self.state,
+                "last_heard_seconds": self.now - s.updated if s else None,
+                "status": s.to_json() if s else None, "hosts": [h.to_json() for h in self.hosts],
+                "batch": self.batch, "thumbnail": self.thumbnail if self.thumbnail_written else None,
+                "thumbnail_written": self.thumbnail_written}
+
+    def lines(self) -> list[str]:
+        s = self.status
+        out = [f"job {self.name}: {self.state}", f"  directory  : {self.directory}"]
+        if s is None:
+            out.append("  progress   : not started yet (no status file)")
+        else:
+            out.append(f"  progress   : {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}")
+            out.append(f"               {bar_line(s.done + s.failed, s.total, s.failed, s.rate, s.eta_seconds)}")
+            out.append(f"  rate       : {rate_text(s.rate)} points/s, ETA {duration(s.eta_seconds)}")
+            out.append(f"  started    : {clock(s.started)}" + (f", ended {clock(s.ended)}" if s.ended else ""))
+            age = self.now - s.updated
+            stale = (f" (no report for {duration(age)}: is the job alive? the batch view below says)"
+                     if age > STALE_SECONDS and self.state not in FINAL_STATES else "")
+            out.append(f"  last heard : {duration(age)} ago, master {s.host} pid {s.pid}{stale}")
+            if s.message:
+                out.append(f"  message    : {s.message}")
+            if self.hosts:
+                alive = sum(h.alive for h in self.hosts)
+                out.append(f"  ranks      : {alive} alive, {sum(h.busy for h in self.hosts)} busy, "
+                           f"{sum(h.idle for h in self.hosts)} idle on {len(self.hosts)} host(s)")
+                for h in self.hosts:
+                    lost = f", {h.lost} lost" if h.lost else ""
+                    out.append(f"    {h.host}: {h.alive} alive ({h.busy} busy, {h.idle} idle{lost}), "
+                               f"pids {' '.join(map(str, h.pids)) or '-'}")
+            if s.failures:
+                out.append("  failures   : " + ", ".join(f"{kind} {n}" for kind, n in
+                                                          Counter(s.failures).most_common()))
+        if self.batch:
+            out.append("  batch      : " + ", ".join(f"{k} {v}" for k, v in self.batch.items()
+                                                     if v not in (None, "", [], {})))
+        if self.thumbnail_written:
+            out.append(f"  thumbnail  : {self.thumbnail} (written {clock(self.thumbnail_written)})")
+        else:
+            out.append(f"  thumbnail  : none yet; mpimap thumbnail {self.directory} writes {self.thumbnail}")
+        return out
+
+
+@dataclass
+class ProcessRow:
+    """One process of a running job, as ``mpimap ps`` lists it."""
+
+    job: str
+    host: str
+    rank: int
+    pid: int
+    state: str          # master, busy, idle, lost or retired
+    evaluating: list    # point indices it holds now
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def processes(job: Job) -> list[ProcessRow]:
+    """The processes of a running (or paused) job from its status file; [] if it does not run."""
+    status = read_status(job)
+    if status is None or job_state(job, status) not in ("running", "paused"):
+        return []
+    name = job.name
+    rows = [ProcessRow(name, status.host, 0, status.pid, "master", [])]
+    rows += [ProcessRow(name, r.host, r.rank, r.pid, r.state, list(r.evaluating)) for r in status.ranks]
+    return rows
+
+
+def idle_summary(rows: list[ProcessRow]) -> list[str]:
+    """Which ranks are idle, and which hosts have no busy rank at all."""
+    idle = [r for r in rows if r.state == "idle"]
+    hosts = sorted({r.host for r in rows if r.state in ("busy", "idle")})
+    quiet = [h for h in hosts if not any(r.host == h and r.state == "busy" for r in rows)]
+    workers = [r for r in rows if r.state in ("busy", "idle")]
+    out = [f"{len(idle)} of {len(workers)} live worker ranks idle"
+           + (": " + ", ".join(f"{r.job} rank {r.rank} on {r.host}" for r in idle[:20]) if idle else "")
+           + (" ..." if len(idle) > 20 else "")]
+    out.append("hosts with no busy rank: " + (", ".join(quiet) if quiet else "none"))
+    return out
+
+
+def ps_table(rows: list[ProcessRow]) -> list[str]:
+    header = ("JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING")
+    table = [header] + [(r.job, r.host, str(r.rank), str(r.pid), r.state, index_ranges(r.evaluating)
+                         if r.evaluating else "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]

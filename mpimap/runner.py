@@ -1,0 +1,327 @@
+"""What ``mpimap run`` does on rank 0: open the results file, stream the map into it, obey the control file, close.
+
+The CLI's ``run`` (and ``run --job DIR``, which the job scripts of ``mpimap
+submit`` call) is a thin shell over :func:`run`.  A job run also writes the
+job's ``status.json`` and sends its notifications.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections import Counter
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, fields
+
+from .errors import MpimapError
+
+log = logging.getLogger("mpimap.run")
+CHOICES = {"isolation": ("rank", "process", "fresh"), "on_error": ("record", "stop"),
+           "keep_logs": (None, "failed", "slow", "always"), "log_level": ("DEBUG", "INFO", "WARNING", "ERROR")}
+EXIT_STATUS = {"complete": 0, "interrupted": 3, "cancelled": 5}  # 2: bad input, 4: ranks lost (__main__)
+JOB_STATE = {"complete": "done", "interrupted": "interrupted", "cancelled": "cancelled", "failed": "failed"}
+
+
+@dataclass
+class RunOptions:
+    """Every option of ``mpimap run`` by its Python name (what ``run_options`` of a job spec holds)."""
+
+    chunksize: int | None = None          # points per message (None: from the measured cost of a point)
+    fresh: bool = False                   # start over, replacing an existing results file
+    retry_failed: bool = False            # on resume, evaluate failed points again too
+    flush_interval: float = 1.0           # seconds between flushes of the results file (inf: only at the end)
+    progress: bool | None = None          # progress line (None: when the job runs in a terminal's foreground)
+    isolation: str = "process"
+    point_timeout: float | None = None
+    max_points: int | None = None
+    max_memory_mb: float | None = None
+    scratch: bool = False
+    on_error: str = "record"              # record, or stop the job at the first point failed for good
+    retries: int = 0
+    quarantine: int = 2
+    keep_logs: str | None = None
+    slow_seconds: float = 1.0
+    debug_rerun: bool = False
+    log_level: str = "WARNING"
+    verify: float = 0.0
+    host_failures: int = 3                # 0: never retire a host
+    stall_timeout: float | None = None
+    rank_timeout: float = 60.0
+
+    @classmethod
+    def from_json(cls, body: dict, where: str) -> "RunOptions":
+        """Options read from a file (``where`` names it in errors): unknown names and bad values get one line."""
+        if not isinstance(body, dict):
+            raise MpimapError(f"{where}: run_options must be a mapping of option names to values")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise MpimapError(f"{where}: unknown run option(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        options = cls(**body)
+        problem = options.problem()
+        if problem:
+            raise MpimapError(f"{where}: {problem}; fix it, or submit the job again")
+        return options
+
+    def problem(self) -> str | None:
+        """What is wrong with these options, in a few words, or None."""
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if (value.upper() if name == "log_level" and isinstance(value, str) else value) not in allowed:
+                return f"run option {name} must be one of {', '.join(map(str, allowed))}, not {value!r}"
+        checks = [("chunksize", int, 1, True), ("max_points", int, 1, True), ("retries", int, 0, False),
+                  ("quarantine", int, 1, False), ("host_failures", int, 0, False),
+                  ("flush_interval", float, 0, False), ("slow_seconds", float, 0, False),
+                  ("point_timeout", float, None, True), ("max_memory_mb", float, None, True),
+                  ("stall_timeout", float, None, True), ("rank_timeout", float, None, False),
+                  ("verify", float, 0, False)]
+        for name, kind, low, optional in checks:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            if not number or (value <= 0 if low is None else value < low) or (name == "verify" and value > 1):
+                bound = "> 0" if low is None else "between 0 and 1" if name == "verify" else f">= {low}"
+                what = "an integer" if kind is int else "a number"
+                return f"run option {name} must be {what} {bound}{' or null' if optional else ''}, not {value!r}"
+        for name in ("fresh", "retry_failed", "scratch", "debug_rerun", "progress"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "progress" and value is None):
+                return f"run option {name} must be true or false, not {value!r}"
+        return None
+
+    def map_options(self) -> dict:
+        """The options each point's evaluation gets (``Pool.imap_chunks``); failures are always recorded."""
+        return dict(isolation=self.isolation, point_timeout=self.point_timeout, max_points=self.max_points,
+                    max_memory_mb=self.max_memory_mb, scratch=self.scratch, on_error="record", retries=self.retries,
+                    quarantine=self.quarantine, keep_logs=self.keep_logs, slow_seconds=self.slow_seconds,
+                    debug_rerun=self.debug_rerun, verify=self.verify)
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+
+
+@dataclass
+class Outcome:
+    """How a run ended: the state stored in the results file, a summary to show, the exit status."""
+
+    state: str          # complete, interrupted or cancelled (a failed run raises)
+    summary: str
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.state]
+
+
+class _Interrupted(Exception):
+    """SIGTERM (e.g. scancel) or SIGINT reached rank 0: stop, keeping everything stored so far."""
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def run(function: str, points: str, out: str, options: RunOptions = RunOptions()) -> Outcome:
+    """Evaluate ``function`` (MODULE:NAME) on every point of the file ``points``; results stream into ``out``.
+
+    An existing ``out`` of the same function and points is resumed.  Commands
+    appended to ``out + ".control"`` steer the run (see :mod:`mpimap.control`).
+    Raises :class:`MpimapError` for bad input and when ``on_error="stop"`` stops it.
+    """
+    from .control import control_path
+
+    return Runner(function, points, out, options, control_path(out)).run()
+
+
+def run_job(job_dir: str) -> Outcome:
+    """Run the job in ``job_dir`` as its ``job.json`` says: status.json, control file and notifications included."""
+    from .jobs.files import JobDir
+    from .jobs.job import Job
+
+    spec = Job(job_dir).spec()
+    jobdir = JobDir(job_dir)
+    if not isinstance(spec.function, str) or ":" not in spec.function:
+        raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
+    options = RunOptions.from_json(spec.run_options, jobdir.spec)
+    return Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, job=(jobdir, spec)).run()
+
+
+class Runner:
+    """One run of a map into a results file; ``job`` (its JobDir and JobSpec) adds status.json and notifications."""
+
+    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, job=None):
+        self.function, self.points_spec, self.out, self.options = function, points, out, options
+        self.control = control
+        self.job = job
+        self.pool = None
+        self.status = None  # the StatusWriter of a job
+        self._cancel = threading.Event()
+
+    def run(self) -> Outcome:
+        from .control import Watcher
+        from .inputs import FunctionRef, load_points
+        from .pool import Pool, map_settings
+        from .progress import Progress
+        from .store import RESUME_FIX, ResultStore
+        from .watchdog import bounded_read
+
+        o = self.options
+        problem = o.problem()
+        if problem:
+            raise MpimapError(problem)
+        logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        watcher = Watcher(self.control, self.apply)  # made first: commands sent from now on are this run's
+        fn = FunctionRef(self.function)
+        points = load_points(self.points_spec)
+        try:
+            map_settings(o.map_options())
+        except ValueError as exc:
+            raise MpimapError(str(exc)) from None
+        with bounded_read(self.out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it
+            store = ResultStore.open(self.out, points, fn.spec, fresh=o.fresh, flush_interval=o.flush_interval)
+            try:
+                todo = store.todo(o.retry_failed)
+                counts = store.counts()
+            except BaseException:
+                store.close("failed")
+                raise
+        state, message = "failed", ""
+        announced = self._start_job(counts, todo)
+        old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+        meter = Progress(len(todo), already=len(points) - len(todo), enabled=o.progress)
+        per_rank: Counter = Counter()
+        try:
+            if len(todo):
+                with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
+                          host_failures=o.host_failures or None) as pool:
+                    pool.set_log_level(o.log_level, "workers")
+                    self.pool = pool
+                    watcher.start()
+                    try:
+                        self._stream(pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options()),
+                                     todo, store, meter, per_rank)
+                    except CancelledError:
+                        if not self._cancel.is_set():
+                            raise
+                        state = "cancelled"
+                    finally:
+                        watcher.stop()
+                        if self.status is not None:
+                            self.status.keep_ranks()
+                    pool.shutdown(wait=True)  # verifications may still be running
+                    _store_verification(store, todo, pool.verification())
+            if state != "cancelled":
+                state = "complete"
+        except _Interrupted as why:
+            state = "interrupted"
+            message = f"{why}: stopped; results so far are kept"
+            print(f"\nmpimap: {why}: stopping; results so far are kept in {self.out}; run the same command to "
+                  "resume", file=sys.stderr, flush=True)
+        except BaseException as exc:
+            message = str(exc) or type(exc).__name__
+            raise
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            try:
+                store.close(state)
+            finally:
+                self._end_job(state, message, announced)
+        if state == "cancelled":
+            print(f"mpimap: cancelled through the control file; results so far are kept in {self.out}",
+                  file=sys.stderr, flush=True)
+        meter.close()
+        return Outcome(state, meter.summary(out=self.out, state=state, per_rank=per_rank))
+
+    def _stream(self, chunks, todo, store, meter, per_rank: Counter) -> None:
+        """Write each chunk's results to the store as it arrives (``todo`` maps map positions to file rows)."""
+        for chunk in chunks:
+            host = chunk.host or socket.gethostname()
+            kept = chunk.delivered()  # without the points that went to another attempt
+            indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
+            store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
+                        kept.logs)
+            per_rank[f"{host}/{chunk.rank}"] += len(indices)
+            meter.update(len(indices), [f.text for f in kept.failures.values()])
+            if self.status is not None:
+                self.status.tally.add(len(indices), [f.status for f in kept.failures.values()])
+            if self.options.on_error == "stop" and kept.failures:
+                offset, failure = next(iter(kept.failures.items()))
+                raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error stop. "
+                                  f"Results so far are in {store.path}: fix the cause and run again with "
+                                  "--retry-failed")
+
+    # -- the control file (the watcher's thread) -----------------------------------
+    def apply(self, command: dict) -> None:
+        """Carry out one command from the control file: pause, resume, cancel, loglevel."""
+        name = command.get("command")
+        if name == "loglevel":
+            ranks = command.get("ranks", "all")
+            self.pool.set_log_level(command["level"], ranks)
+            logging.getLogger("mpimap.control").warning("log level of %s set to %s", ranks, command["level"])
+        elif name in ("pause", "resume"):
+            if self._cancel.is_set():
+                return
+            self.pool.pause() if name == "pause" else self.pool.resume()
+            if self.status is not None:
+                self.status.set_state("paused" if name == "pause" else "running")
+            logging.getLogger("mpimap.control").warning("%s: %s", name + "d",
+                                                        "no new points are handed out; those being evaluated "
+                                                        "finish" if name == "pause" else "handing out points again")
+        elif name == "cancel":
+            logging.getLogger("mpimap.control").warning("cancel: stopping; points being evaluated are abandoned")
+            self._cancel.set()
+            self.pool.cancel_all()
+        else:
+            raise ValueError(f"unknown command {name!r}")
+
+    # -- a job's status file and notifications ----------------------------------------
+    def _start_job(self, counts: dict, todo):
+        """Start the status writer and send the start notifications (in a thread: a slow hook must not hold the
+        job up); return that thread, or None for a plain run."""
+        if self.job is None:
+            return None
+        from .jobs.notify import Event, notify
+        from .jobs.status import StatusWriter, Tally, rank_rows
+
+        jobdir, spec = self.job
+        tally = Tally.from_counts(counts, retry_failed=self.options.retry_failed)
+        self.status = StatusWriter(jobdir.status, tally,
+                                   lambda: rank_rows(self.pool.status(), lambda a, b: todo[a:b]) if self.pool else [])
+        self.status.write()
+        self.status.start()
+        if not (spec.notify_command or spec.notify_email):
+            return None
+        event = Event(spec.name, "start", "running", jobdir.path, tally.done, tally.failed, tally.total)
+        thread = threading.Thread(target=notify, args=(event, spec.notify_command, spec.notify_email),
+                                  name="mpimap-notify", daemon=True)
+        thread.start()
+        return thread
+
+    def _end_job(self, state: str, message: str, announced) -> None:
+        """The final status report, then the end notifications."""
+        if self.status is None:
+            return
+        from .jobs.notify import Event, TIMEOUT, notify
+
+        jobdir, spec = self.job
+        job_state = JOB_STATE[state]
+        self.status.finish(job_state, message)
+        if announced is not None:
+            announced.join(TIMEOUT)  # the start notice goes first
+        if spec.notify_command or spec.notify_email:
+            t = self.status.tally
+            notify(Event(spec.name, "end", job_state, jobdir.path, t.done, t.failed, t.total, message),
+                   spec.notify_command, spec.notify_email)
+
+
+def _store_verification(store, todo, verification) -> None:
+    """Record which points a second host agreed on (``--verify``) and say how many did not."""
+    checks = [(todo[v["index"]], v["same"]) for v in verification]
+    if checks:
+        store.mark_verified(*zip(*checks))
+        print(f"mpimap: verified {len(checks)} points on a second host: "
+              f"{sum(not same for _, same in checks)} mismatches (column 'verified')", file=sys.stderr)

@@ -1,0 +1,324 @@
+"""The master side of a submitted job: ``mpimap run --job DIR`` with its status file, control file and notifications.
+
+Each test makes a job directory the way ``mpimap submit`` does (job.json through the records and
+files API, the points copied to points.npy) and runs it under a real ``mpiexec``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_env, kill_job, launcher_env, mpimap_cli, without_launcher_report
+from mpimap.control import send
+from mpimap.jobs import files
+from mpimap.jobs.job import Job
+from mpimap.jobs.records import JobSpec, Resources
+from mpimap.jobs.status import HISTORY_LIMIT, StatusWriter, Tally
+from mpimap.launch import find_mpiexec
+from mpimap.store import read_results
+
+
+def make_job(tmp_path, function: str, points, name="t", **spec) -> files.JobDir:
+    """A job directory as submit leaves it: job.json and points.npy."""
+    path = tmp_path / name
+    path.mkdir(mode=0o700)
+    job = files.JobDir(str(path))
+    np.save(job.points, points)
+    spec.setdefault("run_options", {})
+    record = JobSpec(name=name, function=function, points_source="points.npy", resources=Resources(ranks=3),
+                     scheduler="local", **spec)
+    files.write_json(job.spec, JobSpec.FORMAT, JobSpec.VERSION, record.to_json())
+    return job
+
+
+def start(job: files.JobDir, ranks=3, **env) -> subprocess.Popen:
+    """``mpiexec -n ranks python -m mpimap run --job DIR`` in the background, in a session of its own."""
+    return subprocess.Popen([find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpimap", "run", "--job", job.path],
+                            cwd=os.path.dirname(job.path), env={**job_env(**env), **launcher_env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.fixture
+def jobs():
+    """Background jobs a test started; whatever is left of them is killed at the end."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            kill_job(proc)
+            proc.communicate(timeout=30)
+
+
+def wait_status(job: files.JobDir, ready, timeout=60.0, proc=None):
+    """The first status.json for which ``ready(status)`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        if os.path.exists(job.status):
+            status = Job(job.path).status()
+            if ready(status):
+                return status
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"status never became ready; last: {status}")
+
+
+def record_points(n):
+    return np.column_stack([np.arange(n, dtype=float), np.zeros(n)])
+
+
+def evaluations(log) -> list[int]:
+    return sorted(int(line) for line in open(log).read().split())
+
+
+def test_a_job_runs_from_its_directory_and_reports_done(tmp_path):
+    points = np.arange(50.0)
+    job = make_job(tmp_path, "jobfuncs:fail_on_multiples_of_7", points, run_options={"chunksize": 3})
+    proc = mpimap_cli(3, "run", "--job", job.path, cwd=tmp_path, env=job_env(MPIMAP_BATCH_ID="here:123"))
+    r = read_results(job.results)
+    bad = points % 7 == 0
+    assert np.array_equal(r["value"][~bad], points[~bad] + 0.5)  # the serial reference
+    assert list(r["status"][bad]) == ["failed"] * bad.sum() and r["attrs"]["state"] == "complete"
+    status = Job(job.path).status()
+    assert (status.state, status.total, status.done, status.failed, status.pending) == ("done", 50, 42, 8, 0)
+    assert status.failures == {"raised": 8}
+    assert status.batch_id == "here:123" and status.host == socket.gethostname() and status.pid > 0
+    assert status.ended >= status.started and status.eta_seconds is None
+    assert status.history[-1][1:] == [42, 8]
+    assert sorted(row.rank for row in status.ranks) == [1, 2] and all(row.pid > 0 for row in status.ranks)
+    assert "job complete" in proc.stdout
+
+
+def test_a_resumed_job_counts_the_points_of_earlier_runs(tmp_path):
+    import h5py
+
+    from mpimap.store import ResultStore
+
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(30.0))
+    store = ResultStore.open(job.results, np.arange(30.0), "jobfuncs:square")  # an earlier run stored 10 points
+    store.write(np.arange(10), np.arange(10.0) ** 2, {}, np.zeros(10), 1, "elsewhere")
+    store.close("interrupted")
+    mpimap_cli(2, "run", "--job", job.path, cwd=tmp_path)
+    status = Job(job.path).status()
+    assert (status.state, status.total, status.done, status.pending) == ("done", 30, 30, 0)
+    with h5py.File(job.results, "r") as f:
+        assert f.attrs["runs"] == 2
+
+
+def test_pause_stops_handing_out_points_and_resume_finishes_with_nothing_lost(tmp_path, jobs):
+    n = 150
+    log = tmp_path / "evaluated.txt"
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n),
+                   run_options={"chunksize": 1, "rank_timeout": 5.0})
+    proc = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    running = wait_status(job, lambda s: s.state == "running" and s.done >= 10, proc=proc)
+    assert running.done < n, "the job ended before it could be paused: make its points slower"
+    busy = [row for row in running.ranks if row.state == "busy"]
+    assert busy and all(0 <= i < n for row in busy for i in row.evaluating)
+    send(job.control, {"command": "pause"})
+    sent = time.monotonic()
+    paused = wait_status(job, lambda s: s.state == "paused", timeout=30, proc=proc)
+    print(f"paused shown {time.monotonic() - sent:.2f} s after the command")
+    # In-flight points land, then nothing more: the workers idle (and are not declared lost, rank_timeout 5 s).
+    idle = wait_status(job, lambda s: all(row.state == "idle" and not row.evaluating for row in s.ranks), timeout=30)
+    time.sleep(7)
+    still = Job(job.path).status()
+    assert still.state == "paused" and still.done == idle.done < n
+    assert still.updated > idle.updated  # still reporting while paused
+    assert len(evaluations(log)) == idle.done  # nothing evaluated meanwhile
+    assert paused.done <= idle.done
+    send(job.control, {"command": "resume"})
+    wait_status(job, lambda s: s.state in ("running", "done"), timeout=30, proc=proc)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "declared lost" not in err
+    r = read_results(job.results)
+    assert set(r["status"]) == {"done"} and np.array_equal(r["value"], np.arange(n) * 2.0)
+    assert sorted(set(evaluations(log))) == list(range(n))  # every point evaluated (a straggler may run twice)
+    final = Job(job.path).status()
+    assert (final.state, final.done, final.failed, final.pending) == ("done", n, 0, 0)
+
+
+def test_cancel_while_running_stops_with_status_5_and_keeps_the_results(tmp_path, jobs):
+    n = 400
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    wait_status(job, lambda s: s.done >= 10, proc=proc)
+    send(job.control, {"command": "cancel"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert "cancelled" in without_launcher_report(err)
+    r = read_results(job.results)
+    assert r["attrs"]["state"] == "cancelled"
+    done = r["status"] == "done"
+    assert 10 <= done.sum() < n and set(r["status"][~done]) == {"pending"}
+    assert np.array_equal(r["value"][done], np.flatnonzero(done) * 2.0)
+    status = Job(job.path).status()
+    assert status.state == "cancelled" and status.done == done.sum() and status.ended is not None
+
+
+def test_cancel_while_paused(tmp_path, jobs):
+    n = 400
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    wait_status(job, lambda s: s.done >= 5, proc=proc)
+    send(job.control, {"command": "pause"})
+    paused = wait_status(job, lambda s: s.state == "paused" and all(r.state == "idle" for r in s.ranks),
+                         timeout=30, proc=proc)
+    send(job.control, {"command": "cancel"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    r = read_results(job.results)
+    assert r["attrs"]["state"] == "cancelled" and (r["status"] == "done").sum() == paused.done
+    assert Job(job.path).status().state == "cancelled"
+
+
+def test_sigterm_stops_a_paused_job_cleanly(tmp_path, jobs):
+    n = 400
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    wait_status(job, lambda s: s.done >= 5, proc=proc)
+    send(job.control, {"command": "pause"})
+    paused = wait_status(job, lambda s: s.state == "paused" and all(r.state == "idle" for r in s.ranks),
+                         timeout=30, proc=proc)
+    os.kill(paused.pid, signal.SIGTERM)  # the master, as the batch system's walltime would
+    out, err = proc.communicate(timeout=120)
+    r = read_results(job.results)
+    assert r["attrs"]["state"] == "interrupted" and (r["status"] == "done").sum() == paused.done
+    status = Job(job.path).status()
+    assert status.state == "interrupted" and "SIGTERM" in status.message
+
+
+def test_notify_command_hears_the_start_and_the_end(tmp_path):
+    heard = tmp_path / "heard.txt"
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(20.0), name="notified",
+                   notify_command=f"env | grep ^MPIMAP_ | sort >> {heard}; echo --- >> {heard}")
+    mpimap_cli(3, "run", "--job", job.path, cwd=tmp_path)
+    start_env, end_env = [dict(line.split("=", 1) for line in block.split("\n") if line)
+                          for block in heard.read_text().split("---\n") if block.strip()]
+    assert start_env["MPIMAP_EVENT"] == "start" and start_env["MPIMAP_JOB_STATE"] == "running"
+    assert end_env["MPIMAP_EVENT"] == "end" and end_env["MPIMAP_JOB_STATE"] == "done"
+    for env in (start_env, end_env):
+        assert env["MPIMAP_JOB_NAME"] == "notified" and env["MPIMAP_JOB_DIR"] == job.path
+        assert env["MPIMAP_POINTS_TOTAL"] == "20" and env["MPIMAP_POINTS_FAILED"] == "0"
+    assert start_env["MPIMAP_POINTS_DONE"] == "0" and end_env["MPIMAP_POINTS_DONE"] == "20"
+
+
+def test_a_failing_notify_command_is_logged_and_the_job_goes_on(tmp_path):
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(10.0), notify_command="echo hook broke >&2; exit 7")
+    proc = mpimap_cli(2, "run", "--job", job.path, cwd=tmp_path)
+    assert "exited 7: hook broke" in proc.stderr
+    assert Job(job.path).status().state == "done"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_notify_email_goes_through_the_smtp_server_of_the_config(tmp_path):
+    from aiosmtpd.controller import Controller
+
+    class Inbox:
+        def __init__(self):
+            self.mails = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.mails.append(envelope)
+            return "250 OK"
+
+    inbox = Inbox()
+    port = free_port()
+    server = Controller(inbox, hostname="127.0.0.1", port=port)
+    server.start()
+    try:
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "config.toml").write_text(f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\nfrom = "jobs@example.org"\n')
+        job = make_job(tmp_path, "jobfuncs:square", np.arange(10.0), name="mailed", notify_email="me@example.org")
+        mpimap_cli(2, "run", "--job", job.path, cwd=tmp_path, env=job_env(MPIMAP_HOME=home))
+    finally:
+        server.stop()
+    assert [m.rcpt_tos for m in inbox.mails] == [["me@example.org"], ["me@example.org"]]
+    assert all(m.mail_from == "jobs@example.org" for m in inbox.mails)
+    subjects = [next(line for line in m.content.decode().splitlines() if line.startswith("Subject:"))
+                for m in inbox.mails]
+    assert subjects == ["Subject: mpimap job mailed: running", "Subject: mpimap job mailed: done"]
+    assert "points done 10, failed 0, of 10" in inbox.mails[1].content.decode()
+
+
+def test_notify_email_without_a_config_warns_and_the_job_goes_on(tmp_path):
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(10.0), notify_email="me@example.org")
+    proc = mpimap_cli(2, "run", "--job", job.path, cwd=tmp_path, env=job_env(MPIMAP_HOME=tmp_path / "nohome"))
+    assert "config.toml does not exist" in proc.stderr
+    assert Job(job.path).status().state == "done"
+
+
+def one_line(*args, cwd):
+    """Run ``python -m mpimap ARGS`` in one process; return its exit status and stderr."""
+    proc = subprocess.run([sys.executable, "-m", "mpimap", *args], cwd=cwd, env=job_env(), capture_output=True,
+                          text=True, timeout=60)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["jobfuncs:square"], "leave out FUNCTION"),
+    (["--points", "p.npy", "--out", "r.h5"], "leave out --points, --out"),
+    (["--retries", "2"], "leave out --retries"),
+])
+def test_run_job_with_what_the_job_file_says_is_one_line(tmp_path, extra, says):
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(5.0))
+    status, err = one_line("run", "--job", job.path, *extra, cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and says in err, err
+    assert not os.path.exists(job.results)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"retries": "many"}, "run option retries must be an integer >= 0"),
+    ({"isolation": "vm"}, "run option isolation must be one of rank, process, fresh"),
+    ({"chunk_size": 4}, "unknown run option(s) chunk_size"),
+    ({"point_timeout": -1}, "run option point_timeout must be a number > 0"),
+])
+def test_a_bad_job_spec_is_one_line(tmp_path, options, says):
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(5.0), run_options=options)
+    status, err = one_line("run", "--job", job.path, cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and says in err and "job.json" in err, err
+    assert not os.path.exists(job.results)
+
+
+def test_run_job_of_a_missing_or_damaged_directory_is_one_line(tmp_path):
+    status, err = one_line("run", "--job", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and "job.json does not exist" in err, err
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(5.0))
+    with open(job.spec, "w") as f:
+        f.write("{half")
+    status, err = one_line("run", "--job", job.path, cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and "is damaged" in err, err
+    status, err = one_line("run", "--points", "p.npy", cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and "missing FUNCTION, --out" in err, err
+
+
+def test_status_history_is_thinned_to_a_bounded_size(tmp_path):
+    tally = Tally(total=1000)
+    writer = StatusWriter(str(tmp_path / "status.json"), tally)
+    for _ in range(3 * HISTORY_LIMIT):
+        tally.add(1, [])
+        writer.write()
+    samples = Job(str(tmp_path)).status().history  # read back as the commands read it
+    assert HISTORY_LIMIT // 2 <= len(samples) <= HISTORY_LIMIT
+    assert samples[0][1] == 1 and samples[-1][1] == 3 * HISTORY_LIMIT  # the first and the newest kept
+    assert [s[1] for s in samples] == sorted(s[1] for s in samples)

@@ -1,0 +1,418 @@
+"""The submit side of the job manager: submit (local for real, Slurm rendered), ls, cancel, pause, the registry.
+
+Jobs run for real on this machine (the local scheduler: a detached session running mpiexec with 2-3
+ranks); every command runs as ``python -m mpimap ...`` in a subprocess, as a user would type it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TESTS, job_env
+from mpimap.jobs import files
+from mpimap.jobs.job import Job
+from mpimap.jobs.records import JobSpec, JobStatus
+from mpimap.jobs.registry import Registry
+from mpimap.store import read_results
+
+FIXTURES = os.path.join(TESTS, "fixtures", "jobs-v1")
+LOCAL_TEMPLATE = os.path.join(os.path.dirname(TESTS), "jobscripts", "local.sh")
+RUN_JOB = "-m mpimap run --job {{job_dir}}"
+
+
+@pytest.fixture
+def where(tmp_path, monkeypatch):
+    """A submit directory with points 0..19 and an mpimap home of its own; kills what its jobs left running."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MPIMAP_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "points.npy", np.arange(20.0))
+    yield tmp_path
+    from mpimap.jobs.local import _processes
+
+    sessions = _processes()
+    for batch in tmp_path.glob("**/batch.json"):
+        for sub in json.loads(batch.read_text())["submissions"]:
+            for pid in sessions.get(int(sub["batch_id"].rpartition(":")[2]), ()):
+                os.kill(pid, signal.SIGKILL)
+
+
+def mpimap(where, *args, timeout=120):
+    """``python -m mpimap ARGS`` in the submit directory, as a user runs it; the CompletedProcess."""
+    env = job_env(MPIMAP_HOME=str(where / "home"))
+    return subprocess.run([sys.executable, "-m", "mpimap", *args], cwd=where, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(proc, *words):
+    """The command failed with exactly one line on stderr, naming each of ``words``."""
+    assert proc.returncode != 0, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def template(where, run_line: str) -> str:
+    """The local template with its mpiexec line replaced (a site's template, or a job that only sleeps)."""
+    text = open(LOCAL_TEMPLATE).read()
+    start = text.index("exec {{mpiexec}}")
+    path = where / "site.sh"
+    path.write_text(text[:start] + run_line + "\n")
+    return str(path)
+
+
+def sleeper(where) -> str:
+    return template(where, "exec sleep 300")
+
+
+def job_dir(where, name):
+    return where / "mpimap-jobs" / name
+
+
+def wait_state(job: Job, states, seconds=60.0) -> str:
+    deadline = time.monotonic() + seconds
+    while (state := job.state()) not in states and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
+
+
+def test_submit_local_runs_to_done_with_results_of_a_serial_run(where):
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "sq", "--ranks", "3",
+                  "--wait", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted job sq (local " in proc.stdout and "job sq done" in proc.stdout
+    results = read_results(str(job_dir(where, "sq") / "results.h5"))
+    assert list(results["status"]) == ["done"] * 20
+    np.testing.assert_array_equal(results["value"], np.arange(20.0) ** 2)
+    listing = mpimap(where, "ls", "--json")
+    [row] = json.loads(listing.stdout)
+    assert (row["name"], row["state"], row["done"], row["failed"], row["total"]) == ("sq", "done", 20, 0, 20)
+
+
+def slow_job(where, name, monkeypatch, n=150):
+    """Submit jobfuncs:record over n 2-D points, 0.1 s each, on 3 ranks; wait until its master reports."""
+    np.save(where / "rows.npy", np.column_stack([np.arange(n), np.ones(n)]).astype(float))
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.1")
+    monkeypatch.setenv("MPIMAP_TEST_LOG", str(where / f"{name}.evaluated"))
+    import mpimap.jobs
+
+    job = mpimap.jobs.submit("jobfuncs:record", str(where / "rows.npy"), name=name, ranks=3)
+    deadline = time.monotonic() + 120
+    while (job.status() is None or job.status().done == 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.state() == "running", open(job.dir.log).read()
+    return job
+
+
+def test_cancel_of_a_running_job_stops_it_through_its_control_file(where, monkeypatch):
+    job = slow_job(where, "stopme", monkeypatch)
+    proc = mpimap(where, "cancel", "stopme", "--grace", "60", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "job stopme: cancelled: its results so far stay readable"
+    assert job.state() == "cancelled" and job.batch_view().state == "gone"
+    results = read_results(job.dir.results)
+    done = results["status"] == "done"
+    assert 0 < done.sum() < 150
+    np.testing.assert_array_equal(results["value"][done], np.arange(150.0)[done] * 2 + 1)
+
+
+def test_pause_holds_back_new_points_and_resume_finishes_the_job(where, monkeypatch):
+    job = slow_job(where, "hold", monkeypatch)
+    assert mpimap(where, "pause", "hold").returncode == 0
+    assert wait_state(job, ("paused",), 30) == "paused"
+    time.sleep(3)  # in-flight points finish and are stored
+    before = job.status().done
+    time.sleep(3)
+    assert job.status().done == before < 150
+    assert mpimap(where, "resume", "hold").returncode == 0
+    assert job.wait(poll=0.5) == "done"
+    results = read_results(job.dir.results)
+    assert list(results["status"]) == ["done"] * 150
+    np.testing.assert_array_equal(results["value"], np.arange(150.0) * 2 + 1)
+    evaluated = sorted(int(line) for line in open(where / "hold.evaluated"))
+    assert evaluated == list(range(150))  # none lost, none evaluated twice
+
+
+def test_a_site_template_runs_detached_and_its_results_equal_a_serial_run(where):
+    site = template(where, "exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run jobfuncs:square "
+                           "--points {{job_dir}}/points.npy --out {{job_dir}}/results.h5")
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "site", "--ranks", "2",
+                  "--template", site)
+    assert proc.returncode == 0, proc.stderr
+    job = Job(str(job_dir(where, "site")))
+    assert job.submissions()[0].batch_id.endswith(str(int(job.submissions()[0].batch_id.rpartition(":")[2])))
+    wait_state(job, ("failed", "done"), 120)  # this template's run writes no status: gone without one is failed
+    results = read_results(job.dir.results)
+    np.testing.assert_array_equal(results["value"], np.arange(20.0) ** 2)
+    assert "job complete" in open(job.dir.log).read()  # the job's output went to job.log
+
+
+def test_job_directory_is_owner_only_and_holds_the_points_copy_spec_and_script(where):
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "own",
+                  "--template", sleeper(where), "--point-timeout", "30", "--retries", "2")
+    assert proc.returncode == 0, proc.stderr
+    d = job_dir(where, "own")
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    for name in ("job.json", "points.npy", "batch.json"):
+        assert os.stat(d / name).st_mode & 0o077 == 0, name
+    np.testing.assert_array_equal(np.load(d / "points.npy"), np.arange(20.0))
+    spec = Job(str(d)).spec()
+    assert spec.run_options == {"point_timeout": 30.0, "retries": 2}  # only what was given; run's defaults stay run's
+    assert spec.python == sys.executable and spec.scheduler == "local"
+    assert str(where) in spec.environment["PYTHONPATH"].split(os.pathsep)
+
+
+def test_ls_shows_running_then_cancel_ends_the_local_job(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "sleepy",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job(str(job_dir(where, "sleepy")))
+    listing = mpimap(where, "ls")
+    assert listing.returncode == 0, listing.stderr
+    [header, line] = listing.stdout.splitlines()
+    assert header.split()[:2] == ["NAME", "STATE"] and line.split()[:3] == ["sleepy", "running", "0/0/20"]
+    proc = mpimap(where, "cancel", "sleepy", "--grace", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert job.state() == "cancelled" and job.batch_view().state == "gone"  # the session is gone, not only asked
+    [row] = json.loads(mpimap(where, "ls", "--json").stdout)
+    assert (row["state"], row["done"], row["total"]) == ("cancelled", 0, 20)
+    one_line_error(mpimap(where, "cancel", "sleepy"), "cancelled already")
+
+
+def test_a_running_job_whose_processes_died_without_a_word_is_interrupted(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "dies",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job(str(job_dir(where, "dies")))
+    files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
+                     JobStatus(state="running", updated=time.time(), total=20, done=5).to_json())
+    assert job.state() == "running"
+    os.kill(int(job.batch_id().rpartition(":")[2]), signal.SIGKILL)
+    assert wait_state(job, ("interrupted",)) == "interrupted"
+
+
+def test_pause_of_a_finished_job_is_one_line_and_touches_nothing(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "fin",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job(str(job_dir(where, "fin")))
+    files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
+                     JobStatus(state="done", updated=time.time(), total=20, done=20).to_json())
+    one_line_error(mpimap(where, "pause", "fin"), "fin", "done", "running job")
+    assert not os.path.exists(job.dir.control)
+
+
+def test_pause_and_resume_of_a_running_job_reach_its_control_file(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "steer",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job(str(job_dir(where, "steer")))
+    files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
+                     JobStatus(state="running", updated=time.time(), total=20).to_json())
+    for args in (("pause", "steer"), ("resume", str(job.dir.path)), ("log", "steer", "--level", "debug",
+                                                                      "--ranks", "1,2")):
+        assert mpimap(where, *args).returncode == 0
+    lines = [json.loads(line) for line in open(job.dir.control)]
+    assert lines == [{"command": "pause"}, {"command": "resume"},
+                     {"command": "loglevel", "level": "DEBUG", "ranks": [1, 2]}]
+
+
+def test_log_prints_the_job_log_and_follows_it_to_the_end(where):
+    site = template(where, "echo first line; sleep 2; echo second line")
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "talk",
+                  "--template", site).returncode == 0
+    proc = mpimap(where, "log", "talk", "-f", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["first line", "second line"]
+
+
+def test_registry_deleted_ls_rebuilds_it_from_the_job_directories(where):
+    for name in ("r1", "r2"):
+        assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name,
+                      "--template", sleeper(where)).returncode == 0
+    elsewhere = where / "other"
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "r3",
+                  "--dir", str(elsewhere / "r3"), "--template", sleeper(where)).returncode == 0
+    os.unlink(where / "home" / "registry.json")
+    names = [row["name"] for row in json.loads(mpimap(where, "ls", "--json").stdout)]
+    assert sorted(names) == ["r1", "r2"]  # ./mpimap-jobs is scanned by itself
+    names = [row["name"] for row in json.loads(mpimap(where, "ls", "--json", "--scan", str(elsewhere)).stdout)]
+    assert sorted(names) == ["r1", "r2", "r3"]
+    assert Registry().find("r3") == str(elsewhere / "r3")
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"jobs": {}}), ""])
+def test_a_corrupt_registry_is_one_line_saying_how_to_rebuild_and_is_left_untouched(where, text):
+    (where / "home").mkdir()
+    registry = where / "home" / "registry.json"
+    registry.write_text(text)
+    for args in (("ls",), ("cancel", "anything"), ("submit", "jobfuncs:square", "--points", "points.npy",
+                                                   "--name", "x", "--template", sleeper(where))):
+        line = one_line_error(mpimap(where, *args), "registry.json", "damaged", "mpimap ls --scan")
+        assert "Traceback" not in line
+    assert registry.read_text() == text
+    assert not (where / "mpimap-jobs" / "x").exists()
+
+
+def test_a_corrupt_or_newer_job_json_is_one_line_and_left_untouched(where):
+    for name in ("bad", "new"):
+        assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name,
+                      "--template", sleeper(where)).returncode == 0
+    bad, new = job_dir(where, "bad") / "job.json", job_dir(where, "new") / "job.json"
+    bad.write_text('{"format": "mpimap-job", "vers')
+    body = json.loads(new.read_text())
+    body["version"] = JobSpec.VERSION + 1
+    new.write_text(json.dumps(body))
+    before = bad.read_text(), new.read_text()
+    one_line_error(mpimap(where, "cancel", str(bad.parent)), "job.json", "damaged")
+    one_line_error(mpimap(where, "cancel", "new"), "job.json", "upgrade mpimap")
+    proc = mpimap(where, "ls")
+    assert proc.returncode != 0
+    assert sorted(line.split()[2] for line in proc.stderr.strip().splitlines()) == [str(bad), str(new)]
+    assert (bad.read_text(), new.read_text()) == before
+
+
+def test_files_of_format_version_1_are_read_by_this_mpimap():
+    job = Job(os.path.join(FIXTURES, "job"))
+    spec = job.spec()
+    assert (spec.name, spec.function, spec.scheduler, spec.resources.ranks, spec.resources.walltime) == \
+           ("fit-20261125-2203", "jobfuncs:square", "slurm", 4, "01:00:00")
+    assert spec.run_options == {"point_timeout": 60.0, "retries": 2}
+    assert [(s.batch_id, s.scheduler, s.host) for s in job.submissions()] == [("4711", "slurm", "login1")]
+    assert Registry(os.path.join(FIXTURES, "home")).jobs() == \
+           {"fit-20261125-2203": "/home/alice/run/mpimap-jobs/fit-20261125-2203"}
+
+
+def test_slurm_dry_run_renders_directives_and_creates_nothing(where):
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "slurm",
+                  "--name", "dry", "--ranks", "3", "--walltime", "1:30:00", "--partition", "debug", "--account",
+                  "proj", "--qos", "long", "--priority", "-10", "--mail", "me@example.org",
+                  "--env-setup", "module load mpi", "--point-timeout", "5", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    d = job_dir(where, "dry")
+    for directive in ("--job-name=dry", "--ntasks=3", "--time=1:30:00", "--partition=debug", "--account=proj",
+                      "--qos=long", "--nice=10", "--mail-type=BEGIN,END,FAIL", "--mail-user=me@example.org",
+                      f"--output={d}/job.log", f"--error={d}/job.log", "--open-mode=append"):
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert "\nmodule load mpi\n" in script
+    last = script.strip().splitlines()[-1]
+    assert last.startswith("exec ") and last.endswith(f"-n 3 {sys.executable} -m mpimap run --job {d}")
+    assert not (where / "mpimap-jobs").exists() and not (where / "home" / "registry.json").exists()
+
+
+def test_slurm_without_sbatch_is_one_line_and_creates_nothing(where):
+    env_path = os.path.dirname(sys.executable)  # mpiexec and python, no sbatch
+    env = job_env(MPIMAP_HOME=str(where / "home"), PATH=env_path)
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", "jobfuncs:square", "--points", "points.npy",
+                           "--scheduler", "slurm"], cwd=where, env=env, capture_output=True, text=True, timeout=120)
+    one_line_error(proc, "sbatch not found")
+    assert not (where / "mpimap-jobs").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--scheduler", "pbs"), ("unknown scheduler 'pbs'", "local", "slurm")),
+    (("--points", "missing.npy"), ("missing.npy", "does not exist")),
+    (("--walltime", "soon"), ("walltime 'soon'",)),
+    (("--name", "../x"), ("job name",)),
+], ids=["scheduler", "points", "walltime", "name"])
+def test_bad_submit_input_is_one_line_and_creates_nothing(where, args, words):
+    command = ["submit", "jobfuncs:square", "--points", "points.npy", *args]
+    one_line_error(mpimap(where, *command), *words)
+    assert not (where / "mpimap-jobs").exists() and not (where / "home" / "registry.json").exists()
+
+
+def test_bad_function_is_one_line_and_creates_nothing(where):
+    one_line_error(mpimap(where, "submit", "jobfuncs:nothing_here", "--points", "points.npy"), "nothing_here")
+    one_line_error(mpimap(where, "submit", "no_such_module:f", "--points", "points.npy"), "no_such_module")
+    assert not (where / "mpimap-jobs").exists()
+
+
+def test_unknown_placeholder_in_a_template_is_one_line_naming_it_and_the_known_ones(where):
+    site = template(where, "exec {{mpiexec}} -n {{ranks}} {{pyton}} -m mpimap run --job {{job_dir}}")
+    line = one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--template", site),
+                          "{{pyton}}", "python", "job_dir", "env_setup")
+    assert "site.sh" in line
+    assert not (where / "mpimap-jobs").exists()
+
+
+def test_a_taken_name_is_refused_in_one_line(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "twice",
+                  "--template", sleeper(where)).returncode == 0
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "twice",
+                          "--template", sleeper(where), "--dir", str(where / "elsewhere")), "twice", "exists already")
+    assert not (where / "elsewhere").exists()
+
+
+def test_default_names_come_from_the_function_and_the_time_and_stay_unique(where):
+    names = []
+    for _ in range(2):
+        proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--template", sleeper(where))
+        assert proc.returncode == 0, proc.stderr
+        names.append(proc.stdout.split()[2])
+    assert names[0].startswith("square-20") and names[1] != names[0]
+
+
+def test_unknown_job_name_and_non_job_directory_are_one_line(where):
+    one_line_error(mpimap(where, "cancel", "nobody"), "no job named 'nobody'", "mpimap ls")
+    one_line_error(mpimap(where, "log", str(where)), "not a job directory")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_job_directory_of_another_user_is_refused_in_one_line(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "theirs",
+                  "--template", sleeper(where)).returncode == 0
+    d = job_dir(where, "theirs")
+    os.chown(d, 12345, 12345)
+    for command in ("cancel", "pause"):
+        one_line_error(mpimap(where, command, str(d)), "another user")
+    assert Job(str(d)).state() == "running"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_ls_all_users_adds_the_jobs_of_others_found_in_the_scanned_directories(where):
+    for name in ("mine", "theirs"):
+        assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name,
+                      "--template", sleeper(where)).returncode == 0
+    Registry().remove("theirs")
+    os.chown(job_dir(where, "theirs"), 12345, 12345)
+    assert [r["name"] for r in json.loads(mpimap(where, "ls", "--json").stdout)] == ["mine"]
+    rows = json.loads(mpimap(where, "ls", "--json", "--all-users").stdout)
+    assert sorted((r["name"], r["user"]) for r in rows) == [("mine", "root"), ("theirs", "12345")]
+    assert "USER" in mpimap(where, "ls", "--all-users").stdout.splitlines()[0]
+
+
+def test_the_python_api_submits_and_its_job_reports_state(where):
+    import mpimap.jobs
+
+    job = mpimap.jobs.submit("jobfuncs:square", "points.npy", name="api", template=sleeper(where), retries=1)
+    assert job.name == "api" and mpimap.jobs.Job.open("api").dir == job.dir
+    assert job.state() == "running" and job.batch_view().state == "running"
+    assert job.cancel(grace=0) == "stopped before its master started"
+    with pytest.raises(Exception, match="unknown run option 'retires'"):
+        mpimap.jobs.submit("jobfuncs:square", "points.npy", name="typo", retires=1)
+    assert not job_dir(where, "typo").exists()
+
+
+def test_a_normal_install_finds_the_job_script_templates(tmp_path):
+    """``pip install .`` (not editable) puts jobscripts/ beside the code, where submit looks for it."""
+    source = tmp_path / "src"
+    root = os.path.dirname(TESTS)
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "tests", "docs", "benchmarks", "build",
+                                                                "*.egg-info", "__pycache__"))
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    code = "import mpimap.jobs.batch as b; print(b.__file__); print(b.jobscripts_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert out[0].startswith(str(target))
+    assert out[1] == str(target / "mpimap" / "jobscripts")
+    assert sorted(os.listdir(out[1])) == ["local.sh", "slurm.sh"]

@@ -1,0 +1,439 @@
+"""The read side of jobs: status, attach, ps, results, thumbnail and mpimap.load, on real job directories.
+
+Each job directory is built with real files: a results file from a real
+``mpiexec ... mpimap run``, the job's spec and status written with the
+job files' own writers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_env, kill_job, launcher_env, mpimap_cli
+from mpimap.jobs.files import JobDir, write_json
+from mpimap.jobs.job import Job
+from mpimap.jobs.records import JobSpec, JobStatus, RankRow, Resources, Submission
+from mpimap.launch import find_mpiexec
+from mpimap.store import read_results
+
+HOST = socket.gethostname()
+
+
+def cli(*args, timeout=120, **kwargs):
+    """``python -m mpimap ARGS`` (no MPI: the read commands never need it)."""
+    return subprocess.run([sys.executable, "-m", "mpimap", *args], capture_output=True, text=True,
+                          timeout=timeout, env=job_env(), **kwargs)
+
+
+def make_job(root, name: str, points: np.ndarray, function: str = "jobfuncs:fail_on_multiples_of_7",
+             run: bool = True) -> Job:
+    """A job directory as submit leaves it (spec, points copy), with a results file of a real run if ``run``."""
+    path = root / name
+    path.mkdir(mode=0o700)
+    files = JobDir(str(path))
+    np.save(files.points, points)
+    spec = JobSpec(name=name, function=function, points_source="points.npy", run_options={},
+                   resources=Resources(ranks=2), scheduler="local", workdir=str(root), user=os.environ.get("USER", ""),
+                   created=time.time())
+    write_json(files.spec, JobSpec.FORMAT, JobSpec.VERSION, spec.to_json())
+    if run:
+        mpimap_cli(2, "run", function, "--points", files.points, "--out", files.results, cwd=root)
+    return Job(str(path))
+
+
+def write_status(job: Job, **fields) -> JobStatus:
+    status = JobStatus(**{"updated": time.time(), **fields})
+    write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION, status.to_json())
+    return status
+
+
+def counts(job: Job) -> dict:
+    status = read_results(job.dir.results)["status"]
+    return {name: int(np.sum(status == name)) for name in ("done", "failed", "pending")}
+
+
+@pytest.fixture
+def live_session():
+    """A live process in a session of its own, standing for a running job's batch allocation (local: HOST:PID)."""
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def register_batch(job: Job, proc) -> None:
+    submission = Submission(batch_id=f"{HOST}:{proc.pid}", scheduler="local", submitted=time.time(), host=HOST)
+    write_json(job.dir.batch, Submission.FORMAT, Submission.VERSION, {"submissions": [submission.to_json()]})
+
+
+def finished_status(job: Job) -> JobStatus:
+    """The final status a master writes for a finished job, with counts from its results file."""
+    c = counts(job)
+    now = time.time()
+    return write_status(job, state="done", total=sum(c.values()), done=c["done"], failed=c["failed"],
+                        pending=c["pending"], started=now - 60, ended=now, host=HOST, pid=1, rate=1.5,
+                        failures={"raised": c["failed"]}, history=[[now - 60, 0, 0], [now - 30, 20, 2],
+                                                                   [now, c["done"], c["failed"]]])
+
+
+# ---------------------------------------------------------------------------------------------- results and load
+
+
+def test_results_csv_equals_export_and_a_serial_reference(tmp_path):
+    import jobfuncs
+
+    pts = np.arange(30.0)
+    job = make_job(tmp_path, "r1", pts)
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "r.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote 30 rows to {tmp_path / 'r.csv'}"
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    for x, row in zip(pts, rows):
+        if int(x) % 7 == 0:
+            assert row["status"] == "failed" and row["y0"] == "" and row["error"] == f"ValueError: bad point {int(x)}"
+        else:
+            assert row["status"] == "done" and float(row["y0"]) == jobfuncs.fail_on_multiples_of_7(x)
+    exported = cli("export", job.dir.results, "--csv", str(tmp_path / "e.csv"))
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "e.csv").read_text() == (tmp_path / "r.csv").read_text()
+
+
+def test_results_npy_and_h5(tmp_path):
+    import h5py
+
+    pts = np.arange(20.0)
+    job = make_job(tmp_path, "r2", pts)
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "v.npy"))
+    assert proc.returncode == 0 and "3 failed rows hold NaN" in proc.stdout, proc.stdout + proc.stderr
+    values = np.load(tmp_path / "v.npy")
+    bad = pts % 7 == 0
+    assert np.array_equal(values[~bad], pts[~bad] + 0.5) and np.isnan(values[bad]).all()
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "copy.h5"))
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "copy.h5", "r") as f:  # plain h5py, no mpimap
+        assert list(f["index"][()]) == list(range(20))
+        assert [s.decode() for s in f["status"][()]] == ["failed" if b else "done" for b in bad]
+        assert np.array_equal(f["values"][()][~bad], pts[~bad] + 0.5)
+        assert np.array_equal(f["points"][()], pts)
+
+
+def test_results_table_and_json(tmp_path):
+    job = make_job(tmp_path, "r3", np.arange(30.0))
+    proc = cli("results", job.dir.path, "--head", "5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "30 points: done 25, failed 5, pending 0"
+    assert lines[1].split() == ["index", "status", "x0", "y0", "seconds", "rank", "host", "error"]
+    assert lines[2].split()[:4] == ["0", "failed", "0", "-"] and lines[3].split()[:4] == ["1", "done", "1",
+                                                                                                      "1.5"]
+    assert lines[-1].startswith("... 25 more rows")
+    proc = cli("results", job.dir.path, "--json", "--head", "0")
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 30 and rows[0]["status"] == "failed" and rows[0]["y0"] is None
+    assert rows[8] == {**rows[8], "index": 8, "status": "done", "x0": 8.0, "y0": 8.5, "rank": 1, "host": HOST}
+
+
+def test_load_with_and_without_pandas(tmp_path):
+    import mpimap
+
+    pts = np.arange(12.0)
+    job = make_job(tmp_path, "l1", pts)
+    data = mpimap.load(job.dir.path, as_frame=False)
+    bad = pts % 7 == 0
+    assert list(data["index"]) == list(range(12)) and np.array_equal(data["points"], pts)
+    assert list(data["status"]) == ["failed" if b else "done" for b in bad]
+    assert np.array_equal(data["values"][~bad], pts[~bad] + 0.5) and np.isnan(data["values"][bad]).all()
+    assert data["error"][7].startswith("ValueError: bad point 7") and set(data["host"]) == {HOST}
+    frame = mpimap.load(job.dir.path)  # pandas is installed here
+    assert list(frame.columns) == ["status", "x0", "y0", "seconds", "rank", "host", "error"]
+    assert frame.index.name == "index" and list(frame.index) == list(range(12))
+    assert frame.loc[8, "y0"] == 8.5 and frame.loc[7, "status"] == "failed"
+    assert mpimap.load(job.dir.results, as_frame=False)["status"].tolist() == list(data["status"])  # a results file
+    # without pandas: the dict by default, one line when pandas is insisted on
+    script = ("import sys; sys.modules['pandas'] = None\nimport mpimap\n"
+              f"r = mpimap.load({job.dir.path!r}); print(type(r).__name__, sorted(r))\n"
+              f"mpimap.load({job.dir.path!r}, as_frame=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.stdout.splitlines()[0] == ("dict ['attrs', 'error', 'host', 'index', 'points', 'rank', 'seconds', "
+                                           "'status', 'values']")
+    assert "MpimapError: as_frame=True needs pandas: pip install mpimap-hpc[pandas]" in proc.stderr
+
+
+def test_results_and_load_while_the_job_runs(tmp_path):
+    """A job still running: what is stored so far, the rest pending, from the store's reader."""
+    pts = np.arange(40.0)
+    job = make_job(tmp_path, "w1", pts, run=False)
+    (tmp_path / "slow.py").write_text("import time\ndef f(x):\n    time.sleep(0.2)\n    return 2 * x\n")
+    proc = subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run",
+                             f"{tmp_path / 'slow.py'}:f", "--points", job.dir.points, "--out", job.dir.results,
+                             "--flush-interval", "0"], env={**job_env(), **launcher_env()}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(job.dir.results):
+                out = cli("results", job.dir.path, "--json", "--head", "0")
+                if out.returncode == 0:
+                    rows = json.loads(out.stdout)
+                    if 0 < sum(r["status"] == "done" for r in rows) < 40:
+                        break
+            time.sleep(0.3)
+        else:
+            pytest.fail("never saw a partly done job")
+        assert [r["index"] for r in rows] == list(range(40))
+        assert all(r["y0"] == 2 * r["x0"] for r in rows if r["status"] == "done")
+        assert all(r["y0"] is None for r in rows if r["status"] == "pending")
+        assert proc.poll() is None  # it was read while running
+    finally:
+        kill_job(proc)
+        proc.wait(timeout=60)
+
+
+# -------------------------------------------------------------------------------------------------------- status
+
+
+def test_status_of_a_finished_job_agrees_with_its_files(tmp_path):
+    job = make_job(tmp_path, "s1", np.arange(30.0))
+    written = finished_status(job)
+    proc = cli("status", job.dir.path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.splitlines()[0] == "job s1: done"
+    assert "progress   : 25 done, 5 failed, 0 pending of 30" in out
+    assert "failures   : raised 5" in out and f"master {HOST} pid 1" in out
+    assert f"thumbnail  : none yet; mpimap thumbnail {job.dir.path} writes {job.dir.thumbnail}" in out
+    report = json.loads(cli("status", job.dir.path, "--json").stdout)
+    assert report["state"] == "done" and report["status"] == json.loads(json.dumps(written.to_json()))
+
+
+def test_status_of_a_running_job_shows_ranks_per_host_with_pids(tmp_path, live_session):
+    job = make_job(tmp_path, "s2", np.arange(10.0), run=False)
+    register_batch(job, live_session)
+    ranks = [RankRow(1, "nodeA", 1001, "busy", 1, 3, 0.5, [4, 5]), RankRow(2, "nodeA", 1002, "idle"),
+             RankRow(3, "nodeB", 2001, "busy", 1, 2, 0.1, [7]), RankRow(4, "nodeB", 2002, "lost")]
+    write_status(job, state="running", total=10, done=5, failed=1, pending=4, started=time.time() - 20,
+                 host="nodeA", pid=1000, rate=0.25, eta_seconds=16.0, ranks=[r.to_json() for r in ranks],
+                 failures={"timeout": 1})
+    out = cli("status", job.dir.path).stdout
+    assert out.splitlines()[0] == "job s2: running"
+    assert "ranks      : 3 alive, 2 busy, 1 idle on 2 host(s)" in out
+    assert "    nodeA: 2 alive (1 busy, 1 idle), pids 1001 1002" in out
+    assert "    nodeB: 1 alive (1 busy, 0 idle, 1 lost), pids 2001" in out
+    assert "rate       : 0.25 points/s, ETA 16.0 s" in out and "failures   : timeout 1" in out
+    hosts = json.loads(cli("status", job.dir.path, "--json").stdout)["hosts"]
+    assert hosts == [{"host": "nodeA", "alive": 2, "busy": 1, "idle": 1, "lost": 0, "pids": [1001, 1002]},
+                     {"host": "nodeB", "alive": 1, "busy": 1, "idle": 0, "lost": 1, "pids": [2001]}]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"format": "mpimap-status", "vers', "status.json is damaged (not a mpimap-status file)"),
+    (b"\xff\xfe\x00garbage", "status.json is damaged (not a mpimap-status file)"),
+    (b'{"format": "mpimap-status", "version": 99, "state": "running"}', "upgrade mpimap"),
+    (b'{"format": "mpimap-status", "version": 1, "ranks": []}', "status.json is damaged (not a mpimap-status file"),
+    (b'{"format": "mpimap-status", "version": 1, "state": "running", "updated": 1, "done": "many"}',
+     "status.json is damaged (not a mpimap-status file: done is str, not int)"),
+    (b'{"format": "mpimap-status", "version": 1, "state": "running", "updated": 1, "ranks": [{"rank": 1}]}',
+     "status.json is damaged (not a mpimap-status file"),
+    (None, "status.json is not a regular file"),
+])
+def test_a_damaged_status_file_is_one_line_for_every_read_command(tmp_path, content, message):
+    job = make_job(tmp_path, "d1", np.arange(8.0))
+    if content is None:
+        os.mkfifo(job.dir.status)  # a reader that opened it plainly would block for ever
+    else:
+        with open(job.dir.status, "wb") as f:
+            f.write(content)
+    for command in (["status", job.dir.path], ["attach", job.dir.path], ["ps", job.dir.path],
+                    ["thumbnail", job.dir.path, "-o", str(tmp_path / "t.png")]):
+        proc = cli(*command, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (command, proc.stderr)
+        assert lines[0].startswith("mpimap: error: ")
+
+
+def test_a_damaged_results_file_and_an_unknown_job_are_one_line(tmp_path):
+    job = make_job(tmp_path, "d2", np.arange(8.0))
+    with open(job.dir.results, "r+b") as f:
+        f.truncate(200)
+    for command in (["results", job.dir.path], ["results", job.dir.path, "-o", str(tmp_path / "x.csv")],
+                    ["thumbnail", job.dir.path]):
+        proc = cli(*command, timeout=90)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "is damaged or not an mpimap results file" in lines[0], \
+            proc.stderr
+    assert not os.path.exists(tmp_path / "x.csv")
+    for command in ("status", "attach", "results", "thumbnail", "ps"):
+        proc = cli(command, str(tmp_path / "no-such-job"), timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "no-such-job" in lines[0], (command, proc.stderr)
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "x.txt"))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"mpimap: error: -o {tmp_path / 'x.txt'}: the extension decides the format; use FILE.csv, FILE.npy or FILE.h5")
+
+
+# ------------------------------------------------------------------------------------------------------------ ps
+
+
+def test_ps_lists_every_process_and_the_idle_ranks(tmp_path, live_session):
+    running = make_job(tmp_path, "p1", np.arange(10.0), run=False)
+    register_batch(running, live_session)
+    ranks = [RankRow(1, "nodeA", 1001, "busy", 1, 3, 0.5, [4, 5, 6, 9]), RankRow(2, "nodeB", 2001, "idle")]
+    write_status(running, state="running", total=10, done=3, pending=7, host="nodeA", pid=1000,
+                 ranks=[r.to_json() for r in ranks])
+    done = make_job(tmp_path, "p2", np.arange(5.0))
+    finished_status(done)
+    proc = cli("ps", running.dir.path, done.dir.path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split() for line in lines[:4]] == [["JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING"],
+                                                    ["p1", "nodeA", "0", "1000", "master", "-"],
+                                                    ["p1", "nodeA", "1", "1001", "busy", "4-6,9"],
+                                                    ["p1", "nodeB", "2", "2001", "idle", "-"]]
+    assert lines[4] == "1 of 2 live worker ranks idle: p1 rank 2 on nodeB"
+    assert lines[5] == "hosts with no busy rank: nodeB"
+    listed = json.loads(cli("ps", running.dir.path, done.dir.path, "--json").stdout)
+    assert [(p["job"], p["rank"], p["pid"], p["state"], p["evaluating"]) for p in listed["processes"]] == [
+        ("p1", 0, 1000, "master", []), ("p1", 1, 1001, "busy", [4, 5, 6, 9]), ("p1", 2, 2001, "idle", [])]
+
+
+# ----------------------------------------------------------------------------------------------------- thumbnail
+
+
+def _image(path):
+    from matplotlib.image import imread
+
+    return imread(path)
+
+
+@pytest.mark.parametrize("points", [np.linspace(0, 1, 60), np.stack(np.meshgrid(np.arange(8.0), np.arange(8.0)),
+                                                                    -1).reshape(-1, 2)], ids=["1-D", "2-D"])
+def test_thumbnail_is_a_real_png_with_a_map(tmp_path, points):
+    function = "jobfuncs:square" if points.ndim == 1 else "jobfuncs:poly"
+    job = make_job(tmp_path, "t1", points, function=function)
+    finished_status(job)
+    out = tmp_path / "progress.png"
+    proc = cli("thumbnail", job.dir.path, "-o", str(out))
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {out} (640x260 pixels)", proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = _image(out)
+    assert image.shape[:2] == (260, 640) and image[..., :3].std() > 0.05  # not blank
+    right = image[:, 330:, :3]  # the map: green for done points
+    green = (right[..., 1] > 0.5) & (right[..., 0] < 0.4) & (right[..., 2] < 0.4)
+    assert green.sum() > 50
+    # the default place, which status then names
+    assert cli("thumbnail", job.dir.path).returncode == 0
+    assert f"thumbnail  : {job.dir.thumbnail} (written " in cli("status", job.dir.path).stdout
+
+
+def test_thumbnail_of_a_queued_job_and_without_matplotlib(tmp_path):
+    job = make_job(tmp_path, "t2", np.arange(10.0), run=False)  # queued: no results, no status yet
+    out = tmp_path / "q.png"
+    assert cli("thumbnail", job.dir.path, "-o", str(out)).returncode == 0
+    image = _image(out)
+    assert image.shape[:2] == (260, 640) and image[..., :3].std() > 0.05
+    script = ("import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.figure'] = None\n"
+              "from mpimap.__main__ import main\n"
+              f"sys.exit(main(['thumbnail', {job.dir.path!r}, '-o', {str(tmp_path / 'n.png')!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "mpimap: error: the thumbnail needs matplotlib: pip install mpimap-hpc[plot]")
+    assert not os.path.exists(tmp_path / "n.png")
+
+
+# -------------------------------------------------------------------------------------------------------- attach
+
+
+def _follow_run(job: Job, run: subprocess.Popen, stop: threading.Event) -> None:
+    """Write the job's status file while ``run`` writes its results, as the running master does; final at the end."""
+    started = time.time()
+    while run.poll() is None and not stop.is_set():
+        if os.path.exists(job.dir.results):
+            try:
+                c = counts(job)
+            except Exception:  # mid-restructure: next time
+                c = None
+            if c:
+                write_status(job, state="running", total=sum(c.values()), done=c["done"], failed=c["failed"],
+                             pending=c["pending"], started=started, host=HOST, pid=run.pid, rate=2.0)
+        time.sleep(0.3)
+    if not stop.is_set():
+        finished_status(job)
+
+
+def _start_slow_run(tmp_path, job: Job) -> subprocess.Popen:
+    (tmp_path / "slowfail.py").write_text(
+        "import time\ndef f(x):\n    time.sleep(0.25)\n    if int(x) % 5 == 3:\n"
+        "        raise ValueError(f'bad point {int(x)}')\n    return 2 * x\n")
+    return subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run",
+                             f"{tmp_path / 'slowfail.py'}:f", "--points", job.dir.points, "--out", job.dir.results,
+                             "--flush-interval", "0"], env={**job_env(), **launcher_env()},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_attach_follows_a_job_to_its_end_and_prints_each_failure(tmp_path):
+    job = make_job(tmp_path, "a1", np.arange(24.0), run=False)
+    run = _start_slow_run(tmp_path, job)
+    stop = threading.Event()
+    writer = threading.Thread(target=_follow_run, args=(job, run, stop))
+    writer.start()
+    try:
+        proc = cli("attach", job.dir.path, "--interval", "0.3", timeout=180)
+    finally:
+        stop.set() if run.poll() is None else None
+        writer.join(timeout=60)
+        kill_job(run)
+        run.wait(timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == f"attached to job a1 ({job.dir.path}); Ctrl-C detaches, the job goes on"
+    failed = [line for line in out if " failed on " in line]
+    # every failure once, whether seen as it happened or counted as earlier at the first look
+    earlier = [int(line.split()[0]) for line in out if "points had failed before" in line]
+    assert len(failed) + sum(earlier) == 5 and len(set(failed)) == len(failed)
+    for line in failed:
+        i = int(line.split()[1])
+        assert i % 5 == 3 and line == f"point {i} failed on {HOST} rank 1: ValueError: bad point {i}"
+    assert f"job a1 done: 19 done, 5 failed of 24" in out
+    assert out[-1].startswith("results: mpimap results ") and job.dir.thumbnail in out[-1]
+
+
+def test_attach_ctrl_c_detaches_and_leaves_the_job_running(tmp_path):
+    job = make_job(tmp_path, "a2", np.arange(60.0), run=False)
+    run = _start_slow_run(tmp_path, job)
+    stop = threading.Event()
+    writer = threading.Thread(target=_follow_run, args=(job, run, stop))
+    writer.start()
+    try:
+        attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", job.dir.path, "--interval", "0.3"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env())
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (os.path.exists(job.dir.status) and job.status().done > 0):
+            time.sleep(0.2)
+        time.sleep(1.0)  # attach has looked at least once
+        attach.send_signal(signal.SIGINT)
+        out, err = attach.communicate(timeout=60)
+        assert attach.returncode == 0, out + err
+        assert out.splitlines()[-1] == "detached; the job goes on" and err == ""
+        assert run.poll() is None  # the job goes on
+        before = job.status().done
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and job.status().done == before:
+            time.sleep(0.2)
+        assert job.status().done > before
+    finally:
+        stop.set()
+        writer.join(timeout=60)
+        kill_job(run)
+        run.wait(timeout=60)
