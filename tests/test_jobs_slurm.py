@@ -194,12 +194,12 @@ def test_pause_then_resume_loses_and_repeats_nothing(user, slurm):
     user("pause", "steady")
     paused = user.wait_state("steady", "paused", timeout=20)
     # In-flight points finish and are stored; then nothing new starts, while the allocation is kept.
-    settled = wait_stable(lambda: len(user.evaluated()), 2, 30, "the paused job's in-flight points finish")
+    settled = wait_stable(lambda: len(user.evaluated()), 3, 30, "the paused job's in-flight points finish")
     assert settled < POINTS, "the job finished before it could be paused: make its points slower"
-    time.sleep(3)
+    wait_for(lambda: user.ls("steady")["done"] == settled, 20, f"ls shows the {settled} points done")
+    assert user.state("steady") == "paused" and paused["batch_id"] == batch_id
+    assert user.squeue(batch_id) == ("RUNNING", "localhost")  # the allocation is kept while paused
     assert len(user.evaluated()) == settled
-    assert user.ls("steady")["state"] == "paused" and paused["batch_id"] == batch_id
-    assert user.squeue(batch_id) == ("RUNNING", "localhost")
 
     user("resume", "steady")
     user.wait_state("steady", "done")
