@@ -143,7 +143,7 @@ class SlurmCluster:
     def _pidfile(self, daemon: str) -> str:
         return os.path.join(self.path, "run", f"{daemon}.pid")
 
-    def _pid(self, daemon: str) -> int | None:
+    def pid(self, daemon: str) -> int | None:
         """The running daemon's pid from its pid file, or None (no file, not running, or the pid now names another program)."""
         try:
             with open(self._pidfile(daemon)) as f:
@@ -162,7 +162,7 @@ class SlurmCluster:
 
     def healthy(self) -> bool:
         """Every daemon runs, and the node takes jobs."""
-        if not os.path.exists(self.conf) or any(self._pid(d) is None for d in DAEMONS):
+        if not os.path.exists(self.conf) or any(self.pid(d) is None for d in DAEMONS):
             return False
         return self.node_state() in ("idle", "mixed", "allocated", "completing")
 
@@ -214,7 +214,7 @@ class SlurmCluster:
 
     def stop(self, grace: float = 10) -> None:
         """Cancel every job, then stop each daemon by its pid file: SIGTERM, SIGKILL after ``grace`` seconds."""
-        if self._pid("slurmctld") is not None:
+        if self.pid("slurmctld") is not None:
             jobs = self.command("squeue", "-h", "-o", "%i", timeout=15, check=False).stdout.split()
             if jobs:
                 self.command("scancel", *jobs, timeout=15, check=False)
@@ -224,7 +224,7 @@ class SlurmCluster:
                         break
                     time.sleep(0.2)
         for daemon in DAEMONS:
-            pid = self._pid(daemon)
+            pid = self.pid(daemon)
             if pid is None:
                 continue
             os.kill(pid, signal.SIGTERM)

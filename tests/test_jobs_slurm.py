@@ -134,6 +134,13 @@ def user(slurm, tmp_path):
             slurm.command("scancel", batch_id, check=False)
 
 
+def test_starting_the_running_test_cluster_again_changes_nothing(slurm):
+    daemons = {d: slurm.pid(d) for d in ("munged", "slurmctld", "slurmd")}
+    assert None not in daemons.values() and slurm.healthy()
+    slurm.start()
+    assert {d: slurm.pid(d) for d in daemons} == daemons
+
+
 def test_a_hand_written_batch_script_runs_mpimap_under_slurm(slurm, tmp_path):
     """The plain way, before the job manager: sbatch a script that runs ``mpiexec -n 2 python -m mpimap run``."""
     pts = points(60)
