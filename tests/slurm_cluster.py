@@ -5,10 +5,11 @@ pid files, the mails it sent); nothing is read from or written to /etc/slurm, /e
 and a machine's own slurm.conf is ignored, because every command gets ``SLURM_CONF`` pointing here.
 Needs root and Debian's ``slurmctld slurmd slurm-client munge`` packages (``.ci/run`` installs them).
 
-Several pytest sessions (other worktrees, a developer's shell) may use the cluster at once: each holds
-a shared lock on ``users`` while it does, and only the last one to leave stops the cluster.
+The directory is ``$MPIMAP_TEST_SLURM_DIR``, default /tmp/mpimap-test-slurm.  Several pytest sessions
+(other worktrees, CI beside a developer) may use the cluster at once: each holds a shared lock on
+``users`` while it does, and only the last one to leave stops the cluster.
 
-From a shell::
+From a shell (a cluster started this way is stopped by the next test session that ends)::
 
     python tests/slurm_cluster.py start      # prints: export SLURM_CONF=...
     python tests/slurm_cluster.py stop
