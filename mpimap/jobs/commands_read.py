@@ -123,7 +123,7 @@ def _progress(look) -> str:
 
 @click.command()
 @click.argument("jobs", nargs=-1, metavar="[JOB]...")
-@click.option("--all-users", is_flag=True, help="Jobs of every user in the registry, not only yours.")
+@click.option("--all-users", is_flag=True, help="Also jobs of other users in ./mpimap-jobs (as `ls --all-users`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the processes as JSON.")
 def ps(jobs, all_users, as_json):
     """Every process of your running jobs (or of JOB...): host, rank, PID, state, the points it evaluates."""

@@ -18,7 +18,6 @@ from ..errors import MpimapError
 from .job import Job, batch_views
 from .records import EXIT_STATUS, FINAL_STATES
 
-
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
 
@@ -28,10 +27,9 @@ class _WithRunOptions(click.Command):
     def get_params(self, ctx):
         if not getattr(self, "_run_options_added", False):
             from ..cli import run
-            from .submit import NOT_RUN_OPTIONS
+            from .submit import JOB_RUN_OPTIONS
 
-            self.params.extend(copy.copy(p) for p in run.params
-                               if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS)
+            self.params.extend(copy.copy(p) for p in run.params if p.name in JOB_RUN_OPTIONS)
             self._run_options_added = True
         return super().get_params(ctx)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -166,12 +165,9 @@ class Job:
         self._send({"command": command, **fields})
 
     def _send(self, command: dict) -> None:
-        line = json.dumps(command) + "\n"
-        fd = os.open(self.dir.control, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines from several senders never interleave
-        finally:
-            os.close(fd)
+        from ..control import send
+
+        send(self.dir.control, command)
 
     def _final_status(self, state: str, message: str) -> None:
         """Record a final state on the master's behalf (it never started, or did not stop)."""
