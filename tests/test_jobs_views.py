@@ -309,6 +309,26 @@ def test_ps_lists_every_process_and_the_idle_ranks(tmp_path, live_session):
         ("p1", 0, 1000, "master", []), ("p1", 1, 1001, "busy", [4, 5, 6, 9]), ("p1", 2, 2001, "idle", [])]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a job directory to another user")
+def test_ps_all_users_adds_running_jobs_of_other_users(tmp_path, live_session):
+    import pwd
+
+    other = pwd.getpwnam("nobody").pw_uid
+    jobs = tmp_path / "mpimap-jobs"
+    jobs.mkdir()
+    theirs = make_job(jobs, "theirs", np.arange(4.0), run=False)
+    register_batch(theirs, live_session)
+    write_status(theirs, state="running", total=4, pending=4, host="nodeC", pid=3000,
+                 ranks=[RankRow(1, "nodeC", 3001, "busy", 1, 0, 0.1, [0]).to_json()])
+    for path in (jobs / "theirs", *(jobs / "theirs").iterdir()):
+        os.chown(path, other, -1)
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"))
+    assert cli("ps", cwd=tmp_path, env=env).stdout.strip() == "no running jobs"
+    listed = json.loads(cli("ps", "--all-users", "--json", cwd=tmp_path, env=env).stdout)["processes"]
+    assert [(p["job"], p["host"], p["rank"], p["pid"]) for p in listed] == [("theirs", "nodeC", 0, 3000),
+                                                                            ("theirs", "nodeC", 1, 3001)]
+
+
 # ----------------------------------------------------------------------------------------------------- thumbnail
 
 
