@@ -279,6 +279,11 @@ def test_a_damaged_results_file_and_an_unknown_job_are_one_line(tmp_path):
         proc = cli(command, str(tmp_path / "no-such-job"), timeout=60)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "no-such-job" in lines[0], (command, proc.stderr)
+    queued = make_job(tmp_path, "q1", np.arange(3.0), run=False)
+    proc = cli("results", queued.dir.path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"mpimap: error: job {queued.dir.path} has no results "
+                                                            f"yet: it has not started (mpimap status "
+                                                            f"{queued.dir.path} tells why)")
     proc = cli("results", job.dir.path, "-o", str(tmp_path / "x.txt"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"mpimap: error: -o {tmp_path / 'x.txt'}: the extension decides the format; use FILE.csv, FILE.npy or FILE.h5")
@@ -400,7 +405,13 @@ def submitted(tmp_path):
 
     submit.env = env
     yield submit
-    doomed = []  # the job's session and its descendants (MPICH starts each rank in a session of its own)
+    kill_sessions(sessions)
+
+
+def kill_sessions(sessions: list[int]) -> None:
+    """kill -9 every process of these sessions and their descendants (MPICH starts each rank in a session of its
+    own)."""
+    doomed = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             if os.getsid(int(entry)) in sessions or set(sessions) & set(ancestors(int(entry))):
@@ -510,3 +521,19 @@ def test_attach_exits_with_the_final_state_of_a_cancelled_job(tmp_path, submitte
         attach.kill()
     assert attach.returncode == 5, out + err
     assert "job dropped cancelled:" in out
+
+
+def test_attach_says_interrupted_when_the_job_dies_without_a_word(tmp_path, submitted):
+    job = submitted("killed", 200)
+    wait_for(lambda: job.status() is not None and job.status().done > 0, 90, "a point done")
+    attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", "killed", "--interval", "0.3"],
+                              cwd=tmp_path, env=submitted.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        time.sleep(1.0)
+        kill_sessions([int(job.batch_id().rpartition(":")[2])])  # kill -9: no final status is written
+        out, err = attach.communicate(timeout=90)
+    finally:
+        attach.kill()
+    assert attach.returncode == 3, out + err
+    assert "job killed interrupted:" in out and job.status().state == "running"
