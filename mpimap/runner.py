@@ -267,26 +267,30 @@ class Runner:
     # -- the control file (the watcher's thread) -----------------------------------
     def apply(self, command: dict) -> None:
         """Carry out one command from the control file: pause, resume, cancel, loglevel."""
+        said = logging.getLogger("mpimap.control").warning  # in the job's log whatever its level
         name = command.get("command")
         if name == "loglevel":
             ranks = command.get("ranks", "all")
             self.pool.set_log_level(command["level"], ranks)
-            logging.getLogger("mpimap.control").warning("log level of %s set to %s", ranks, command["level"])
-        elif name in ("pause", "resume"):
-            if self._cancel.is_set():
-                return
-            self.pool.pause() if name == "pause" else self.pool.resume()
-            if self.status is not None:
-                self.status.set_state("paused" if name == "pause" else "running")
-            logging.getLogger("mpimap.control").warning("%s: %s", name + "d",
-                                                        "no new points are handed out; those being evaluated "
-                                                        "finish" if name == "pause" else "handing out points again")
+            said("log level of %s set to %s", ranks, command["level"])
+        elif name == "pause" and not self._cancel.is_set():
+            self.pool.pause()
+            self._report("paused")
+            said("paused: no new points are handed out; those being evaluated finish")
+        elif name == "resume" and not self._cancel.is_set():
+            self.pool.resume()
+            self._report("running")
+            said("resumed: handing out points again")
         elif name == "cancel":
-            logging.getLogger("mpimap.control").warning("cancel: stopping; points being evaluated are abandoned")
+            said("cancel: stopping; points being evaluated are abandoned")
             self._cancel.set()
             self.pool.cancel_all()
-        else:
+        elif name not in ("pause", "resume"):
             raise ValueError(f"unknown command {name!r}")
+
+    def _report(self, state: str) -> None:
+        if self.status is not None:
+            self.status.set_state(state)
 
     # -- a job's status file and notifications ----------------------------------------
     def _start_job(self, counts: dict, todo):

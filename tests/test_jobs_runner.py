@@ -155,10 +155,13 @@ def test_cancel_while_running_stops_with_status_5_and_keeps_the_results(tmp_path
     proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
     jobs.append(proc)
     wait_status(job, lambda s: s.done >= 10, proc=proc)
+    with open(job.control, "a") as f:
+        f.write('not json\n{"command": "explode"}\n')  # ignored, with a line in the job's log each
     send(job.control, {"command": "cancel"})
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 5, err
-    assert "cancelled" in without_launcher_report(err)
+    assert "cancelled through the control file" in without_launcher_report(err)
+    assert "ignored control command b'not json'" in err and "unknown command 'explode'" in err
     r = read_results(job.results)
     assert r["attrs"]["state"] == "cancelled"
     done = r["status"] == "done"
