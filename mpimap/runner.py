@@ -101,9 +101,6 @@ class RunOptions:
                     debug_rerun=self.debug_rerun, verify=self.verify)
 
 
-RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
-
-
 @dataclass
 class Outcome:
     """How a run ended: the state stored in the results file, a summary to show, the exit status."""
@@ -146,7 +143,7 @@ def run_job(job_dir: str) -> Outcome:
     if not isinstance(spec.function, str) or ":" not in spec.function:
         raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
     options = RunOptions.from_json(spec.run_options, jobdir.spec)
-    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, job=(jobdir, spec))
+    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec)
     try:
         return runner.run()
     except BaseException as exc:
@@ -160,12 +157,13 @@ def run_job(job_dir: str) -> Outcome:
 
 
 class Runner:
-    """One run of a map into a results file; ``job`` (its JobDir and JobSpec) adds status.json and notifications."""
+    """One run of a map into a results file; a job's (``jobdir``, ``spec``) adds status.json and notifications."""
 
-    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, job=None):
+    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, *,
+                 jobdir=None, spec=None):
         self.function, self.points_spec, self.out, self.options = function, points, out, options
         self.control = control
-        self.job = job
+        self.jobdir, self.spec = jobdir, spec
         self.pool = None
         self.status = None  # the StatusWriter of a job
         self._cancel = threading.Event()
@@ -198,12 +196,12 @@ class Runner:
             except BaseException:
                 store.close("failed")
                 raise
-        state, message = "failed", ""
-        announced = self._start_job(counts, todo)
+        state, message, announced = "failed", "", None
         old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=o.progress)
         per_rank: Counter = Counter()
         try:
+            announced = self._start_job(counts, todo)
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
                           host_failures=o.host_failures or None) as pool:
@@ -296,12 +294,12 @@ class Runner:
     def _start_job(self, counts: dict, todo):
         """Start the status writer and send the start notifications (in a thread: a slow hook must not hold the
         job up); return that thread, or None for a plain run."""
-        if self.job is None:
+        if self.jobdir is None:
             return None
         from .jobs.notify import Event, notify
         from .jobs.status import StatusWriter, Tally, rank_rows
 
-        jobdir, spec = self.job
+        jobdir, spec = self.jobdir, self.spec
         tally = Tally.from_counts(counts, retry_failed=self.options.retry_failed)
         self.status = StatusWriter(jobdir.status, tally,
                                    lambda: rank_rows(self.pool.status(), lambda a, b: todo[a:b]) if self.pool else [])
@@ -321,7 +319,7 @@ class Runner:
             return
         from .jobs.notify import Event, TIMEOUT, notify
 
-        jobdir, spec = self.job
+        jobdir, spec = self.jobdir, self.spec
         job_state = JOB_STATE[state]
         self.status.finish(job_state, message)
         if announced is not None:
