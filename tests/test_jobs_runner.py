@@ -345,3 +345,20 @@ def test_a_second_start_of_a_running_job_leaves_its_status_alone(tmp_path, jobs)
     assert Job(job.path).status().state == "running"
     send(job.control, {"command": "cancel"})
     proc.communicate(timeout=120)
+
+
+def test_pool_pause_holds_back_work_until_resume(run_script):
+    out = run_script("""
+import time
+from mpimap import Pool
+
+if __name__ == "__main__":
+    with Pool(rank_timeout=3) as pool:
+        pool.pause()
+        futures = [pool.submit(abs, -i) for i in range(20)]
+        time.sleep(4)  # longer than rank_timeout: idle ranks are not silent ones
+        print("while paused:", pool.paused, sum(f.done() for f in futures), [r["lost"] for r in pool.status()])
+        pool.resume()
+        print("resumed:", pool.paused, [f.result(timeout=60) for f in futures] == list(range(20)))
+""")
+    assert "while paused: True 0 [False, False]" in out and "resumed: False True" in out
