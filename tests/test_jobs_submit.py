@@ -389,6 +389,14 @@ def test_ls_all_users_adds_the_jobs_of_others_found_in_the_scanned_directories(w
     assert "USER" in mpimap(where, "ls", "--all-users").stdout.splitlines()[0]
 
 
+def test_ps_without_a_job_lists_the_registered_jobs(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "quiet",
+                  "--template", sleeper(where)).returncode == 0
+    for args in (("ps",), ("ps", "--all-users")):
+        proc = mpimap(where, *args)
+        assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "no running jobs", "")  # none reports yet
+
+
 def test_the_python_api_submits_and_its_job_reports_state(where):
     import mpimap.jobs
 

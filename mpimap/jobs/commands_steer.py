@@ -16,11 +16,7 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import FINAL_STATES
-
-# How `submit --wait` exits for each final state (as `mpimap run` would have).
-EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
-
+from .records import EXIT_STATUS, FINAL_STATES
 
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
@@ -31,10 +27,9 @@ class _WithRunOptions(click.Command):
     def get_params(self, ctx):
         if not getattr(self, "_run_options_added", False):
             from ..cli import run
-            from .submit import NOT_RUN_OPTIONS
+            from .submit import JOB_RUN_OPTIONS
 
-            self.params.extend(copy.copy(p) for p in run.params
-                               if isinstance(p, click.Option) and p.name not in NOT_RUN_OPTIONS)
+            self.params.extend(copy.copy(p) for p in run.params if p.name in JOB_RUN_OPTIONS)
             self._run_options_added = True
         return super().get_params(ctx)
 
@@ -97,19 +92,11 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
               help="Also look for job directories in DIR (and register yours): rebuilds a lost registry.")
 def ls(all_users, as_json, scan):
     """List your jobs: name, state, points done/failed/total, batch id, started, last heard."""
-    from .registry import DEFAULT_SCAN, Registry, scan_dirs
+    from .registry import job_paths
 
-    registry = Registry()
-    if not registry.exists():
-        registry.rebuild([DEFAULT_SCAN, *scan])
-    elif scan:
-        registry.rebuild(list(scan))
-    paths = [p for p in registry.jobs().values() if os.path.isdir(p)]
-    if all_users:
-        paths += [p for p in scan_dirs([DEFAULT_SCAN, *scan]) if os.stat(p).st_uid != os.getuid()]
     rows, bad = [], []
     jobs = []
-    for path in paths:
+    for path in job_paths(all_users, scan):
         job = Job(path)
         try:
             job.spec(), job.submissions()  # readable, or named below (batch_views reads both)

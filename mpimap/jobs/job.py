@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -93,6 +92,12 @@ class Job:
             return "interrupted" if view.state == "gone" else status.state
         return {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
 
+    def results(self, as_frame: bool | None = None):
+        """The results so far, in point order: :func:`mpimap.load` of this job."""
+        from ..results import load
+
+        return load(self.dir.path, as_frame)
+
     def wait(self, poll: float = 2.0) -> str:
         """Block until the job has ended; return its final state."""
         while True:
@@ -153,12 +158,9 @@ class Job:
         self._send({"command": command, **fields})
 
     def _send(self, command: dict) -> None:
-        line = json.dumps(command) + "\n"
-        fd = os.open(self.dir.control, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines from several senders never interleave
-        finally:
-            os.close(fd)
+        from ..control import send
+
+        send(self.dir.control, command)
 
     def _final_status(self, state: str, message: str) -> None:
         """Record a final state on the master's behalf (it never started, or did not stop)."""

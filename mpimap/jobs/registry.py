@@ -125,3 +125,17 @@ def scan_dirs(directories: list[str]) -> list[str]:
                 if os.path.isfile(os.path.join(path, "job.json")):
                     found.append(path)
     return found
+
+
+def job_paths(all_users: bool = False, scan=()) -> list[str]:
+    """The directories of your registered jobs (the registry rebuilt from ``./mpimap-jobs`` and ``scan`` if lost,
+    and ``scan`` registered); with ``all_users`` also other users' jobs found in those directories."""
+    registry = Registry()
+    if not registry.exists():
+        registry.rebuild([DEFAULT_SCAN, *scan])
+    elif scan:
+        registry.rebuild(list(scan))
+    paths = [p for p in registry.jobs().values() if os.path.isdir(p)]
+    if all_users:
+        paths += [p for p in scan_dirs([DEFAULT_SCAN, *scan]) if os.stat(p).st_uid != os.getuid()]
+    return paths

@@ -14,12 +14,14 @@ import shlex
 import shutil
 import socket
 import sys
+import sysconfig
 import time
 
 import numpy as np
 
 from .. import __version__
 from ..errors import MpimapError
+from ..runner import RUN_OPTIONS, RunOptions
 from . import files
 from .batch import jobscripts_dir, scheduler as find_scheduler
 from .job import Job
@@ -67,7 +69,7 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
         name=name, function=fn.spec, points_source=source, run_options=dict(run_options), resources=resources,
         scheduler=batch.name, env_setup=env_setup or "", template=template, notify_command=notify_command,
         notify_email=notify_email, workdir=workdir, python=sys.executable,
-        environment={"PYTHONPATH": os.pathsep.join(p for p in (workdir, os.environ.get("PYTHONPATH")) if p)},
+        environment={"PYTHONPATH": _python_path(fn.spec, workdir)},
         user=getpass.getuser(), created=time.time(), mpimap_version=__version__)
     script = render(template, batch, spec, job_dir)
     if dry_run:
@@ -156,17 +158,40 @@ def _function_spec(function) -> str:
     return f"{module}:{qualname}"
 
 
+def _python_path(function: str, workdir: str) -> str:
+    """PYTHONPATH for the job: the submit directory, where the function's module was found, the caller's own.
+
+    The module may have been importable here through ``sys.path`` alone (a
+    script's directory, a test runner's); the job gets that directory too.
+    """
+    paths = [workdir]
+    module = function.rpartition(":")[0]
+    top = sys.modules.get(module.split(".")[0]) if not module.endswith(".py") else None
+    where = getattr(top, "__file__", None)
+    if where:
+        root = os.path.dirname(os.path.abspath(where))
+        if os.path.basename(where) == "__init__.py":
+            root = os.path.dirname(root)
+        installed = {os.path.realpath(p) for p in sysconfig.get_paths().values()}
+        if os.path.realpath(root) not in installed:
+            paths.append(root)
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
 def _check_run_options(options: dict) -> None:
-    from ..cli import run  # `run`'s parameters are the run options
-
-    known = {p.name for p in run.params} - set(NOT_RUN_OPTIONS)
-    unknown = sorted(set(options) - known)
+    """Unknown names and bad values of run options: one line, before anything is created."""
+    unknown = sorted(set(options) - set(JOB_RUN_OPTIONS))
     if unknown:
-        raise MpimapError(f"unknown run option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        raise MpimapError(f"unknown run option {unknown[0]!r}; known: {', '.join(JOB_RUN_OPTIONS)}")
+    problem = RunOptions(**options).problem()
+    if problem:
+        raise MpimapError(problem)
 
 
-# `run` parameters a job does not take from its spec: the job directory gives them, or they make no sense detached.
-NOT_RUN_OPTIONS = ("function", "points_spec", "out", "job", "fresh", "retry_failed", "progress")
+# `run`'s options a job takes from its spec; not fresh, retry_failed or progress, which mean nothing to a new job
+# that runs detached.
+JOB_RUN_OPTIONS = tuple(name for name in RUN_OPTIONS if name not in ("fresh", "retry_failed", "progress"))
 
 
 def _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail) -> Resources:
