@@ -101,6 +101,9 @@ class RunOptions:
                     debug_rerun=self.debug_rerun, verify=self.verify)
 
 
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))  # what run_options of a job spec may hold
+
+
 @dataclass
 class Outcome:
     """How a run ended: the state stored in the results file, a summary to show, the exit status."""
