@@ -28,7 +28,7 @@ def cli():
 @click.option("--points", "points_spec", metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET.")
 @click.option("--out", metavar="RESULTS.h5", help="Results file; an existing one of the same job is resumed.")
-@click.option("--job", "job_dir", metavar="DIR",
+@click.option("--job", metavar="DIR",
               help="Run the submitted job in DIR: function, points, results file and every option from DIR/job.json.")
 @click.option("--chunksize", type=click.IntRange(min=1), default=None,
               help="Points per message (default: chosen from the measured cost of a point).")
@@ -69,7 +69,7 @@ def cli():
               help="Warn when a live rank returns nothing for this long.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
-def run(function, points_spec, out, job_dir, **options):
+def run(function, points_spec, out, job, **options):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 
     Exit status: 0 done, 2 bad input, 3 interrupted (SIGTERM, Ctrl-C; run again to resume),
@@ -78,7 +78,7 @@ def run(function, points_spec, out, job_dir, **options):
     from . import runner
 
     named = (("FUNCTION", function), ("--points", points_spec), ("--out", out))
-    if job_dir is not None:
+    if job is not None:
         context = click.get_current_context()
         given = [name for name, value in named if value is not None]
         given += ["--" + name.replace("_", "-") for name in options
@@ -86,7 +86,7 @@ def run(function, points_spec, out, job_dir, **options):
         if given:
             raise MpimapError(f"--job takes the function, points, results file and every option from DIR/job.json: "
                               f"leave out {', '.join(given)}")
-        outcome = runner.run_job(job_dir)
+        outcome = runner.run_job(job)
     else:
         missing = [name for name, value in named if value is None]
         if missing:

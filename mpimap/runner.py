@@ -146,7 +146,17 @@ def run_job(job_dir: str) -> Outcome:
     if not isinstance(spec.function, str) or ":" not in spec.function:
         raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
     options = RunOptions.from_json(spec.run_options, jobdir.spec)
-    return Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, job=(jobdir, spec)).run()
+    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, job=(jobdir, spec))
+    try:
+        return runner.run()
+    except BaseException as exc:
+        # It failed before its first report (bad points, say): say so, unless another run of the job holds the
+        # results file and reports for it.
+        if runner.status is None and not _locked_elsewhere(jobdir.results):
+            from .jobs.status import StatusWriter, Tally
+
+            StatusWriter(jobdir.status, Tally(0)).finish("failed", str(exc) or type(exc).__name__)
+        raise
 
 
 class Runner:
@@ -316,6 +326,20 @@ class Runner:
             t = self.status.tally
             notify(Event(spec.name, "end", job_state, jobdir.path, t.done, t.failed, t.total, message),
                    spec.notify_command, spec.notify_email)
+
+
+def _locked_elsewhere(results: str) -> bool:
+    """Whether a running job holds the lock of ``results`` (a lock file left by a kill is not held)."""
+    import fcntl
+
+    try:
+        with open(f"{results}.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return False
 
 
 def _store_verification(store, todo, verification) -> None:

@@ -322,3 +322,23 @@ def test_status_history_is_thinned_to_a_bounded_size(tmp_path):
     assert HISTORY_LIMIT // 2 <= len(samples) <= HISTORY_LIMIT
     assert samples[0][1] == 1 and samples[-1][1] == 3 * HISTORY_LIMIT  # the first and the newest kept
     assert [s[1] for s in samples] == sorted(s[1] for s in samples)
+
+
+def test_a_job_that_cannot_start_reports_failed_with_the_reason(tmp_path):
+    job = make_job(tmp_path, "jobfuncs:no_such_function", np.arange(5.0))
+    status, err = one_line("run", "--job", job.path, cwd=tmp_path)
+    assert status == 2 and err.count("\n") == 1 and "no_such_function" in err, err
+    final = Job(job.path).status()
+    assert final.state == "failed" and "no_such_function" in final.message and final.ended is not None
+
+
+def test_a_second_start_of_a_running_job_leaves_its_status_alone(tmp_path, jobs):
+    job = make_job(tmp_path, "jobfuncs:record", record_points(300), run_options={"chunksize": 1})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    wait_status(job, lambda s: s.done >= 2, proc=proc)
+    status, err = one_line("run", "--job", job.path, cwd=tmp_path)
+    assert status == 2 and "being written by another running job" in err, err
+    assert Job(job.path).status().state == "running"
+    send(job.control, {"command": "cancel"})
+    proc.communicate(timeout=120)
