@@ -23,9 +23,9 @@ def results_path(source: str) -> str:
     """The results file of a job (its name or directory), or ``source`` itself if it is a results file."""
     if os.path.isfile(source) or (source.endswith(".h5") and not os.path.isdir(source)):
         return source
-    from .jobs.views import open_job
+    from .jobs.job import Job
 
-    job = open_job(source)
+    job = Job.open(source)
     if not os.path.exists(job.dir.results):
         raise MpimapError(f"job {source} has no results yet: it has not started "
                           f"(mpimap status {source} tells why)")

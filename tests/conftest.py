@@ -111,3 +111,22 @@ def freed(ref, seconds: float = 10.0) -> bool:
         gc.collect()
         time.sleep(0.01)
     return ref() is None
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real single-node Slurm on localhost for the session (tests/slurm_cluster.py), with SLURM_CONF set for every subprocess.
+
+    Skipped where Slurm is not installed, except in CI (``.ci/run`` sets MPIMAP_CI=1 and installs it), where that fails.
+    """
+    from slurm_cluster import SlurmCluster, missing
+
+    why = missing()
+    if why and os.environ.get("MPIMAP_CI"):
+        pytest.fail(f"CI must run the Slurm tests, but {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
+    with SlurmCluster().session() as cluster:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("SLURM_CONF", cluster.conf)
+            yield cluster

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -30,10 +29,10 @@ from mpimap.store import read_results
 HOST = socket.gethostname()
 
 
-def cli(*args, timeout=120, **kwargs):
+def cli(*args, timeout=120, env=None, **kwargs):
     """``python -m mpimap ARGS`` (no MPI: the read commands never need it)."""
     return subprocess.run([sys.executable, "-m", "mpimap", *args], capture_output=True, text=True,
-                          timeout=timeout, env=job_env(), **kwargs)
+                          timeout=timeout, env=env or job_env(), **kwargs)
 
 
 def make_job(root, name: str, points: np.ndarray, function: str = "jobfuncs:fail_on_multiples_of_7",
@@ -161,6 +160,7 @@ def test_load_with_and_without_pandas(tmp_path):
     assert frame.index.name == "index" and list(frame.index) == list(range(12))
     assert frame.loc[8, "y0"] == 8.5 and frame.loc[7, "status"] == "failed"
     assert mpimap.load(job.dir.results, as_frame=False)["status"].tolist() == list(data["status"])  # a results file
+    assert job.results(as_frame=False)["status"].tolist() == list(data["status"])  # the Job API
     # without pandas: the dict by default, one line when pandas is insisted on
     script = ("import sys; sys.modules['pandas'] = None\nimport mpimap\n"
               f"r = mpimap.load({job.dir.path!r}); print(type(r).__name__, sorted(r))\n"
@@ -231,7 +231,8 @@ def test_status_of_a_running_job_shows_ranks_per_host_with_pids(tmp_path, live_s
     assert "ranks      : 3 alive, 2 busy, 1 idle on 2 host(s)" in out
     assert "    nodeA: 2 alive (1 busy, 1 idle), pids 1001 1002" in out
     assert "    nodeB: 1 alive (1 busy, 0 idle, 1 lost), pids 2001" in out
-    assert "rate       : 0.25 points/s, ETA 16.0 s" in out and "failures   : timeout 1" in out
+    assert "[##############----------] 6/10 points, 1 failed, 0.25 points/s, ETA 0:00:16" in out
+    assert "failures   : timeout 1" in out
     hosts = json.loads(cli("status", job.dir.path, "--json").stdout)["hosts"]
     assert hosts == [{"host": "nodeA", "alive": 2, "busy": 1, "idle": 1, "lost": 0, "pids": [1001, 1002]},
                      {"host": "nodeB", "alive": 1, "busy": 1, "idle": 0, "lost": 1, "pids": [2001]}]
@@ -352,88 +353,140 @@ def test_thumbnail_of_a_queued_job_and_without_matplotlib(tmp_path):
     assert not os.path.exists(tmp_path / "n.png")
 
 
-# -------------------------------------------------------------------------------------------------------- attach
+# ---------------------------------------------------------------------------- a really running job (local scheduler)
 
 
-def _follow_run(job: Job, run: subprocess.Popen, stop: threading.Event) -> None:
-    """Write the job's status file while ``run`` writes its results, as the running master does; final at the end."""
-    started = time.time()
-    while run.poll() is None and not stop.is_set():
-        if os.path.exists(job.dir.results):
-            try:
-                c = counts(job)
-            except Exception:  # mid-restructure: next time
-                c = None
-            if c:
-                write_status(job, state="running", total=sum(c.values()), done=c["done"], failed=c["failed"],
-                             pending=c["pending"], started=started, host=HOST, pid=run.pid, rate=2.0)
-        time.sleep(0.3)
-    if not stop.is_set():
-        finished_status(job)
+SLOW_FAILING = ("import time\ndef f(x):\n    time.sleep({sleep})\n    if int(x) % 5 == 3:\n"
+                "        raise ValueError(f'bad point {{int(x)}}')\n    return 2 * x\n")
 
 
-def _start_slow_run(tmp_path, job: Job) -> subprocess.Popen:
-    (tmp_path / "slowfail.py").write_text(
-        "import time\ndef f(x):\n    time.sleep(0.25)\n    if int(x) % 5 == 3:\n"
-        "        raise ValueError(f'bad point {int(x)}')\n    return 2 * x\n")
-    return subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run",
-                             f"{tmp_path / 'slowfail.py'}:f", "--points", job.dir.points, "--out", job.dir.results,
-                             "--flush-interval", "0"], env={**job_env(), **launcher_env()},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.fixture
+def submitted(tmp_path):
+    """``submit(name, npoints, sleep)``: a real job submitted with ``mpimap submit --scheduler local`` (2 ranks)
+    from tmp_path, with an mpimap home of its own; every process of its session is killed afterwards."""
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"))
+    sessions = []
+
+    def submit(name: str, npoints: int, sleep: float = 0.25) -> Job:
+        (tmp_path / f"{name}.py").write_text(SLOW_FAILING.format(sleep=sleep))
+        np.save(tmp_path / f"{name}.npy", np.arange(float(npoints)))
+        proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", f"{name}.py:f", "--points", f"{name}.npy",
+                               "--scheduler", "local", "--ranks", "2", "--name", name], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        job = Job(str(tmp_path / "mpimap-jobs" / name))
+        sessions.append(int(job.batch_id().rpartition(":")[2]))
+        return job
+
+    submit.env = env
+    yield submit
+    doomed = []  # the job's session and its descendants (MPICH starts each rank in a session of its own)
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(entry)) in sessions or set(sessions) & set(ancestors(int(entry))):
+                doomed.append(int(entry))
+        except OSError:
+            pass
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
-def test_attach_follows_a_job_to_its_end_and_prints_each_failure(tmp_path):
-    job = make_job(tmp_path, "a1", np.arange(24.0), run=False)
-    run = _start_slow_run(tmp_path, job)
-    stop = threading.Event()
-    writer = threading.Thread(target=_follow_run, args=(job, run, stop))
-    writer.start()
-    try:
-        proc = cli("attach", job.dir.path, "--interval", "0.3", timeout=180)
-    finally:
-        stop.set() if run.poll() is None else None
-        writer.join(timeout=60)
-        kill_job(run)
-        run.wait(timeout=60)
+def ancestors(pid: int) -> list[int]:
+    found = []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rpartition(")")[2].split()[1])
+        found.append(pid)
+    return found
+
+
+def wait_for(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    pytest.fail(f"waited {seconds} s for {what}")
+
+
+def test_status_and_ps_of_a_running_job_name_its_real_processes(tmp_path, submitted):
+    job = submitted("live", 200, sleep=0.3)
+    wait_for(lambda: job.status() is not None and job.status().done >= 2, 90, "2 points done")
+    report = json.loads(cli("status", "live", "--json", cwd=tmp_path, env=submitted.env).stdout)
+    assert report["state"] == "running" and report["batch"]["state"] == "running"
+    assert report["status"]["total"] == 200 and report["hosts"][0]["alive"] == 1
+    listed = json.loads(cli("ps", "--json", cwd=tmp_path, env=submitted.env).stdout)["processes"]
+    assert [(p["job"], p["rank"], p["state"] in ("master", "busy", "idle")) for p in listed] == [
+        ("live", 0, True), ("live", 1, True)]
+    for p in listed:  # real processes of this job: descendants of its batch id's process
+        assert int(job.batch_id().rpartition(":")[2]) in ancestors(p["pid"])
+        assert "mpimap" in open(f"/proc/{p['pid']}/cmdline").read()
+    assert listed[1]["pid"] == report["hosts"][0]["pids"][0]
+    text = cli("ps", cwd=tmp_path, env=submitted.env).stdout
+    assert text.splitlines()[0].split() == ["JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING"]
+    assert f"live  {HOST}" in text and "live worker ranks idle" in text
+
+
+def test_attach_follows_a_job_to_its_end_and_prints_each_failure(tmp_path, submitted):
+    job = submitted("followed", 30)
+    proc = cli("attach", "followed", "--interval", "0.3", cwd=tmp_path, env=submitted.env, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout.splitlines()
-    assert out[0] == f"attached to job a1 ({job.dir.path}); Ctrl-C detaches, the job goes on"
+    assert out[0] == f"attached to job followed ({job.dir.path}); Ctrl-C detaches, the job goes on"
     failed = [line for line in out if " failed on " in line]
-    # every failure once, whether seen as it happened or counted as earlier at the first look
+    # every failure once: listed as it happened, or counted if it was there at the first look
     earlier = [int(line.split()[0]) for line in out if "points had failed before" in line]
-    assert len(failed) + sum(earlier) == 5 and len(set(failed)) == len(failed)
+    assert len(failed) + sum(earlier) == 6 and len(set(failed)) == len(failed) and len(failed) >= 3
     for line in failed:
         i = int(line.split()[1])
         assert i % 5 == 3 and line == f"point {i} failed on {HOST} rank 1: ValueError: bad point {i}"
-    assert f"job a1 done: 19 done, 5 failed of 24" in out
-    assert out[-1].startswith("results: mpimap results ") and job.dir.thumbnail in out[-1]
+    assert "job followed done: 24 done, 6 failed of 30" in out
+    assert out[-1].startswith("results: mpimap results followed") and job.dir.thumbnail in out[-1]
+    assert job.state() == "done"
+    assert cli("results", "followed", "-o", "f.csv", cwd=tmp_path, env=submitted.env).returncode == 0  # by its name
+    rows = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(30))
+    assert all((r["status"], r["y0"]) == (("failed", "") if i % 5 == 3 else ("done", str(2.0 * i)))
+               for i, r in enumerate(rows))
+    assert len(job.status().history) >= 2  # the master's samples: the thumbnail draws them
+    assert cli("thumbnail", "followed", cwd=tmp_path, env=submitted.env).returncode == 0
+    assert _image(job.dir.thumbnail)[..., :3].std() > 0.05
 
 
-def test_attach_ctrl_c_detaches_and_leaves_the_job_running(tmp_path):
-    job = make_job(tmp_path, "a2", np.arange(60.0), run=False)
-    run = _start_slow_run(tmp_path, job)
-    stop = threading.Event()
-    writer = threading.Thread(target=_follow_run, args=(job, run, stop))
-    writer.start()
+def test_attach_ctrl_c_detaches_and_leaves_the_job_running(tmp_path, submitted):
+    job = submitted("watched", 200)
+    attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", "watched", "--interval", "0.3"],
+                              cwd=tmp_path, env=submitted.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     try:
-        attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", job.dir.path, "--interval", "0.3"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env())
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (os.path.exists(job.dir.status) and job.status().done > 0):
-            time.sleep(0.2)
+        wait_for(lambda: job.status() is not None and job.status().done > 0, 90, "a point done")
         time.sleep(1.0)  # attach has looked at least once
         attach.send_signal(signal.SIGINT)
         out, err = attach.communicate(timeout=60)
-        assert attach.returncode == 0, out + err
-        assert out.splitlines()[-1] == "detached; the job goes on" and err == ""
-        assert run.poll() is None  # the job goes on
-        before = job.status().done
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and job.status().done == before:
-            time.sleep(0.2)
-        assert job.status().done > before
     finally:
-        stop.set()
-        writer.join(timeout=60)
-        kill_job(run)
-        run.wait(timeout=60)
+        attach.kill()
+    assert attach.returncode == 0 and err == "", out + err
+    assert "running: [" in out and out.splitlines()[-1] == "detached; the job goes on"
+    before = job.status().done
+    assert job.state() == "running" and not os.path.exists(job.dir.control)  # nothing was sent to it
+    wait_for(lambda: job.status().done > before, 60, "the job to go on")
+
+
+def test_attach_exits_with_the_final_state_of_a_cancelled_job(tmp_path, submitted):
+    job = submitted("dropped", 200)
+    wait_for(lambda: job.status() is not None and job.status().done > 0, 90, "a point done")
+    attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", "dropped", "--interval", "0.3"],
+                              cwd=tmp_path, env=submitted.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        cancel = cli("cancel", "dropped", cwd=tmp_path, env=submitted.env)
+        assert cancel.returncode == 0, cancel.stderr
+        out, err = attach.communicate(timeout=90)
+    finally:
+        attach.kill()
+    assert attach.returncode == 5, out + err
+    assert "job dropped cancelled:" in out

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import MpimapError
 from ..progress import bar_line
 from ..watchdog import bounded_read
-from .views import StatusReport, idle_summary, open_job, processes, ps_table
+from .job import Job, batch_views
+from .views import StatusReport, idle_summary, processes, ps_table
 
 FORMATS = (".csv", ".npy", ".h5", ".hdf5")
 
@@ -59,7 +60,7 @@ def _plain(value):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def status(job, as_json):
     """Progress, rate, ETA, ranks per host, failures by kind and the batch system's view of JOB."""
-    report = StatusReport.of(open_job(job))
+    report = StatusReport.of(Job.open(job))
     if as_json:
         _json(report.to_json())
     else:
@@ -76,9 +77,10 @@ def attach(job, interval):
     Exit status: 0 when the job ended done, 1 failed, 3 interrupted, 5 cancelled.
     """
     from ..store import READ_FIX
-    from .follow import EXIT_STATUS, Follower
+    from .follow import Follower
+    from .records import EXIT_STATUS
 
-    the_job = open_job(job)
+    the_job = Job.open(job)
     follower = Follower(the_job)
     redraw = sys.stdout.isatty()
     click.echo(f"attached to job {the_job.name} ({the_job.dir.path}); Ctrl-C detaches, the job goes on")
@@ -125,12 +127,20 @@ def _progress(look) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the processes as JSON.")
 def ps(jobs, all_users, as_json):
     """Every process of your running jobs (or of JOB...): host, rank, PID, state, the points it evaluates."""
-    found = [open_job(j) for j in jobs] if jobs else _registered_jobs(all_users)
-    rows, unreadable = [], []
+    from .registry import job_paths
+
+    rows, unreadable, found = [], [], []
+    for job in [Job.open(j) for j in jobs] if jobs else [Job(p) for p in job_paths(all_users)]:
+        try:
+            job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
+            found.append(job)
+        except MpimapError as exc:  # one damaged job does not hide the others
+            unreadable.append(str(exc))
+    views = batch_views(found)  # one query to each batch system for all jobs
     for job in found:
         try:
-            rows += processes(job)
-        except MpimapError as exc:  # one damaged job does not hide the others
+            rows += processes(job, views[job.dir.path])
+        except MpimapError as exc:
             unreadable.append(str(exc))
     if as_json:
         _json({"processes": [r.to_json() for r in rows], "unreadable": unreadable})
@@ -144,14 +154,6 @@ def ps(jobs, all_users, as_json):
             click.echo(f"mpimap: error: {text}", err=True)
     if unreadable:
         sys.exit(2)
-
-
-def _registered_jobs(all_users: bool) -> list:
-    """The jobs `ls` lists (the user's registered ones; with all_users, others' found where jobs are kept)."""
-    from .job import Job
-    from .registry import listed_jobs
-
-    return [Job(path) for path in listed_jobs(all_users)]
 
 
 @click.command()
@@ -213,7 +215,7 @@ def thumbnail(job, out):
     from ..store import READ_FIX
     from .thumbnail import read_points_and_status, render
 
-    the_job = open_job(job)
+    the_job = Job.open(job)
     out = out or the_job.dir.thumbnail
     with bounded_read(the_job.dir.results, READ_FIX):
         found = read_points_and_status(the_job)

@@ -16,7 +16,7 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import FINAL_STATES
+from .records import EXIT_STATUS, FINAL_STATES
 
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
@@ -80,8 +80,6 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         return
     click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
     if wait:
-        from .follow import EXIT_STATUS  # as `attach` exits
-
         state = result.wait()
         click.echo(f"job {result.name} {state}")
         sys.exit(EXIT_STATUS[state])
@@ -94,12 +92,11 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
               help="Also look for job directories in DIR (and register yours): rebuilds a lost registry.")
 def ls(all_users, as_json, scan):
     """List your jobs: name, state, points done/failed/total, batch id, started, last heard."""
-    from .registry import listed_jobs
+    from .registry import job_paths
 
-    paths = listed_jobs(all_users, scan)
     rows, bad = [], []
     jobs = []
-    for path in paths:
+    for path in job_paths(all_users, scan):
         job = Job(path)
         try:
             job.spec(), job.submissions()  # readable, or named below (batch_views reads both)

@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,12 +18,10 @@ from ..errors import MpimapError
 from ..results import FAILED
 from .job import Job
 from .records import FINAL_STATES, JobStatus
-from .views import job_state, read_status
-
-EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
-"""attach's exit status for the state the job ended in (those of ``mpimap run`` where they exist)."""
+from .views import read_status
 
 UNREADABLE_LOOKS = 10  # consecutive failed reads of the results file before following gives up
+BATCH_EVERY = 10.0  # seconds between questions to the batch system (squeue): the status file is read every look
 
 
 @dataclass
@@ -63,11 +62,14 @@ class Follower:
         self._reported: set = set()
         self._signature = None       # (mtime, size) of the results file at the last read
         self._unreadable = 0
+        self._view = None
+        self._asked = 0.0
 
     def look(self) -> Look:
         status = read_status(self.job)
-        state = job_state(self.job, status)
-        return Look(state, status, self._new_failures())
+        if self._view is None or time.monotonic() - self._asked > BATCH_EVERY:
+            self._view, self._asked = self.job.batch_view(), time.monotonic()
+        return Look(self.job.state(self._view), status, self._new_failures())
 
     def _new_failures(self) -> list:
         from ..store import read_results

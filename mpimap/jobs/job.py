@@ -93,6 +93,12 @@ class Job:
             return "interrupted" if view.state == "gone" else status.state
         return {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
 
+    def results(self, as_frame: bool | None = None):
+        """The results so far, in point order: :func:`mpimap.load` of this job."""
+        from ..results import load
+
+        return load(self.dir.path, as_frame)
+
     def wait(self, poll: float = 2.0) -> str:
         """Block until the job has ended; return its final state."""
         while True:

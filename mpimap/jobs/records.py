@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
+"""How a command that follows a job to its end (submit --wait, attach) exits for its final state, as `run` would."""
 
 
 class _Record:

@@ -127,10 +127,9 @@ def scan_dirs(directories: list[str]) -> list[str]:
     return found
 
 
-def listed_jobs(all_users: bool = False, scan: tuple = ()) -> list[str]:
-    """The job directories a listing shows: the user's registered ones (the registry rebuilt from ``./mpimap-jobs``
-    and ``scan`` if it is missing; ``scan`` registered too), and with ``all_users`` the jobs of other users found in
-    those directories."""
+def job_paths(all_users: bool = False, scan=()) -> list[str]:
+    """The directories of your registered jobs (the registry rebuilt from ``./mpimap-jobs`` and ``scan`` if lost,
+    and ``scan`` registered); with ``all_users`` also other users' jobs found in those directories."""
     registry = Registry()
     if not registry.exists():
         registry.rebuild([DEFAULT_SCAN, *scan])

@@ -79,8 +79,8 @@ def _draw_history(ax, history: list, total: int) -> None:
         return
     samples = np.asarray(history, dtype=float).reshape(-1, 3)
     minutes = (samples[:, 0] - samples[0, 0]) / 60
-    ax.plot(minutes, samples[:, 1], color=COLORS["done"], label="done", drawstyle="steps-post")
-    ax.plot(minutes, samples[:, 2], color=COLORS["failed"], label="failed", drawstyle="steps-post")
+    ax.plot(minutes, samples[:, 1], color=COLORS["done"], label="done")
+    ax.plot(minutes, samples[:, 2], color=COLORS["failed"], label="failed")
     if total:
         ax.axhline(total, color="#888888", linewidth=0.8, linestyle="--")
     ax.set_xlabel("minutes", fontsize=7)

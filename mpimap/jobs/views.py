@@ -13,20 +13,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..errors import MpimapError
-from ..progress import bar_line, rate_text
+from ..progress import bar_line
+from .batch import BatchView
 from .job import Job
 from .records import FINAL_STATES, JobStatus
 
 STALE_SECONDS = 30.0  # a running master reports every ~2 s: this long without a report deserves a word
-
-
-def open_job(name_or_dir: str) -> Job:
-    """The job with this name or directory; one line naming both ways if there is none."""
-    try:
-        return Job.open(name_or_dir)
-    except ImportError:  # no registry in this mpimap: only directories name jobs
-        raise MpimapError(f"no job directory {name_or_dir!r}: give the job's directory "
-                          f"(the one holding job.json)") from None
 
 
 def read_status(job: Job) -> JobStatus | None:
@@ -41,23 +33,9 @@ def read_status(job: Job) -> JobStatus | None:
                           f"copy, or remove it if the job does not matter") from None
 
 
-def job_state(job: Job, status: JobStatus | None) -> str:
-    """The job's state as :meth:`Job.state` sees it (status file and batch system together)."""
-    state = getattr(job, "state", None)
-    if state is not None:
-        return state()
-    return status.state if status else "queued"
-
-
-def batch_view(job: Job) -> dict:
-    """The batch system's own view of the job (queued reason, nodes, time left), as a dict; {} if none."""
-    view = getattr(job, "batch_view", None)
-    found = view() if view is not None else None
-    if found is None:
-        return {}
-    if hasattr(found, "to_json"):
-        return found.to_json()
-    return dataclasses.asdict(found) if dataclasses.is_dataclass(found) else dict(found)
+def batch_json(view: BatchView) -> dict:
+    """The batch system's view (state, queued reason, nodes, time left) as a dict for people and ``--json``."""
+    return dataclasses.asdict(view)
 
 
 def clock(t: float | None) -> str:
@@ -132,9 +110,10 @@ class StatusReport:
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
         status = read_status(job)
+        view = job.batch_view()
         thumb = job.dir.thumbnail
-        return cls(name=job.name, directory=job.dir.path, state=job_state(job, status), status=status,
-                   hosts=host_rows(status), batch=batch_view(job), thumbnail=thumb,
+        return cls(name=job.name, directory=job.dir.path, state=job.state(view), status=status,
+                   hosts=host_rows(status), batch=batch_json(view), thumbnail=thumb,
                    thumbnail_written=os.path.getmtime(thumb) if os.path.exists(thumb) else None, now=time.time())
 
     def to_json(self) -> dict:
@@ -153,7 +132,6 @@ class StatusReport:
         else:
             out.append(f"  progress   : {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}")
             out.append(f"               {bar_line(s.done + s.failed, s.total, s.failed, s.rate, s.eta_seconds)}")
-            out.append(f"  rate       : {rate_text(s.rate)} points/s, ETA {duration(s.eta_seconds)}")
             out.append(f"  started    : {clock(s.started)}" + (f", ended {clock(s.ended)}" if s.ended else ""))
             age = self.now - s.updated
             stale = (f" (no report for {duration(age)}: is the job alive? the batch view below says)"
@@ -197,10 +175,13 @@ class ProcessRow:
         return dataclasses.asdict(self)
 
 
-def processes(job: Job) -> list[ProcessRow]:
-    """The processes of a running (or paused) job from its status file; [] if it does not run."""
+def processes(job: Job, view: BatchView | None = None) -> list[ProcessRow]:
+    """The processes of a running (or paused) job from its status file; [] if it does not run.
+
+    ``view``: the batch system's view of the job, if the caller asked for many jobs at once.
+    """
     status = read_status(job)
-    if status is None or job_state(job, status) not in ("running", "paused"):
+    if status is None or job.state(view) not in ("running", "paused"):
         return []
     name = job.name
     rows = [ProcessRow(name, status.host, 0, status.pid, "master", [])]
