@@ -92,9 +92,11 @@ def test_submit_local_runs_to_done_with_results_of_a_serial_run(where):
                   "--wait", timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "submitted job sq (local " in proc.stdout and "job sq done" in proc.stdout
+    import jobfuncs
+
     results = read_results(str(job_dir(where, "sq") / "results.h5"))
     assert list(results["status"]) == ["done"] * 20
-    np.testing.assert_array_equal(results["value"], np.arange(20.0) ** 2)
+    np.testing.assert_array_equal(results["value"], [jobfuncs.square(x) for x in np.arange(20.0)])  # serial run
     listing = mpimap(where, "ls", "--json")
     [row] = json.loads(listing.stdout)
     assert (row["name"], row["state"], row["done"], row["failed"], row["total"]) == ("sq", "done", 20, 0, 20)
