@@ -257,8 +257,8 @@ def test_a_damaged_status_file_is_one_line_for_every_read_command(tmp_path, cont
         with open(job.dir.status, "wb") as f:
             f.write(content)
     for command in (["status", job.dir.path], ["attach", job.dir.path], ["ps", job.dir.path],
-                    ["thumbnail", job.dir.path, "-o", str(tmp_path / "t.png")]):
-        proc = cli(*command, timeout=60)
+                    ["thumbnail", job.dir.path, "-o", str(tmp_path / "t.png")], ["ls", "--scan", str(tmp_path)]):
+        proc = cli(*command, timeout=60, env=job_env(MPIMAP_HOME=str(tmp_path / "home")))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (command, proc.stderr)
         assert lines[0].startswith("mpimap: error: ")

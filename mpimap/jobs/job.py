@@ -48,7 +48,14 @@ class Job:
         """The master's last report, or None before it first wrote one."""
         if not os.path.exists(self.dir.status):
             return None
-        return JobStatus.from_json(files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION))
+        body = files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION)
+        try:
+            status = JobStatus.from_json(body)
+            status.check()
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON, but not a status
+            raise files.DamagedFile(f"{self.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore "
+                                    f"it from a copy, or remove it if the job does not matter") from None
+        return status
 
     def submissions(self) -> list[Submission]:
         if not os.path.exists(self.dir.batch):
