@@ -79,6 +79,7 @@ class Master:
         self.host_strikes: dict[str, int] = {}
         self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
         self.verification: list = []  # (map_id, index, first host, second host, same result)
+        self.paused = False  # see pause()
         self._last_check = 0.0
         self._last_pass = time.monotonic()  # when the loop last looked at the ranks' silence
         self._free_comm = free_comm  # free comm once the workers are stopped (unless ranks were lost)
@@ -131,6 +132,7 @@ class Master:
 
     def pause(self, paused: bool) -> None:
         """Stop handing out chunks (``paused``) or start again; chunks in flight finish and are delivered."""
+        self.paused = paused  # what was asked for; the loop applies it at its next turn
         self._command("pause", paused)
 
     def _pause(self, paused: bool) -> None:

@@ -214,7 +214,8 @@ class Pool(Executor):
 
     @property
     def paused(self) -> bool:
-        return self._live_master().scheduler.paused
+        """Whether :meth:`pause` was called last (rather than :meth:`resume`)."""
+        return self._live_master().paused
 
     def cancel_all(self) -> None:
         """Cancel this pool's open maps and queued calls (a call already running completes); the pool stays open.

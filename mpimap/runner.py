@@ -101,7 +101,7 @@ class RunOptions:
                     debug_rerun=self.debug_rerun, verify=self.verify)
 
 
-RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))  # what run_options of a job spec may hold
 
 
 @dataclass
@@ -146,7 +146,7 @@ def run_job(job_dir: str) -> Outcome:
     if not isinstance(spec.function, str) or ":" not in spec.function:
         raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
     options = RunOptions.from_json(spec.run_options, jobdir.spec)
-    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, job=(jobdir, spec))
+    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec)
     try:
         return runner.run()
     except BaseException as exc:
@@ -160,12 +160,13 @@ def run_job(job_dir: str) -> Outcome:
 
 
 class Runner:
-    """One run of a map into a results file; ``job`` (its JobDir and JobSpec) adds status.json and notifications."""
+    """One run of a map into a results file; a job's (``jobdir``, ``spec``) adds status.json and notifications."""
 
-    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, job=None):
+    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, *,
+                 jobdir=None, spec=None):
         self.function, self.points_spec, self.out, self.options = function, points, out, options
         self.control = control
-        self.job = job
+        self.jobdir, self.spec = jobdir, spec
         self.pool = None
         self.status = None  # the StatusWriter of a job
         self._cancel = threading.Event()
@@ -198,12 +199,12 @@ class Runner:
             except BaseException:
                 store.close("failed")
                 raise
-        state, message = "failed", ""
-        announced = self._start_job(counts, todo)
+        state, message, announced = "failed", "", None
         old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=o.progress)
         per_rank: Counter = Counter()
         try:
+            announced = self._start_job(counts, todo)
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
                           host_failures=o.host_failures or None) as pool:
@@ -267,37 +268,41 @@ class Runner:
     # -- the control file (the watcher's thread) -----------------------------------
     def apply(self, command: dict) -> None:
         """Carry out one command from the control file: pause, resume, cancel, loglevel."""
+        said = logging.getLogger("mpimap.control").warning  # in the job's log whatever its level
         name = command.get("command")
         if name == "loglevel":
             ranks = command.get("ranks", "all")
             self.pool.set_log_level(command["level"], ranks)
-            logging.getLogger("mpimap.control").warning("log level of %s set to %s", ranks, command["level"])
-        elif name in ("pause", "resume"):
-            if self._cancel.is_set():
-                return
-            self.pool.pause() if name == "pause" else self.pool.resume()
-            if self.status is not None:
-                self.status.set_state("paused" if name == "pause" else "running")
-            logging.getLogger("mpimap.control").warning("%s: %s", name + "d",
-                                                        "no new points are handed out; those being evaluated "
-                                                        "finish" if name == "pause" else "handing out points again")
+            said("log level of %s set to %s", ranks, command["level"])
+        elif name == "pause" and not self._cancel.is_set():
+            self.pool.pause()
+            self._report("paused")
+            said("paused: no new points are handed out; those being evaluated finish")
+        elif name == "resume" and not self._cancel.is_set():
+            self.pool.resume()
+            self._report("running")
+            said("resumed: handing out points again")
         elif name == "cancel":
-            logging.getLogger("mpimap.control").warning("cancel: stopping; points being evaluated are abandoned")
+            said("cancel: stopping; points being evaluated are abandoned")
             self._cancel.set()
             self.pool.cancel_all()
-        else:
+        elif name not in ("pause", "resume"):
             raise ValueError(f"unknown command {name!r}")
+
+    def _report(self, state: str) -> None:
+        if self.status is not None:
+            self.status.set_state(state)
 
     # -- a job's status file and notifications ----------------------------------------
     def _start_job(self, counts: dict, todo):
         """Start the status writer and send the start notifications (in a thread: a slow hook must not hold the
         job up); return that thread, or None for a plain run."""
-        if self.job is None:
+        if self.jobdir is None:
             return None
         from .jobs.notify import Event, notify
         from .jobs.status import StatusWriter, Tally, rank_rows
 
-        jobdir, spec = self.job
+        jobdir, spec = self.jobdir, self.spec
         tally = Tally.from_counts(counts, retry_failed=self.options.retry_failed)
         self.status = StatusWriter(jobdir.status, tally,
                                    lambda: rank_rows(self.pool.status(), lambda a, b: todo[a:b]) if self.pool else [])
@@ -317,7 +322,7 @@ class Runner:
             return
         from .jobs.notify import Event, TIMEOUT, notify
 
-        jobdir, spec = self.job
+        jobdir, spec = self.jobdir, self.spec
         job_state = JOB_STATE[state]
         self.status.finish(job_state, message)
         if announced is not None:

@@ -155,10 +155,13 @@ def test_cancel_while_running_stops_with_status_5_and_keeps_the_results(tmp_path
     proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
     jobs.append(proc)
     wait_status(job, lambda s: s.done >= 10, proc=proc)
+    with open(job.control, "a") as f:
+        f.write('not json\n{"command": "explode"}\n')  # ignored, with a line in the job's log each
     send(job.control, {"command": "cancel"})
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 5, err
-    assert "cancelled" in without_launcher_report(err)
+    assert "cancelled through the control file" in without_launcher_report(err)
+    assert "ignored control command b'not json'" in err and "unknown command 'explode'" in err
     r = read_results(job.results)
     assert r["attrs"]["state"] == "cancelled"
     done = r["status"] == "done"
@@ -342,3 +345,20 @@ def test_a_second_start_of_a_running_job_leaves_its_status_alone(tmp_path, jobs)
     assert Job(job.path).status().state == "running"
     send(job.control, {"command": "cancel"})
     proc.communicate(timeout=120)
+
+
+def test_pool_pause_holds_back_work_until_resume(run_script):
+    out = run_script("""
+import time
+from mpimap import Pool
+
+if __name__ == "__main__":
+    with Pool(rank_timeout=3) as pool:
+        pool.pause()
+        futures = [pool.submit(abs, -i) for i in range(20)]
+        time.sleep(4)  # longer than rank_timeout: idle ranks are not silent ones
+        print("while paused:", pool.paused, sum(f.done() for f in futures), [r["lost"] for r in pool.status()])
+        pool.resume()
+        print("resumed:", pool.paused, [f.result(timeout=60) for f in futures] == list(range(20)))
+""")
+    assert "while paused: True 0 [False, False]" in out and "resumed: False True" in out

@@ -92,9 +92,11 @@ def test_submit_local_runs_to_done_with_results_of_a_serial_run(where):
                   "--wait", timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "submitted job sq (local " in proc.stdout and "job sq done" in proc.stdout
+    import jobfuncs
+
     results = read_results(str(job_dir(where, "sq") / "results.h5"))
     assert list(results["status"]) == ["done"] * 20
-    np.testing.assert_array_equal(results["value"], np.arange(20.0) ** 2)
+    np.testing.assert_array_equal(results["value"], [jobfuncs.square(x) for x in np.arange(20.0)])  # serial run
     listing = mpimap(where, "ls", "--json")
     [row] = json.loads(listing.stdout)
     assert (row["name"], row["state"], row["done"], row["failed"], row["total"]) == ("sq", "done", 20, 0, 20)
@@ -189,15 +191,16 @@ def test_ls_shows_running_then_cancel_ends_the_local_job(where):
     one_line_error(mpimap(where, "cancel", "sleepy"), "cancelled already")
 
 
-def test_a_running_job_whose_processes_died_without_a_word_is_interrupted(where):
-    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "dies",
-                  "--template", sleeper(where)).returncode == 0
-    job = Job(str(job_dir(where, "dies")))
-    files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
-                     JobStatus(state="running", updated=time.time(), total=20, done=5).to_json())
-    assert job.state() == "running"
-    os.kill(int(job.batch_id().rpartition(":")[2]), signal.SIGKILL)
+def test_a_running_job_killed_without_a_word_is_interrupted(where, monkeypatch):
+    from mpimap.jobs.local import _processes
+
+    job = slow_job(where, "dies", monkeypatch)
+    for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:  # kill -9 of every process of the job
+        os.kill(pid, signal.SIGKILL)
     assert wait_state(job, ("interrupted",)) == "interrupted"
+    assert job.status().state == "running"  # the master's last word; the batch system's view makes it interrupted
+    proc = mpimap(where, "ls")
+    assert proc.stdout.splitlines()[1].split()[:2] == ["dies", "interrupted"]
 
 
 def test_pause_of_a_finished_job_is_one_line_and_touches_nothing(where):
@@ -306,6 +309,17 @@ def test_slurm_dry_run_renders_directives_and_creates_nothing(where):
     last = script.strip().splitlines()[-1]
     assert last.startswith("exec ") and last.endswith(f"-n 3 {sys.executable} -m mpimap run --job {d}")
     assert not (where / "mpimap-jobs").exists() and not (where / "home" / "registry.json").exists()
+
+
+def test_slurm_dry_run_with_nodes_and_tasks_per_node(where):
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "slurm",
+                  "--nodes", "2", "--ntasks-per-node", "3", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    for directive in ("--ntasks=6", "--nodes=2", "--ntasks-per-node=3"):
+        assert f"#SBATCH {directive}\n" in proc.stdout
+    assert " -n 6 " in proc.stdout.strip().splitlines()[-1]
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "slurm",
+                          "--ranks", "5", "--nodes", "2", "--ntasks-per-node", "3", "--dry-run"), "--ranks 5")
 
 
 def test_slurm_without_sbatch_is_one_line_and_creates_nothing(where):

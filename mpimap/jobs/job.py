@@ -13,6 +13,7 @@ from . import files
 from .batch import BatchView, scheduler
 from .records import FINAL_STATES, JobSpec, JobStatus, Submission
 
+NOT_SUBMITTED = BatchView("pending", reason="not submitted yet")  # submit records the batch id after it submits
 CANCEL_GRACE = 30.0  # seconds a running job has to stop by itself after a cancel before its batch job is ended
 
 
@@ -47,7 +48,14 @@ class Job:
         """The master's last report, or None before it first wrote one."""
         if not os.path.exists(self.dir.status):
             return None
-        return JobStatus.from_json(files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION))
+        body = files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION)
+        try:
+            status = JobStatus.from_json(body)
+            status.check()
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON, but not a status
+            raise files.DamagedFile(f"{self.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore "
+                                    f"it from a copy, or remove it if the job does not matter") from None
+        return status
 
     def submissions(self) -> list[Submission]:
         if not os.path.exists(self.dir.batch):
@@ -75,7 +83,7 @@ class Job:
         """What the batch system says of the last submission: queued reason, nodes, time left (Slurm); alive (local)."""
         batch_id = self.batch_id()
         if not batch_id:
-            return BatchView("gone")
+            return NOT_SUBMITTED
         return scheduler(self.spec().scheduler).views([batch_id])[batch_id]
 
     def state(self, view: BatchView | None = None) -> str:
@@ -129,19 +137,21 @@ class Job:
             raise MpimapError(f"job {self.name} is {state} already; nothing to cancel")
         batch = scheduler(self.spec().scheduler)
         batch_id = self.batch_id()
-        view = batch.views([batch_id])[batch_id]
+        view = self.batch_view()
         if view.state == "pending" or self.status() is None:
-            batch.cancel(batch_id)
+            if batch_id:
+                batch.cancel(batch_id)
             self._final_status("cancelled", "cancelled before it started")
             return "removed from the queue" if view.state == "pending" else "stopped before its master started"
         self._send({"command": "cancel"})
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             state = self.state()
-            if state in FINAL_STATES and batch.views([batch_id])[batch_id].state != "running":
+            if state in FINAL_STATES and self.batch_view().state != "running":
                 return f"{state}: its results so far stay readable"
             time.sleep(0.5)
-        batch.cancel(batch_id)
+        if batch_id:
+            batch.cancel(batch_id)
         status = self.status()
         if status is None or status.state != "cancelled":
             self._final_status("cancelled", f"its master did not stop within {grace:g} s of the cancel; "
@@ -180,7 +190,7 @@ def batch_views(jobs: list[Job]) -> dict[str, BatchView]:
         batch_id = job.batch_id()
         if batch_id:
             by_scheduler.setdefault(job.spec().scheduler, {})[job.dir.path] = batch_id
-    views = {job.dir.path: BatchView("gone") for job in jobs}
+    views = {job.dir.path: NOT_SUBMITTED for job in jobs}
     for name, ids in by_scheduler.items():
         answers = scheduler(name).views(sorted(set(ids.values())))
         views.update({path: answers[batch_id] for path, batch_id in ids.items()})

@@ -48,7 +48,7 @@ class Local(BatchSystem):
         views = {}
         for batch_id in batch_ids:
             host, _, pid = batch_id.rpartition(":")
-            if host != here:
+            if host != here or not pid.isdigit():
                 views[batch_id] = BatchView("unknown", reason=f"runs on {host}: ask there")
             else:
                 views[batch_id] = BatchView("running", nodes=host) if int(pid) in alive else BatchView("gone")

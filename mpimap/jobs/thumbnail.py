@@ -13,7 +13,6 @@ import numpy as np
 from ..errors import MpimapError
 from ..results import FAILED, write_atomically
 from .job import Job
-from .views import read_status
 
 SIZE = (6.4, 2.6)   # inches at DPI: a 640 x 260 pixel image
 DPI = 100
@@ -31,7 +30,7 @@ def render(job: Job, path: str, points_and_status=None) -> tuple[int, int]:
         from matplotlib.figure import Figure
     except ImportError:
         raise MpimapError("the thumbnail needs matplotlib: pip install mpimap-hpc[plot]") from None
-    status = read_status(job)
+    status = job.status()
     points, states = points_and_status if points_and_status is not None else read_points_and_status(job)
     dims = {1: 1, 2: points.shape[1] if points.ndim == 2 else 0}.get(points.ndim, 0)
     drawn_map = len(points) > 0 and dims in (1, 2)

@@ -12,25 +12,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..errors import MpimapError
 from ..progress import bar_line
 from .batch import BatchView
 from .job import Job
 from .records import FINAL_STATES, JobStatus
 
 STALE_SECONDS = 30.0  # a running master reports every ~2 s: this long without a report deserves a word
-
-
-def read_status(job: Job) -> JobStatus | None:
-    """:meth:`Job.status`, where a file that is JSON but not a status (fields missing, of a wrong type) is one line too."""
-    try:
-        status = job.status()
-        if status is not None:
-            status.check()
-        return status
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise MpimapError(f"{job.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore it from a "
-                          f"copy, or remove it if the job does not matter") from None
 
 
 def batch_json(view: BatchView) -> dict:
@@ -109,7 +96,7 @@ class StatusReport:
 
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
-        status = read_status(job)
+        status = job.status()
         view = job.batch_view()
         thumb = job.dir.thumbnail
         return cls(name=job.name, directory=job.dir.path, state=job.state(view), status=status,
@@ -180,7 +167,7 @@ def processes(job: Job, view: BatchView | None = None) -> list[ProcessRow]:
 
     ``view``: the batch system's view of the job, if the caller asked for many jobs at once.
     """
-    status = read_status(job)
+    status = job.status()
     if status is None or job.state(view) not in ("running", "paused"):
         return []
     name = job.name
