@@ -44,12 +44,26 @@ def columns(store: dict) -> dict:
     values = store.get("value")
     if values is None:  # no point is done yet: the file has no value column
         values = np.full(n, np.nan)
-    elif values.dtype != object:
+    elif values.dtype == object:
+        values = one_per_row(values)
+    else:
         values = values.astype(np.result_type(values.dtype, np.float64))  # room for NaN (old int/bool files)
         values[status != "done"] = np.nan
     return {"index": np.arange(n), "status": status, "points": store["points"], "values": values,
             "seconds": store["seconds"], "rank": store["rank"], "host": store["host"], "error": store["error"],
             "attrs": store["attrs"]}
+
+
+def one_per_row(values: np.ndarray) -> np.ndarray:
+    """JSON values as a 1-D array holding each point's value as decoded (a list stays a list).
+
+    numpy turns lists of one length into the rows of a matrix, which it does
+    only once no row is ``None``: so only when every point is done.
+    """
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value.tolist() if isinstance(value, np.ndarray) else value
+    return out
 
 
 def read(source: str) -> dict:
@@ -113,6 +127,8 @@ def write_csv(data: dict, path: str) -> int:
             for j, name in enumerate(table):
                 if name in value_names and status != "done":
                     row[j] = ""
+                elif name == "value":
+                    row[j] = json.dumps(row[j])
                 elif name == "error":
                     row[j] = row[j].split("\n", 1)[0]
             writer.writerow(row)
@@ -121,14 +137,32 @@ def write_csv(data: dict, path: str) -> int:
 
 def write_npy(data: dict, path: str) -> str:
     """Save the values array as ``.npy``; returns a line saying what rows not done hold."""
-    values = data["values"]
-    if values.dtype == object:
-        raise MpimapError("the values are not numbers (JSON objects): write them with -o FILE.csv or -o FILE.h5")
+    values = numbers(data)
     write_atomically(path, lambda tmp: np.save(tmp, values))
     status = data["status"]
     pending, failed = int(np.sum(status == "pending")), int(np.isin(status, FAILED).sum())
     note = f"; {pending} pending and {failed} failed rows hold NaN" if pending or failed else ""
     return f"wrote values {values.shape} to {path} in point order{note}"
+
+
+def numbers(data: dict) -> np.ndarray:
+    """The values as one numeric array, NaN where a point is not done; JSON values too if they are numbers of one
+    shape (lists of numbers), else a one-line error."""
+    values, done = data["values"], data["status"] == "done"
+    if values.dtype != object:
+        return values
+    try:
+        stored = np.asarray(list(values[done]))
+    except ValueError:  # lists of different lengths
+        stored = None
+    if stored is None or stored.dtype.kind not in "biufc":
+        raise MpimapError("the values are not numbers of one shape (JSON data): write them with -o FILE.csv or "
+                          "-o FILE.h5")
+    if done.all():
+        return stored  # as stored: integers too large for a float stay exact
+    out = np.full((len(values), *stored.shape[1:]), np.nan, dtype=np.result_type(stored.dtype, np.float64))
+    out[done] = stored
+    return out
 
 
 def write_h5(data: dict, path: str) -> str:

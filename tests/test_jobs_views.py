@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -199,6 +200,81 @@ def test_results_and_load_while_the_job_runs(tmp_path):
     finally:
         kill_job(proc)
         proc.wait(timeout=60)
+
+
+VALUE_KINDS = ("import math\n"
+               "def two(r):\n    return [float(r[0]), float(r[1])]\n"
+               "def one(r):\n    return [math.sin(r[0]) + 2 * r[1]]\n"
+               "def nested(r):\n    return [[float(r[0])], [float(r[1])]]\n"
+               "def record(r):\n    return {'x': float(r[0]), 'label': f'p{int(r[0])}'}\n"
+               "def word(r):\n    return f'p{int(r[0])}'\n"
+               "def vector(r):\n    return [float(r[0]), float(r[1]), 1.0] if r[0] > 0 else [1.0]\n")
+EXPECTED = {"two": lambda r: [float(r[0]), float(r[1])], "one": lambda r: [math.sin(r[0]) + 2 * r[1]],
+            "nested": lambda r: [[float(r[0])], [float(r[1])]],
+            "record": lambda r: {"x": float(r[0]), "label": f"p{int(r[0])}"}, "word": lambda r: f"p{int(r[0])}",
+            "vector": lambda r: [float(r[0]), float(r[1]), 1.0] if r[0] > 0 else [1.0]}
+NUMBERS_OF_ONE_SHAPE = ("two", "one", "nested")
+
+
+def json_valued_job(tmp_path, kind: str, finished: bool) -> tuple[Job, np.ndarray]:
+    """A job whose function returns JSON values (lists, dicts, text): finished, or with 3 rows still pending."""
+    (tmp_path / "kinds.py").write_text(VALUE_KINDS)
+    pts = np.arange(16.0).reshape(8, 2)
+    job = make_job(tmp_path, kind, pts, function=f"{tmp_path / 'kinds.py'}:{kind}")
+    if not finished:  # as a running job's file is: the store's own writer, then some rows not evaluated yet
+        from mpimap.store import ResultStore
+
+        os.unlink(job.dir.results)
+        store = ResultStore.open(job.dir.results, pts, f"{tmp_path / 'kinds.py'}:{kind}", flush_interval=0)
+        store.write(np.arange(5), [EXPECTED[kind](r) for r in pts[:5]], {}, np.full(5, 0.01), 1, HOST)
+        store.close("running")
+    return job, pts
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["done", "running"])
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_results_and_load_of_every_kind_of_json_value(tmp_path, kind, finished):
+    import h5py
+    import mpimap
+
+    job, pts = json_valued_job(tmp_path, kind, finished)
+    want = [EXPECTED[kind](r) for r in pts]
+    done = np.array([finished or i < 5 for i in range(len(pts))])
+    data = mpimap.load(job.dir.path, as_frame=False)
+    assert data["values"].shape == (8,)
+    assert [v for v, d in zip(data["values"], done) if d] == [w for w, d in zip(want, done) if d]
+    assert all(v is None for v, d in zip(data["values"], done) if not d)
+    frame = mpimap.load(job.dir.path)
+    assert list(frame.columns) == ["status", "x0", "x1", "value", "seconds", "rank", "host", "error"]
+    assert [frame.loc[i, "value"] for i in range(8) if done[i]] == [w for w, d in zip(want, done) if d]
+    script = f"import sys; sys.modules['pandas'] = None\nimport mpimap\nprint(mpimap.load({job.dir.path!r})['values'].shape)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.stdout.strip() == "(8,)", proc.stderr
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "c.h5"))
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        stored = [json.loads(t) if t else None for t in f["values_json"].asstr()[()]]
+    assert stored == [w if d else None for w, d in zip(want, done)]
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "c.csv"))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "c.csv")))
+    assert [json.loads(r["value"]) if r["value"] else None for r in rows] == [w if d else None
+                                                                              for w, d in zip(want, done)]
+    proc = cli("results", job.dir.path, "--json", "--head", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["value"] for r in json.loads(proc.stdout)] == [w if d else None for w, d in zip(want, done)]
+    table = cli("results", job.dir.path)
+    assert table.returncode == 0 and table.stdout.startswith(f"8 points: done {int(done.sum())}"), table.stderr
+    proc = cli("results", job.dir.path, "-o", str(tmp_path / "c.npy"))
+    if kind in NUMBERS_OF_ONE_SHAPE:  # numbers of one shape: an array, NaN where a point is not done
+        assert proc.returncode == 0, proc.stderr
+        values = np.load(tmp_path / "c.npy")
+        assert values.shape == (8, *np.shape(want[0])) and np.array_equal(values[done], np.array(want)[done])
+        assert np.isnan(values[~done]).all()
+    else:
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            "mpimap: error: the values are not numbers of one shape (JSON data): write them with -o FILE.csv or "
+            "-o FILE.h5") and not os.path.exists(tmp_path / "c.npy")
 
 
 # -------------------------------------------------------------------------------------------------------- status
