@@ -247,7 +247,8 @@ def test_results_and_load_of_every_kind_of_json_value(tmp_path, kind, finished):
     frame = mpimap.load(job.dir.path)
     assert list(frame.columns) == ["status", "x0", "x1", "value", "seconds", "rank", "host", "error"]
     assert [frame.loc[i, "value"] for i in range(8) if done[i]] == [w for w, d in zip(want, done) if d]
-    script = f"import sys; sys.modules['pandas'] = None\nimport mpimap\nprint(mpimap.load({job.dir.path!r})['values'].shape)"
+    script = (f"import sys; sys.modules['pandas'] = None\nimport mpimap\n"
+              f"print(mpimap.load({job.dir.path!r})['values'].shape)")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=job_env())
     assert proc.stdout.strip() == "(8,)", proc.stderr
     proc = cli("results", job.dir.path, "-o", str(tmp_path / "c.h5"))
@@ -310,8 +311,10 @@ def test_status_of_a_running_job_shows_ranks_per_host_with_pids(tmp_path, live_s
     assert "[##############----------] 6/10 points, 1 failed, 0.25 points/s, ETA 0:00:16" in out
     assert "failures   : timeout 1" in out
     hosts = json.loads(cli("status", job.dir.path, "--json").stdout)["hosts"]
-    assert hosts == [{"host": "nodeA", "alive": 2, "busy": 1, "idle": 1, "lost": 0, "pids": [1001, 1002]},
-                     {"host": "nodeB", "alive": 1, "busy": 1, "idle": 0, "lost": 1, "pids": [2001]}]
+    assert hosts == [{"host": "nodeA", "ranks": 2, "alive": 2, "busy": 1, "idle": 1, "lost": 0, "pids": [1001, 1002],
+                      "ended": False},
+                     {"host": "nodeB", "ranks": 2, "alive": 1, "busy": 1, "idle": 0, "lost": 1, "pids": [2001],
+                      "ended": False}]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -363,6 +366,82 @@ def test_a_damaged_results_file_and_an_unknown_job_are_one_line(tmp_path):
     proc = cli("results", job.dir.path, "-o", str(tmp_path / "x.txt"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"mpimap: error: -o {tmp_path / 'x.txt'}: the extension decides the format; use FILE.csv, FILE.npy or FILE.h5")
+
+
+ENDED_RANKS = [RankRow(1, "nodeA", 1001, "busy", 1, 3, 0.5, [4, 5]), RankRow(2, "nodeA", 1002, "idle"),
+               RankRow(3, "nodeB", 2001, "lost")]
+
+
+@pytest.mark.parametrize("state", ["done", "cancelled", "failed", "interrupted"])
+def test_status_of_an_ended_job_shows_its_ranks_as_they_ended_and_no_eta(tmp_path, state):
+    job = make_job(tmp_path, "e1", np.arange(10.0), run=False)
+    gone = subprocess.Popen(["true"], start_new_session=True)  # its batch job: ended (kill -9 leaves no word)
+    gone.wait(timeout=60)
+    register_batch(job, gone)
+    write_status(job, state="running" if state == "interrupted" else state, total=10, done=6, failed=1, pending=3,
+                 started=time.time() - 20, host="nodeA", pid=1000, rate=0.25, eta_seconds=12.0,
+                 ranks=[r.to_json() for r in ENDED_RANKS])
+    out = cli("status", job.dir.path).stdout
+    assert out.splitlines()[0] == f"job e1: {state}"
+    assert "ETA" not in out and "alive" not in out and "busy" not in out, out
+    assert "[################--------] 7/10 points, 1 failed\n" in out
+    assert "ranks      : 3 on 2 host(s) when the job ended (none runs now)" in out
+    assert "    nodeA: 2 ranks, pids were 1001 1002" in out and "    nodeB: 1 rank (1 lost), pids were -" in out
+    report = json.loads(cli("status", job.dir.path, "--json").stdout)
+    assert report["state"] == state and report["status"]["eta_seconds"] is None
+    assert report["hosts"] == [
+        {"host": "nodeA", "ranks": 2, "alive": 0, "busy": 0, "idle": 0, "lost": 0, "pids": [1001, 1002], "ended": True},
+        {"host": "nodeB", "ranks": 1, "alive": 0, "busy": 0, "idle": 0, "lost": 1, "pids": [], "ended": True}]
+
+
+def test_a_job_that_failed_before_reading_its_points_shows_their_count(tmp_path):
+    job = make_job(tmp_path, "f0", np.arange(40.0), run=False)
+    write_status(job, state="failed", started=time.time() - 5, ended=time.time(), host=HOST, pid=1,
+                 message="cannot import module gone")  # the master never counted the points
+    out = cli("status", job.dir.path).stdout
+    assert "progress   : 0 done, 0 failed, 40 pending of 40" in out
+    assert "[------------------------] 0/40 points, 0 failed\n" in out
+    report = json.loads(cli("status", job.dir.path, "--json").stdout)
+    assert (report["status"]["total"], report["status"]["pending"]) == (40, 40)
+    attached = cli("attach", job.dir.path)
+    assert attached.returncode == 1 and "job f0 failed: 0 done, 0 failed of 40 (cannot import module gone)" in \
+        attached.stdout, attached.stdout + attached.stderr
+
+
+@pytest.mark.parametrize("history", [[[1]], [[1, "a", 2]], [[1, 2, 3], [4, 5]], [5], [1, 2, 3]])
+def test_a_status_file_with_bad_history_is_one_line_for_the_thumbnail(tmp_path, history):
+    job = make_job(tmp_path, "h1", np.arange(8.0), run=False)
+    write_status(job, state="running", total=8, pending=8, history=history)
+    proc = cli("thumbnail", job.dir.path, "-o", str(tmp_path / "t.png"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"mpimap: error: {job.dir.status} is damaged (not a mpimap-status file: history")
+    assert not os.path.exists(tmp_path / "t.png")
+
+
+def test_a_registry_entry_of_the_wrong_type_is_one_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "registry.json").write_text(json.dumps({"format": "mpimap-registry", "version": 1,
+                                                    "jobs": {"j1": str(tmp_path / "j1"), "j2": 5}}))
+    for command in (["status", "j2"], ["status", "j1"], ["ls"]):
+        proc = cli(*command, cwd=tmp_path, env=job_env(MPIMAP_HOME=str(home)), timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (command, proc.stderr)
+        assert lines[0].startswith(f"mpimap: error: the job registry {home / 'registry.json'} is damaged")
+
+
+@pytest.mark.parametrize("name, magic", [("t.jpg", b"\xff\xd8\xff"), ("t.svg", b"<?xml"), ("t.pdf", b"%PDF")])
+def test_thumbnail_writes_the_format_its_extension_names(tmp_path, name, magic):
+    job = make_job(tmp_path, "x1", np.arange(10.0), run=False)
+    out = tmp_path / name
+    proc = cli("thumbnail", job.dir.path, "-o", str(out))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"wrote {out}"), proc.stderr
+    assert out.read_bytes().startswith(magic)
+    proc = cli("thumbnail", job.dir.path, "-o", str(tmp_path / "t.xyz"))
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"mpimap: error: -o {tmp_path / 't.xyz'}: matplotlib cannot write .xyz files; use one of ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "t.xyz")
 
 
 # ------------------------------------------------------------------------------------------------------------ ps

@@ -17,10 +17,9 @@ import click
 import numpy as np
 
 from ..errors import MpimapError
-from ..progress import bar_line
 from ..watchdog import bounded_read
 from .job import Job, batch_views
-from .views import StatusReport, idle_summary, processes, ps_table
+from .views import StatusReport, bar, idle_summary, processes, ps_table
 
 FORMATS = (".csv", ".npy", ".h5", ".hdf5")
 
@@ -118,7 +117,7 @@ def _progress(look) -> str:
     s = look.status
     if s is None:
         return f"job {look.state}: no progress reported yet"
-    return f"{look.state}: " + bar_line(s.done + s.failed, s.total, s.failed, s.rate, s.eta_seconds)
+    return f"{look.state}: " + bar(s, look.final)
 
 
 @click.command()
@@ -208,18 +207,19 @@ def _cell(value, name: str) -> str:
 
 @click.command()
 @click.argument("job")
-@click.option("-o", "--out", metavar="FILE.png", help="Where to write the PNG (default: progress.png in the job's "
-              "directory).")
+@click.option("-o", "--out", metavar="FILE.png", help="Where to write the image (default: progress.png in the job's "
+              "directory); its extension decides the format (png, jpg, svg, pdf, ...).")
 def thumbnail(job, out):
-    """A small PNG of JOB's progress: points done and failed over time, and a map of the points (1-D, 2-D)."""
+    """A small image of JOB's progress: points done and failed over time, and a map of the points (1-D, 2-D)."""
     from ..store import READ_FIX
-    from .thumbnail import read_points_and_status, render
+    from .thumbnail import image_format, read_points_and_status, render
 
     the_job = Job.open(job)
     out = out or the_job.dir.thumbnail
+    image = image_format(out)
     with bounded_read(the_job.dir.results, READ_FIX):
         found = read_points_and_status(the_job)
-    width, height = render(the_job, out, found)
+    width, height = render(the_job, out, found, image)
     click.echo(f"wrote {out} ({width}x{height} pixels)")
 
 

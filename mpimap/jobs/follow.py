@@ -18,6 +18,7 @@ from ..errors import MpimapError
 from ..results import FAILED
 from .job import Job
 from .records import FINAL_STATES, JobStatus
+from .views import reported
 
 UNREADABLE_LOOKS = 10  # consecutive failed reads of the results file before following gives up
 BATCH_EVERY = 10.0  # seconds between questions to the batch system (squeue): the status file is read every look
@@ -65,7 +66,7 @@ class Follower:
         self._asked = 0.0
 
     def look(self) -> Look:
-        status = self.job.status()
+        status = reported(self.job)
         if self._view is None or time.monotonic() - self._asked > BATCH_EVERY:
             self._view, self._asked = self.job.batch_view(), time.monotonic()
         return Look(self.job.state(self._view), status, self._new_failures())

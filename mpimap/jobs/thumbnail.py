@@ -1,4 +1,4 @@
-"""A small PNG of a job's progress: points done and failed over time, and a map of which points are done.
+"""A small image of a job's progress (PNG by default): points done and failed over time, and which points are done.
 
 Drawn with matplotlib's Agg canvas (no display, no pyplot state), from the
 job's files only; matplotlib is an optional extra (``mpimap-hpc[plot]``).
@@ -12,7 +12,10 @@ import numpy as np
 
 from ..errors import MpimapError
 from ..results import FAILED, write_atomically
+from .files import DamagedFile
 from .job import Job
+from .records import JobStatus
+from .views import reported
 
 SIZE = (6.4, 2.6)   # inches at DPI: a 640 x 260 pixel image
 DPI = 100
@@ -20,17 +23,34 @@ MAP_POINTS = 50_000  # more points than this are drawn as an even sample
 COLORS = {"done": "#2ca02c", "failed": "#d62728", "pending": "#bbbbbb"}
 
 
-def render(job: Job, path: str, points_and_status=None) -> tuple[int, int]:
-    """Draw the thumbnail of ``job`` into ``path`` (PNG); its size in pixels.
-
-    ``points_and_status``: the points and their statuses if the caller has
-    read them already (else they are read here from the job's files).
-    """
+def _figure_class():
+    """matplotlib's Figure; one line saying how to install matplotlib if it is missing."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise MpimapError("the thumbnail needs matplotlib: pip install mpimap-hpc[plot]") from None
-    status = job.status()
+    return Figure
+
+
+def image_format(path: str) -> str:
+    """The image format ``path``'s extension names (png without one); one line if matplotlib cannot write it."""
+    formats = _figure_class()().canvas.get_supported_filetypes()
+    extension = os.path.splitext(path)[1][1:].lower()
+    if extension and extension not in formats:
+        raise MpimapError(f"-o {path}: matplotlib cannot write .{extension} files; use one of "
+                          f"{', '.join(sorted(formats))}")
+    return extension or "png"
+
+
+def render(job: Job, path: str, points_and_status=None, image: str = "png") -> tuple[int, int]:
+    """Draw the thumbnail of ``job`` into ``path`` (as ``image``: png, jpg, svg, ...); its size in pixels.
+
+    ``points_and_status``: the points and their statuses if the caller has
+    read them already (else they are read here from the job's files).
+    """
+    Figure = _figure_class()
+    status = reported(job)
+    history = _samples(job, status)
     points, states = points_and_status if points_and_status is not None else read_points_and_status(job)
     dims = {1: 1, 2: points.shape[1] if points.ndim == 2 else 0}.get(points.ndim, 0)
     drawn_map = len(points) > 0 and dims in (1, 2)
@@ -39,10 +59,10 @@ def render(job: Job, path: str, points_and_status=None) -> tuple[int, int]:
     total = status.total if status else len(states)
     done, failed = (status.done, status.failed) if status else _counts(states)
     figure.suptitle(f"{job.name}: {done} done, {failed} failed of {total}", fontsize=9)
-    _draw_history(axes[0], status.history if status else [], total)
+    _draw_history(axes[0], history, total)
     if drawn_map:
         _draw_map(axes[1], points.reshape(len(points), -1), states)
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format=image))
     width, height = figure.canvas.get_width_height()
     return width, height
 
@@ -69,14 +89,24 @@ def _counts(states) -> tuple[int, int]:
     return int(np.sum(states == "done")), int(np.sum(states == "failed"))
 
 
-def _draw_history(ax, history: list, total: int) -> None:
+def _samples(job: Job, status: JobStatus | None) -> np.ndarray:
+    """The status file's ``[time, done, failed]`` samples as rows; a damaged file (anything else) is one line."""
+    history = status.history if status else []
+    if all(isinstance(s, list) and len(s) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         for v in s) for s in history):
+        return np.array(history, dtype=float).reshape(-1, 3)
+    raise DamagedFile(f"{job.dir.status} is damaged (not a {JobStatus.FORMAT} file: history holds something other "
+                      f"than [time, done, failed] samples); restore it from a copy, or remove it if the job does not "
+                      f"matter")
+
+
+def _draw_history(ax, samples: np.ndarray, total: int) -> None:
     """Points done and failed against minutes since the first sample."""
     ax.set_title("over time", fontsize=8)
     ax.tick_params(labelsize=7)
-    if not history:
+    if not len(samples):
         ax.text(0.5, 0.5, "no progress reported yet", ha="center", va="center", fontsize=8, transform=ax.transAxes)
         return
-    samples = np.asarray(history, dtype=float).reshape(-1, 3)
     minutes = (samples[:, 0] - samples[0, 0]) / 60
     ax.plot(minutes, samples[:, 1], color=COLORS["done"], label="done")
     ax.plot(minutes, samples[:, 2], color=COLORS["failed"], label="failed")

@@ -56,28 +56,48 @@ class HostRow:
     """The ranks of a job on one host, as its master last reported them."""
 
     host: str
+    ranks: int = 0
     alive: int = 0
     busy: int = 0
     idle: int = 0
     lost: int = 0      # lost or retired
-    pids: list = field(default_factory=list)
+    pids: list = field(default_factory=list)  # of the live ranks (of an ended job: of those live at its end)
+    ended: bool = False  # the job has ended: none of its ranks is alive, whatever the last report said
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def host_rows(status: JobStatus | None) -> list[HostRow]:
-    """Ranks alive / busy / idle per host, with the PIDs of the live ones."""
+def host_rows(status: JobStatus | None, ended: bool = False) -> list[HostRow]:
+    """Ranks alive / busy / idle per host, with the PIDs of the live ones; ``ended``: of a job that has ended."""
     hosts: dict[str, HostRow] = {}
     for rank in status.ranks if status else []:
-        row = hosts.setdefault(rank.host, HostRow(rank.host))
+        row = hosts.setdefault(rank.host, HostRow(rank.host, ended=ended))
+        row.ranks += 1
         if rank.state in ("busy", "idle"):
-            row.alive += 1
             row.pids.append(rank.pid)
-            setattr(row, rank.state, getattr(row, rank.state) + 1)
+            if not ended:
+                row.alive += 1
+                setattr(row, rank.state, getattr(row, rank.state) + 1)
         else:
             row.lost += 1
     return sorted(hosts.values(), key=lambda r: r.host)
+
+
+def reported(job: Job) -> JobStatus | None:
+    """The master's last report, with the job's point count (from its points copy) if it never counted them:
+    a job that failed before reading its points."""
+    status = job.status()
+    if status is not None and status.total == 0:
+        total = job.points_total()
+        status = dataclasses.replace(status, total=total, pending=total - status.done - status.failed)
+    return status
+
+
+def bar(status: JobStatus, ended: bool) -> str:
+    """The progress bar of a report; of an ended job without rate and time left (they were about its run)."""
+    line = bar_line(status.done + status.failed, status.total, status.failed, status.rate, status.eta_seconds)
+    return line.rsplit(", ", 2)[0] if ended else line
 
 
 @dataclass
@@ -96,11 +116,15 @@ class StatusReport:
 
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
-        status = job.status()
+        status = reported(job)
         view = job.batch_view()
+        state = job.state(view)
+        ended = state in FINAL_STATES
+        if ended and status is not None:
+            status = dataclasses.replace(status, eta_seconds=None)  # a killed master's last report still has one
         thumb = job.dir.thumbnail
-        return cls(name=job.name, directory=job.dir.path, state=job.state(view), status=status,
-                   hosts=host_rows(status), batch=batch_json(view), thumbnail=thumb,
+        return cls(name=job.name, directory=job.dir.path, state=state, status=status,
+                   hosts=host_rows(status, ended), batch=batch_json(view), thumbnail=thumb,
                    thumbnail_written=os.path.getmtime(thumb) if os.path.exists(thumb) else None, now=time.time())
 
     def to_json(self) -> dict:
@@ -118,7 +142,7 @@ class StatusReport:
             out.append("  progress   : not started yet (no status file)")
         else:
             out.append(f"  progress   : {s.done} done, {s.failed} failed, {s.pending} pending of {s.total}")
-            out.append(f"               {bar_line(s.done + s.failed, s.total, s.failed, s.rate, s.eta_seconds)}")
+            out.append(f"               {bar(s, self.state in FINAL_STATES)}")
             out.append(f"  started    : {clock(s.started)}" + (f", ended {clock(s.ended)}" if s.ended else ""))
             age = self.now - s.updated
             stale = (f" (no report for {duration(age)}: is the job alive? the batch view below says)"
@@ -126,7 +150,14 @@ class StatusReport:
             out.append(f"  last heard : {duration(age)} ago, master {s.host} pid {s.pid}{stale}")
             if s.message:
                 out.append(f"  message    : {s.message}")
-            if self.hosts:
+            if self.hosts and self.state in FINAL_STATES:
+                out.append(f"  ranks      : {sum(h.ranks for h in self.hosts)} on {len(self.hosts)} host(s) when "
+                           "the job ended (none runs now)")
+                for h in self.hosts:
+                    lost = f" ({h.lost} lost)" if h.lost else ""
+                    out.append(f"    {h.host}: {h.ranks} rank{'s' if h.ranks != 1 else ''}{lost}, pids were "
+                               f"{' '.join(map(str, h.pids)) or '-'}")
+            elif self.hosts:
                 alive = sum(h.alive for h in self.hosts)
                 out.append(f"  ranks      : {alive} alive, {sum(h.busy for h in self.hosts)} busy, "
                            f"{sum(h.idle for h in self.hosts)} idle on {len(self.hosts)} host(s)")
