@@ -185,7 +185,8 @@ def write_h5(data: dict, path: str) -> str:
                 f.attrs[key] = value
 
     write_atomically(path, write)
-    return f"wrote {len(data['index'])} rows to {path} (datasets: index, status, points, values, seconds, rank, " \
+    values = "values_json" if data["values"].dtype == object else "values"
+    return f"wrote {len(data['index'])} rows to {path} (datasets: index, status, points, {values}, seconds, rank, " \
            f"host, error)"
 
 

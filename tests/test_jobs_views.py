@@ -252,7 +252,7 @@ def test_results_and_load_of_every_kind_of_json_value(tmp_path, kind, finished):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=job_env())
     assert proc.stdout.strip() == "(8,)", proc.stderr
     proc = cli("results", job.dir.path, "-o", str(tmp_path / "c.h5"))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and "datasets: index, status, points, values_json, seconds" in proc.stdout, proc.stderr
     with h5py.File(tmp_path / "c.h5", "r") as f:
         stored = [json.loads(t) if t else None for t in f["values_json"].asstr()[()]]
     assert stored == [w if d else None for w, d in zip(want, done)]
