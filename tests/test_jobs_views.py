@@ -279,6 +279,11 @@ def test_a_damaged_results_file_and_an_unknown_job_are_one_line(tmp_path):
         proc = cli(command, str(tmp_path / "no-such-job"), timeout=60)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "no-such-job" in lines[0], (command, proc.stderr)
+    queued = make_job(tmp_path, "q1", np.arange(3.0), run=False)
+    proc = cli("results", queued.dir.path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (f"mpimap: error: job {queued.dir.path} has no results "
+                                                            f"yet: it has not started (mpimap status "
+                                                            f"{queued.dir.path} tells why)")
     proc = cli("results", job.dir.path, "-o", str(tmp_path / "x.txt"))
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"mpimap: error: -o {tmp_path / 'x.txt'}: the extension decides the format; use FILE.csv, FILE.npy or FILE.h5")
@@ -307,6 +312,26 @@ def test_ps_lists_every_process_and_the_idle_ranks(tmp_path, live_session):
     listed = json.loads(cli("ps", running.dir.path, done.dir.path, "--json").stdout)
     assert [(p["job"], p["rank"], p["pid"], p["state"], p["evaluating"]) for p in listed["processes"]] == [
         ("p1", 0, 1000, "master", []), ("p1", 1, 1001, "busy", [4, 5, 6, 9]), ("p1", 2, 2001, "idle", [])]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a job directory to another user")
+def test_ps_all_users_adds_running_jobs_of_other_users(tmp_path, live_session):
+    import pwd
+
+    other = pwd.getpwnam("nobody").pw_uid
+    jobs = tmp_path / "mpimap-jobs"
+    jobs.mkdir()
+    theirs = make_job(jobs, "theirs", np.arange(4.0), run=False)
+    register_batch(theirs, live_session)
+    write_status(theirs, state="running", total=4, pending=4, host="nodeC", pid=3000,
+                 ranks=[RankRow(1, "nodeC", 3001, "busy", 1, 0, 0.1, [0]).to_json()])
+    for path in (jobs / "theirs", *(jobs / "theirs").iterdir()):
+        os.chown(path, other, -1)
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"))
+    assert cli("ps", cwd=tmp_path, env=env).stdout.strip() == "no running jobs"
+    listed = json.loads(cli("ps", "--all-users", "--json", cwd=tmp_path, env=env).stdout)["processes"]
+    assert [(p["job"], p["host"], p["rank"], p["pid"]) for p in listed] == [("theirs", "nodeC", 0, 3000),
+                                                                            ("theirs", "nodeC", 1, 3001)]
 
 
 # ----------------------------------------------------------------------------------------------------- thumbnail
@@ -380,7 +405,13 @@ def submitted(tmp_path):
 
     submit.env = env
     yield submit
-    doomed = []  # the job's session and its descendants (MPICH starts each rank in a session of its own)
+    kill_sessions(sessions)
+
+
+def kill_sessions(sessions: list[int]) -> None:
+    """kill -9 every process of these sessions and their descendants (MPICH starts each rank in a session of its
+    own)."""
+    doomed = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             if os.getsid(int(entry)) in sessions or set(sessions) & set(ancestors(int(entry))):
@@ -490,3 +521,19 @@ def test_attach_exits_with_the_final_state_of_a_cancelled_job(tmp_path, submitte
         attach.kill()
     assert attach.returncode == 5, out + err
     assert "job dropped cancelled:" in out
+
+
+def test_attach_says_interrupted_when_the_job_dies_without_a_word(tmp_path, submitted):
+    job = submitted("killed", 200)
+    wait_for(lambda: job.status() is not None and job.status().done > 0, 90, "a point done")
+    attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", "killed", "--interval", "0.3"],
+                              cwd=tmp_path, env=submitted.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        time.sleep(1.0)
+        kill_sessions([int(job.batch_id().rpartition(":")[2])])  # kill -9: no final status is written
+        out, err = attach.communicate(timeout=90)
+    finally:
+        attach.kill()
+    assert attach.returncode == 3, out + err
+    assert "job killed interrupted:" in out and job.status().state == "running"

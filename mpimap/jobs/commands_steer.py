@@ -18,6 +18,7 @@ from ..errors import MpimapError
 from .job import Job, batch_views
 from .records import EXIT_STATUS, FINAL_STATES
 
+
 class _WithRunOptions(click.Command):
     """A command that also takes ``mpimap run``'s own options (one definition, in cli.py).
 
