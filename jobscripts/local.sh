@@ -7,5 +7,10 @@ cd {{workdir}} || exit 2
 {{environment}}
 {{batch_env}}
 
+# Open MPI's mpiexec refuses more ranks than cores, and refuses to run as root; MPICH's allows both, and this
+# machine is the job's whole allocation.
+export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy-:oversubscribe}"
+[ "$(id -u)" -ne 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
 # exec: mpiexec takes the shell's place, so `mpimap cancel`'s SIGTERM reaches it, and through it rank 0.
 exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run --job {{job_dir}}

@@ -43,12 +43,19 @@ def _alias_worker_module() -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .orphans import die_with_parent, outlive_parent
+
+    # Before MPI starts: a launcher that dies after this kills the rank; one that died before it (the rank's
+    # parent is its PMI server in MPICH, Open MPI and Slurm) fails MPI's start-up.
+    die_with_parent()
     from mpi4py import MPI
 
     from . import world
 
     script = argv[0] if argv and argv[0].endswith(".py") else None
     size = MPI.COMM_WORLD.Get_size()
+    if size == 1:  # not started by a launcher: a plain run may outlive the shell that started it (nohup)
+        outlive_parent()
     comm = MPI.COMM_WORLD.Dup() if size > 1 else None
     if comm is not None and comm.Get_rank() > 0:
         # A signal to the whole job (scancel, Ctrl-C) is rank 0's to handle: it flushes the results and

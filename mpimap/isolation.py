@@ -28,6 +28,7 @@ from multiprocessing.connection import Pipe
 import numpy as np
 
 from .failures import Failure, unpicklable_values
+from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
 
@@ -158,10 +159,7 @@ _SCRATCH_BASE = tempfile.gettempdir()
 # -- the child process -----------------------------------------------------------------------------------------
 def _child_setup() -> None:
     """In the fresh child: die with the rank, default fatal signals, never touch MPI."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a dead rank's child ends when its pipe closes
-        pass
+    die_with_parent()  # not Linux: a dead rank's child ends when its pipe closes
     for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT,
                 signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)

@@ -1,9 +1,10 @@
 """This machine as a batch system: the job script runs detached (its own session), no queue.
 
 The batch id is ``HOST:PID`` of the script's shell, the leader of a new
-session; every process of that session is the job (mpiexec ``exec``s in the
-shell's place; Open MPI gives each rank a process group of its own, but they
-stay in the session).  Only
+session; the job lives as long as that session (mpiexec ``exec``s in the
+shell's place).  Open MPI's ranks stay in the session, each in a process group
+of its own; MPICH gives each rank a session of its own: signals reach them
+through mpiexec, and they die with their launcher (:mod:`mpimap.orphans`).  Only
 this host can tell whether it is alive: from another host its state is unknown.
 """
 
