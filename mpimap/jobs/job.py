@@ -28,14 +28,18 @@ class Job:
         """The job with this name (in the user's registry) or in this directory; one-line error if neither."""
         if os.path.isfile(os.path.join(name_or_dir, "job.json")):
             return cls(name_or_dir)
-        if os.sep in name_or_dir or os.path.isdir(name_or_dir):
+        if os.sep in name_or_dir:
             raise MpimapError(f"{name_or_dir} is not a job directory (it has no job.json)")
         from .registry import DEFAULT_SCAN, Registry  # the registry knows names
 
         registry = Registry()
         if not registry.exists():
             registry.rebuild([DEFAULT_SCAN])
-        return cls(registry.find(name_or_dir))
+        path = registry.jobs().get(name_or_dir)
+        if path is None and os.path.isdir(name_or_dir):  # a directory of that name, but no job (a name may be both)
+            raise MpimapError(f"no job named {name_or_dir!r}, and the directory {name_or_dir} is not a job directory "
+                              f"(it has no job.json): `mpimap ls` lists your jobs")
+        return cls(path if path is not None else registry.find(name_or_dir))
 
     @property
     def name(self) -> str:
