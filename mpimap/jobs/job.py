@@ -126,6 +126,13 @@ class Job:
         self._steer("resume")
 
     def set_log_level(self, level: str, ranks="all") -> None:
+        """Set the running job's log level on ``ranks``: all, master, workers or a list of worker ranks."""
+        if isinstance(ranks, list):
+            size = self.spec().resources.ranks
+            beyond = [r for r in ranks if not 1 <= r < size]
+            if beyond:
+                raise MpimapError(f"rank {beyond[0]} is not a worker of job {self.name}: it has ranks 0 (master) "
+                                  f"to {size - 1}, workers 1 to {size - 1}")
         self._steer("loglevel", level=level.upper(), ranks=ranks)
 
     def cancel(self, grace: float = CANCEL_GRACE) -> str:
