@@ -16,7 +16,7 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import EXIT_STATUS, FINAL_STATES
+from .records import FINAL_STATES
 
 
 class _WithRunOptions(click.Command):
@@ -80,10 +80,10 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         click.echo(result, nl=False)
         return
     click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
-    if wait:
-        state = result.wait()
-        click.echo(f"job {result.name} {state}")
-        sys.exit(EXIT_STATUS[state])
+    if wait:  # follow it as `attach` does: Ctrl-C detaches, the exit status is the job's
+        from .commands_read import attach
+
+        ctx.invoke(attach, job=result.name)
 
 
 @click.command(name="ls")
