@@ -214,7 +214,7 @@ def test_pause_of_a_finished_job_is_one_line_and_touches_nothing(where):
 
 
 def test_pause_and_resume_of_a_running_job_reach_its_control_file(where):
-    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "steer",
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "steer", "-n", "3",
                   "--template", sleeper(where)).returncode == 0
     job = Job(str(job_dir(where, "steer")))
     files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
@@ -497,25 +497,31 @@ def test_resubmit_runs_an_interrupted_job_again_and_state_follows_the_new_submis
 def test_resubmit_with_retry_failed_evaluates_the_failed_points_again(where):
     proc = mpimap(where, "submit", "jobfuncs:fail_on_multiples_of_7", "--points", "points.npy", "--name", "f7",
                   "--wait", timeout=180)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     job = Job.open(str(job_dir(where, "f7")))
-    assert job.state() == "failed"
+    assert (job.state(), job.status().failed) == ("done", 3)
+    one_line_error(mpimap(where, "resubmit", "f7"), "f7", "done", "--retry-failed")
     proc = mpimap(where, "resubmit", "f7", "--retry-failed")
     assert proc.returncode == 0, proc.stderr
-    assert wait_state(job, ("done", "failed"), 180) in ("done", "failed")
     assert len(job.submissions()) == 2
+    assert wait_state(job, ("done",), 180) == "done"
+    assert job.current_status() is not None and job.status().batch_id == job.batch_id()
     spec = json.loads((job_dir(where, "f7") / "job.json").read_text())
     assert spec["run_options"].get("retry_failed") is True
-    assert "retried" in open(job.dir.log).read() or "retry" in open(job.dir.log).read().lower()
+    assert job.status().failed == 3  # the three were evaluated again (and failed again), not skipped
+    results = read_results(job.dir.results)
+    failed = np.arange(20) % 7 == 0
+    assert list(results["attempts"][failed]) == [2, 2, 2]  # the failed ones were evaluated again in the second run
+    assert set(results["run"][failed]) == {1} and set(results["run"][~failed]) == {0}  # the done ones were not
 
 
 def test_cancel_whose_master_stopped_but_whose_processes_linger_says_so(where, monkeypatch):
     np.save(where / "rows.npy", np.column_stack([np.arange(4), np.ones(4)]).astype(float))
     monkeypatch.setenv("MPIMAP_TEST_SLEEP", "120")
     monkeypatch.setenv("MPIMAP_TEST_LOG", str(where / "linger.evaluated"))
-    import mpimap.jobs
+    from mpimap.jobs import submit
 
-    job = mpimap.jobs.submit("jobfuncs:record", str(where / "rows.npy"), name="linger", ranks=3, isolation="rank")
+    job = submit("jobfuncs:record", str(where / "rows.npy"), name="linger", ranks=3, isolation="rank")
     deadline = time.monotonic() + 120
     while not (where / "linger.evaluated").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -615,3 +621,26 @@ def test_a_garbage_npy_and_a_too_long_name_say_what_is_wrong(where):
     one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "garbage.npy"), "not a valid .npy file")
     one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "x" * 101),
                    "100 characters")
+
+
+def test_a_job_run_again_by_hand_is_judged_by_its_new_run_not_the_dead_submission(where, monkeypatch):
+    from mpimap.jobs.local import _processes
+
+    job = slow_job(where, "byhand", monkeypatch, n=60)
+    for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_state(job, ("interrupted",)) == "interrupted"
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.5")
+    first = job.status().started
+    run = subprocess.Popen(["bash", job.dir.script], cwd=where, env=job_env(MPIMAP_HOME=str(where / "home")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (job.status().started == first or job.status().state != "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.state() == "running"  # not interrupted: the new run's status names its own batch id
+        assert mpimap(where, "pause", "byhand").returncode == 0
+        assert wait_state(job, ("paused",), 30) == "paused"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 import sysconfig
 import time
@@ -25,7 +24,7 @@ from ..runner import RUN_OPTIONS, RunOptions
 from . import files
 from .batch import jobscripts_dir, scheduler as find_scheduler
 from .job import Job
-from .records import JobSpec, Resources, Submission
+from .records import JobSpec, Resources
 from .registry import DEFAULT_SCAN, Registry
 
 NAME_LIMIT = 100  # characters of a job name
@@ -103,11 +102,9 @@ def _create(spec: JobSpec, points: np.ndarray, script: str, job_dir: str, batch,
             os.chmod(job.dir.script, 0o700)
             registry.add(spec.name, job_dir)
             registered = True
-            batch_id = batch.submit(job.dir.script, spec.workdir, job.dir.log)
+            job.submit_script(batch)
         finally:
             os.umask(old_umask)
-        job.add_submission(Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
-                                      host=socket.gethostname()))
     except BaseException:
         # Not submitted: nothing of value is in the directory yet, and a half-made job would only confuse `ls`.
         if registered:
