@@ -194,7 +194,7 @@ def test_submit_queued_running_done_and_the_allocation_ends_with_the_points(user
 
 
 def test_pause_then_resume_loses_and_repeats_nothing(user, slurm):
-    user.env["MPIMAP_TEST_SLEEP"] = "0.3"
+    user.env["MPIMAP_TEST_SLEEP"] = "1"  # ~24 s of work: time to act on a loaded machine
     batch_id = user.submit("steady")
     wait_for(lambda: user.ls("steady")["done"] >= 3, 90, "3 points done")
 
@@ -226,7 +226,7 @@ def test_cancel_while_queued_removes_it_from_the_queue(user, slurm):
 
 
 def test_cancel_while_running_keeps_the_results_and_releases_the_allocation(user, slurm, tmp_path):
-    user.env["MPIMAP_TEST_SLEEP"] = "0.3"
+    user.env["MPIMAP_TEST_SLEEP"] = "2"  # cancelled below: slow points leave time on a loaded machine
     batch_id = user.submit("doomed")
     wait_for(lambda: user.ls("doomed")["done"] >= 3, 90, "3 points done")
     user("cancel", "doomed")
@@ -248,7 +248,7 @@ def test_cancel_while_running_keeps_the_results_and_releases_the_allocation(user
 
 
 def test_attach_and_results_while_running(user, slurm, tmp_path):
-    user.env["MPIMAP_TEST_SLEEP"] = "0.3"
+    user.env["MPIMAP_TEST_SLEEP"] = "1"  # ~24 s of work: time to act on a loaded machine
     user.submit("watched")
     user.wait_state("watched", "running", timeout=60)
     attach = subprocess.Popen([sys.executable, "-m", "mpimap", "attach", "watched"], cwd=user.cwd, env=user.env,
@@ -272,7 +272,7 @@ def test_attach_and_results_while_running(user, slurm, tmp_path):
 
 
 def test_ls_status_and_ps_agree_with_squeue(user, slurm):
-    user.env["MPIMAP_TEST_SLEEP"] = "0.3"
+    user.env["MPIMAP_TEST_SLEEP"] = "2"  # cancelled below: slow points leave time on a loaded machine
     batch_id = user.submit("seen")
     wait_for(lambda: user.ls("seen")["done"] >= 2, 90, "2 points done")
     assert user.squeue(batch_id) == ("RUNNING", "localhost")
