@@ -644,3 +644,11 @@ def test_a_job_run_again_by_hand_is_judged_by_its_new_run_not_the_dead_submissio
     finally:
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(timeout=30)
+
+
+def test_a_registry_entry_that_is_not_a_path_is_one_line_for_status_and_ls(where):
+    (where / "home").mkdir()
+    (where / "home" / "registry.json").write_text(json.dumps({"format": "mpimap-registry", "version": 1,
+                                                              "jobs": {"j2": 5}}))
+    one_line_error(mpimap(where, "status", "j2"), "registry", "damaged")
+    one_line_error(mpimap(where, "ls"), "registry", "damaged")

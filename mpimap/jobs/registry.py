@@ -50,7 +50,7 @@ class Registry:
         try:
             body = files.read_json(self.path, self.FORMAT, self.VERSION)
             jobs = body["jobs"]
-            if not isinstance(jobs, dict):
+            if not isinstance(jobs, dict) or not all(isinstance(p, str) for p in jobs.values()):
                 raise KeyError
         except (files.DamagedFile, KeyError):
             raise MpimapError(f"the job registry {self.path} is damaged: move it away (mv {self.path} "
