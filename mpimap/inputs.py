@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import stat
 import sys
 
 import numpy as np
@@ -77,6 +78,8 @@ def load_points(spec: str) -> np.ndarray:
         path += ".h5"
     if not os.path.exists(path):
         raise MpimapError(f"points file {path} does not exist")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read forever
+        raise MpimapError(f"points file {path} is not a regular file: give a .npy, .csv or .h5 file")
     try:
         if dataset:
             import h5py
@@ -86,6 +89,9 @@ def load_points(spec: str) -> np.ndarray:
                     raise MpimapError(f"{path} has no dataset {dataset!r} (it has: {', '.join(f) or 'nothing'})")
                 points = f[dataset][()]
         elif path.endswith(".npy"):
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":  # else np.load takes it for a pickle and says so
+                    raise MpimapError(f"points file {path} is not a valid .npy file (save it with numpy.save)")
             points = np.load(path, allow_pickle=False)
         elif path.endswith(".csv"):
             points = _load_csv(path)

@@ -214,7 +214,7 @@ def test_pause_of_a_finished_job_is_one_line_and_touches_nothing(where):
 
 
 def test_pause_and_resume_of_a_running_job_reach_its_control_file(where):
-    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "steer",
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "steer", "-n", "3",
                   "--template", sleeper(where)).returncode == 0
     job = Job(str(job_dir(where, "steer")))
     files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
@@ -438,3 +438,217 @@ def test_a_normal_install_finds_the_job_script_templates(tmp_path):
     assert out[0].startswith(str(target))
     assert out[1] == str(target / "mpimap" / "jobscripts")
     assert sorted(os.listdir(out[1])) == ["local.sh", "slurm.sh"]
+
+
+# Findings of the review of issue 11 (submit/steer side).
+
+def test_a_reused_pid_of_a_dead_local_job_is_not_taken_for_the_job_and_never_signalled(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "k1",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job.open(str(job_dir(where, "k1")))
+    assert job.state() == "running"
+    from mpimap.jobs.local import _processes
+
+    for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:  # kill -9 of the job's session
+        os.kill(pid, signal.SIGKILL)
+    assert wait_state(job, ("failed",), 30) == "failed"
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)  # a new session leader, not the job's
+    try:
+        # As if the kernel gave the dead leader's PID to the stranger: the recorded id now names the stranger's session.
+        body = json.loads((job_dir(where, "k1") / "batch.json").read_text())
+        host = body["submissions"][-1]["batch_id"].rpartition(":")[0]
+        body["submissions"][-1]["batch_id"] = f"{host}:{stranger.pid}"
+        (job_dir(where, "k1") / "batch.json").write_text(json.dumps(body))
+        assert job.state() == "failed"
+        proc = mpimap(where, "cancel", "k1", "--grace", "1")
+        one_line_error(proc, "k1", "failed already")
+        assert stranger.poll() is None  # never signalled
+        assert job.status() is None
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=30)
+
+
+def test_resubmit_runs_an_interrupted_job_again_and_state_follows_the_new_submission(where, monkeypatch):
+    from mpimap.jobs.local import _processes
+
+    job = slow_job(where, "again", monkeypatch, n=60)
+    one_line_error(mpimap(where, "resubmit", "again"), "again", "running")
+    for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_state(job, ("interrupted",)) == "interrupted"
+    done_before = job.status().done
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.3")
+    proc = mpimap(where, "resubmit", "again")
+    assert proc.returncode == 0, proc.stderr
+    assert "resubmitted job again" in proc.stdout
+    assert len(job.submissions()) == 2
+    # While the new run runs, the job is running (judged from the new submission, not the dead first one).
+    assert wait_state(job, ("running", "paused", "done"), 60) in ("running", "paused", "done")
+    assert wait_state(job, ("done",), 180) == "done", open(job.dir.log).read()
+    results = read_results(job.dir.results)
+    assert list(results["status"]) == ["done"] * 60
+    np.testing.assert_array_equal(results["value"], np.arange(60.0) * 2 + 1)
+    evaluated = open(where / "again.evaluated").read().split()
+    assert len(evaluated) < 60 + done_before + 10  # it went on where it stopped: done points were not run again
+    one_line_error(mpimap(where, "resubmit", "again"), "again", "done")  # nothing left to run
+
+
+def test_resubmit_with_retry_failed_evaluates_the_failed_points_again(where):
+    proc = mpimap(where, "submit", "jobfuncs:fail_on_multiples_of_7", "--points", "points.npy", "--name", "f7",
+                  "--wait", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = Job.open(str(job_dir(where, "f7")))
+    assert (job.state(), job.status().failed) == ("done", 3)
+    one_line_error(mpimap(where, "resubmit", "f7"), "f7", "done", "--retry-failed")
+    proc = mpimap(where, "resubmit", "f7", "--retry-failed")
+    assert proc.returncode == 0, proc.stderr
+    assert len(job.submissions()) == 2
+    assert wait_state(job, ("done",), 180) == "done"
+    assert job.current_status() is not None and job.status().batch_id == job.batch_id()
+    spec = json.loads((job_dir(where, "f7") / "job.json").read_text())
+    assert spec["run_options"].get("retry_failed") is True
+    assert job.status().failed == 3  # the three were evaluated again (and failed again), not skipped
+    results = read_results(job.dir.results)
+    failed = np.arange(20) % 7 == 0
+    assert list(results["attempts"][failed]) == [2, 2, 2]  # the failed ones were evaluated again in the second run
+    assert set(results["run"][failed]) == {1} and set(results["run"][~failed]) == {0}  # the done ones were not
+
+
+def test_cancel_whose_master_stopped_but_whose_processes_linger_says_so(where, monkeypatch):
+    np.save(where / "rows.npy", np.column_stack([np.arange(4), np.ones(4)]).astype(float))
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "120")
+    monkeypatch.setenv("MPIMAP_TEST_LOG", str(where / "linger.evaluated"))
+    from mpimap.jobs import submit
+
+    job = submit("jobfuncs:record", str(where / "rows.npy"), name="linger", ranks=3, isolation="rank")
+    deadline = time.monotonic() + 120
+    while not (where / "linger.evaluated").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while job.status() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc = mpimap(where, "cancel", "linger", "--grace", "5", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    if job.batch_view().state == "gone" and "did not" not in proc.stdout:
+        pytest.skip("the job ended within the grace on its own")
+    assert "the master stopped (cancelled) but its processes did not end within 5 s" in proc.stdout, proc.stdout
+    assert "did not answer" not in proc.stdout
+    assert job.state() == "cancelled" and job.batch_view().state == "gone"
+    assert job.status().message == "" or "did not stop" not in job.status().message
+
+
+def test_cancel_of_a_master_that_does_not_answer_says_so(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "mute",
+                  "--template", sleeper(where)).returncode == 0
+    job = Job.open(str(job_dir(where, "mute")))
+    files.write_json(job.dir.status, JobStatus.FORMAT, JobStatus.VERSION,
+                     JobStatus(state="running", updated=time.time(), total=20).to_json())  # a master that never reads
+    proc = mpimap(where, "cancel", "mute", "--grace", "2", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "the master did not answer within 2 s" in proc.stdout, proc.stdout
+    assert job.state() == "cancelled" and job.batch_view().state == "gone"
+
+
+def test_points_that_are_a_fifo_are_one_line_and_never_hang(where):
+    os.mkfifo(where / "fifo.npy")
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "fifo.npy", "--name", "b4", timeout=60),
+                   "fifo.npy", "not a regular file")
+    assert not (where / "mpimap-jobs").exists()
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "run", "jobfuncs:square", "--points", "fifo.npy",
+                           "--out", "out.h5"], cwd=where, env=job_env(), capture_output=True, text=True, timeout=60)
+    one_line_error(proc, "fifo.npy", "not a regular file")
+
+
+@pytest.mark.parametrize("home", ["points.npy/h", "/proc/mh", "points.npy"], ids=["under-a-file", "proc", "a-file"])
+def test_a_bad_mpimap_home_is_one_line_for_every_command(where, home):
+    env = job_env(MPIMAP_HOME=home if home.startswith("/") else str(where / home))
+    for args in (["ls"], ["status", "x"], ["submit", "jobfuncs:square", "--points", "points.npy", "--name", "h1"]):
+        proc = subprocess.run([sys.executable, "-m", "mpimap", *args], cwd=where, env=env, capture_output=True,
+                              text=True, timeout=60)
+        one_line_error(proc, "MPIMAP_HOME")
+    assert not (where / "mpimap-jobs").exists()
+
+
+@pytest.mark.parametrize("directory", ["points.npy/sub", "/proc/b13"], ids=["under-a-file", "proc"])
+def test_a_bad_job_directory_is_one_line_and_creates_nothing(where, directory):
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "d1",
+                          "--dir", directory), "--dir")
+    assert not (where / "home" / "registry.json").exists() or "d1" not in (where / "home" / "registry.json").read_text()
+
+
+def test_a_template_that_is_not_utf8_is_one_line(where):
+    (where / "tpl3.sh").write_bytes(b"\xff\xfe{{name}}\n")
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--template", "tpl3.sh",
+                          "--dry-run"), "tpl3.sh", "UTF-8")
+
+
+def test_a_job_named_like_a_directory_in_the_cwd_is_found_by_its_name(where):
+    (where / "adir").mkdir()
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "adir",
+                  "--template", sleeper(where)).returncode == 0
+    proc = mpimap(where, "cancel", "adir", "--grace", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert Job.open(str(job_dir(where, "adir"))).state() == "cancelled"
+    line = one_line_error(mpimap(where, "log", str(where / "adir") + "/"), "adir")
+    assert "no job.json" in line
+
+
+def test_ctrl_c_during_submit_wait_detaches_and_the_job_goes_on(where):
+    proc = subprocess.Popen([sys.executable, "-m", "mpimap", "submit", "jobfuncs:square", "--points", "points.npy",
+                             "--name", "cw", "--template", sleeper(where), "--wait"], cwd=where,
+                            env=job_env(MPIMAP_HOME=str(where / "home")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    assert first.startswith("submitted job cw"), first
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "detached; the job goes on (mpimap attach cw)" in out
+    assert "Aborted" not in err
+    assert Job.open(str(job_dir(where, "cw"))).state() == "running"
+
+
+def test_log_level_for_ranks_beyond_the_job_is_one_line(where):
+    assert mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "lv", "-n", "3",
+                  "--template", sleeper(where)).returncode == 0
+    one_line_error(mpimap(where, "log", "lv", "--level", "DEBUG", "--ranks", "99"), "99", "1", "2")
+    assert not (job_dir(where, "lv") / "control").exists()
+
+
+def test_a_garbage_npy_and_a_too_long_name_say_what_is_wrong(where):
+    (where / "garbage.npy").write_bytes(b"this is not numpy at all" * 10)
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "garbage.npy"), "not a valid .npy file")
+    one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "x" * 101),
+                   "100 characters")
+
+
+def test_a_job_run_again_by_hand_is_judged_by_its_new_run_not_the_dead_submission(where, monkeypatch):
+    from mpimap.jobs.local import _processes
+
+    job = slow_job(where, "byhand", monkeypatch, n=60)
+    for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_state(job, ("interrupted",)) == "interrupted"
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.5")
+    first = job.status().started
+    run = subprocess.Popen(["bash", job.dir.script], cwd=where, env=job_env(MPIMAP_HOME=str(where / "home")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (job.status().started == first or job.status().state != "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.state() == "running"  # not interrupted: the new run's status names its own batch id
+        assert mpimap(where, "pause", "byhand").returncode == 0
+        assert wait_state(job, ("paused",), 30) == "paused"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=30)
+
+
+def test_a_registry_entry_that_is_not_a_path_is_one_line_for_status_and_ls(where):
+    (where / "home").mkdir()
+    (where / "home" / "registry.json").write_text(json.dumps({"format": "mpimap-registry", "version": 1,
+                                                              "jobs": {"j2": 5}}))
+    one_line_error(mpimap(where, "status", "j2"), "registry", "damaged")
+    one_line_error(mpimap(where, "ls"), "registry", "damaged")

@@ -656,7 +656,7 @@ def test_attach_ctrl_c_detaches_and_leaves_the_job_running(tmp_path, submitted):
     finally:
         attach.kill()
     assert attach.returncode == 0 and err == "", out + err
-    assert "running: [" in out and out.splitlines()[-1] == "detached; the job goes on"
+    assert "running: [" in out and out.splitlines()[-1] == "detached; the job goes on (mpimap attach watched)"
     before = job.status().done
     assert job.state() == "running" and not os.path.exists(job.dir.control)  # nothing was sent to it
     wait_for(lambda: job.status().done > before, 60, "the job to go on")

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import MpimapError
-from .records import Resources
+from .records import Resources, Submission
 
 SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local"}
 COMMAND_TIMEOUT = 60  # seconds for one sbatch/squeue/scancel: a hung controller must not hang a command
@@ -83,11 +83,15 @@ class BatchSystem:
             raise MpimapError(f"{self.submit_command[0]} printed no job id ({out.strip()[:200]!r})")
         return found.group(1)
 
-    def cancel(self, batch_id: str) -> None:
-        self._run([*self.cancel_command, batch_id])
+    def leader(self, batch_id: str) -> str:
+        """What tells the submitted job from a later one that got the same id (local: a reused PID); '' if nothing."""
+        return ""
 
-    def views(self, batch_ids: list[str]) -> dict[str, BatchView]:
-        """The batch system's view of each of these submissions, in as few queries as it can."""
+    def cancel(self, submission: Submission) -> None:
+        self._run([*self.cancel_command, submission.batch_id])
+
+    def views(self, submissions: list[Submission]) -> dict[str, BatchView]:
+        """The batch system's view of each of these submissions, by batch id, in as few queries as it can."""
         raise NotImplementedError
 
     def env_exports(self) -> str:

@@ -102,7 +102,7 @@ def attach(job, interval):
                 break
             time.sleep(interval)
     except KeyboardInterrupt:
-        click.echo(("\n" if redraw else "") + "detached; the job goes on")
+        click.echo(("\n" if redraw else "") + f"detached; the job goes on (mpimap attach {job})")
         sys.exit(0)
     s = look.status
     counts = f": {s.done} done, {s.failed} failed of {s.total}" if s else ""

@@ -16,7 +16,7 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import EXIT_STATUS, FINAL_STATES
+from .records import FINAL_STATES
 
 
 class _WithRunOptions(click.Command):
@@ -65,7 +65,9 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
            priority, mail, env_setup, template, notify_command, notify_email, directory, dry_run, wait, **run):
     """Submit FUNCTION (MODULE:NAME or path/file.py:NAME) over the points as a job; print its name and batch id.
 
-    Every option of `mpimap run` is accepted and passed on to the job.
+    The options of `mpimap run` are accepted and passed on to the job, except --fresh, --retry-failed and
+    --progress: a new job has no results to replace or retry, and it runs detached (`mpimap attach` shows its
+    progress).  To run a stopped job again with --fresh or --retry-failed: `mpimap resubmit JOB`.
     """
     from .submit import submit as submit_job
 
@@ -80,10 +82,10 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
         click.echo(result, nl=False)
         return
     click.echo(f"submitted job {result.name} ({result.spec().scheduler} {result.batch_id()}): {result.dir.path}")
-    if wait:
-        state = result.wait()
-        click.echo(f"job {result.name} {state}")
-        sys.exit(EXIT_STATUS[state])
+    if wait:  # follow it as `attach` does: Ctrl-C detaches, the exit status is the job's
+        from .commands_read import attach
+
+        ctx.invoke(attach, job=result.name)
 
 
 @click.command(name="ls")
@@ -201,6 +203,18 @@ def cancel(job, grace):
 
 @click.command()
 @click.argument("job")
+@click.option("--retry-failed", is_flag=True, help="Evaluate the points that failed again too.")
+@click.option("--fresh", is_flag=True, help="Start over: the stored results are replaced.")
+def resubmit(job, retry_failed, fresh):
+    """Run an interrupted, failed or cancelled JOB again: it goes on where it stopped (a new batch job)."""
+    j = Job.open(job)
+    submission = j.resubmit(retry_failed=retry_failed, fresh=fresh)
+    click.echo(f"resubmitted job {j.name} ({submission.scheduler} {submission.batch_id}); "
+               f"`mpimap attach {j.name}` follows it")
+
+
+@click.command()
+@click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing what the job writes until it ends.")
 @click.option("--level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
               default=None, help="Instead: set the running job's log level.")
@@ -237,4 +251,4 @@ def log(job, follow, level, ranks):
         time.sleep(1.0)
 
 
-COMMANDS: list = [submit, ls, pause, resume, cancel, log]
+COMMANDS: list = [submit, resubmit, ls, pause, resume, cancel, log]

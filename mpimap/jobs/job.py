@@ -14,6 +14,7 @@ from .batch import BatchView, scheduler
 from .records import FINAL_STATES, JobSpec, JobStatus, Submission
 
 NOT_SUBMITTED = BatchView("pending", reason="not submitted yet")  # submit records the batch id after it submits
+NO_STATUS = JobStatus(state="", updated=0.0)  # what a master that has not reported yet said
 CANCEL_GRACE = 30.0  # seconds a running job has to stop by itself after a cancel before its batch job is ended
 
 
@@ -28,14 +29,18 @@ class Job:
         """The job with this name (in the user's registry) or in this directory; one-line error if neither."""
         if os.path.isfile(os.path.join(name_or_dir, "job.json")):
             return cls(name_or_dir)
-        if os.sep in name_or_dir or os.path.isdir(name_or_dir):
+        if os.sep in name_or_dir:
             raise MpimapError(f"{name_or_dir} is not a job directory (it has no job.json)")
         from .registry import DEFAULT_SCAN, Registry  # the registry knows names
 
         registry = Registry()
         if not registry.exists():
             registry.rebuild([DEFAULT_SCAN])
-        return cls(registry.find(name_or_dir))
+        path = registry.jobs().get(name_or_dir)
+        if path is None and os.path.isdir(name_or_dir):  # a directory of that name, but no job (a name may be both)
+            raise MpimapError(f"no job named {name_or_dir!r}, and the directory {name_or_dir} is not a job directory "
+                              f"(it has no job.json): `mpimap ls` lists your jobs")
+        return cls(path if path is not None else registry.find(name_or_dir))
 
     @property
     def name(self) -> str:
@@ -56,6 +61,23 @@ class Job:
             raise files.DamagedFile(f"{self.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore "
                                     f"it from a copy, or remove it if the job does not matter") from None
         return status
+
+    def current_status(self) -> JobStatus | None:
+        """The master's last report if it speaks for the job's last run; None while a resubmitted job has not
+        reported yet (status.json still holds the earlier run's last word)."""
+        return self.last_run()[0]
+
+    def last_run(self) -> tuple[JobStatus | None, Submission | None]:
+        """The master's last report and the submission it speaks for: the last one in batch.json, or a run
+        started after it by hand (``job.sh`` run again; status.json names its batch id).  A report of a run
+        before the last submission is None: the job is judged from the batch system's view alone."""
+        status, subs = self.status(), self.submissions()
+        last = subs[-1] if subs else None
+        if status is None or not status.batch_id or last is None or status.batch_id == last.batch_id:
+            return status, last
+        if (status.started or 0.0) >= last.submitted:
+            return status, Submission(batch_id=status.batch_id, scheduler=last.scheduler, submitted=status.started)
+        return None, last
 
     def submissions(self) -> list[Submission]:
         if not os.path.exists(self.dir.batch):
@@ -81,17 +103,17 @@ class Job:
 
     def batch_view(self) -> BatchView:
         """What the batch system says of the last submission: queued reason, nodes, time left (Slurm); alive (local)."""
-        batch_id = self.batch_id()
-        if not batch_id:
+        run = self.last_run()[1]
+        if run is None:
             return NOT_SUBMITTED
-        return scheduler(self.spec().scheduler).views([batch_id])[batch_id]
+        return scheduler(self.spec().scheduler).views([run])[run.batch_id]
 
     def state(self, view: BatchView | None = None) -> str:
         """One of records.STATES, from the master's last report and the batch system's view.
 
         ``view`` (from :func:`batch_views`) spares a query per job when many are listed.
         """
-        status = self.status()
+        status = self.current_status()
         if status is not None and status.state in FINAL_STATES:
             return status.state
         view = view or self.batch_view()
@@ -122,41 +144,81 @@ class Job:
         self._steer("resume")
 
     def set_log_level(self, level: str, ranks="all") -> None:
+        """Set the running job's log level on ``ranks``: all, master, workers or a list of worker ranks."""
+        if isinstance(ranks, list):
+            size = self.spec().resources.ranks
+            beyond = [r for r in ranks if not 1 <= r < size]
+            if beyond:
+                raise MpimapError(f"rank {beyond[0]} is not a worker of job {self.name}: it has ranks 0 (master) "
+                                  f"to {size - 1}, workers 1 to {size - 1}")
         self._steer("loglevel", level=level.upper(), ranks=ranks)
 
     def cancel(self, grace: float = CANCEL_GRACE) -> str:
         """Cancel the job; return what was done, in a few words.
 
         A queued job leaves the queue (its status says cancelled).  A running one
-        is asked to stop (it flushes, records ``cancelled`` and ends); if it has not
-        ended after ``grace`` seconds, its batch job is cancelled as well.
+        is asked to stop (it flushes, records ``cancelled`` and ends).  Its master
+        has ``grace`` seconds to record that, and then its processes ``grace``
+        seconds more to end; whatever is late, its batch job is cancelled.
         """
         check_owner(self.dir.path)
         state = self.state()
         if state in FINAL_STATES:
             raise MpimapError(f"job {self.name} is {state} already; nothing to cancel")
         batch = scheduler(self.spec().scheduler)
-        batch_id = self.batch_id()
+        status, run = self.last_run()
         view = self.batch_view()
-        if view.state == "pending" or self.status() is None:
-            if batch_id:
-                batch.cancel(batch_id)
+        if view.state == "pending" or status is None:
+            if run is not None:
+                batch.cancel(run)
             self._final_status("cancelled", "cancelled before it started")
             return "removed from the queue" if view.state == "pending" else "stopped before its master started"
         self._send({"command": "cancel"})
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            state = self.state()
-            if state in FINAL_STATES and self.batch_view().state != "running":
-                return f"{state}: its results so far stay readable"
-            time.sleep(0.5)
-        if batch_id:
-            batch.cancel(batch_id)
-        status = self.status()
-        if status is None or status.state != "cancelled":
-            self._final_status("cancelled", f"its master did not stop within {grace:g} s of the cancel; "
-                                            f"its batch job {batch_id} was cancelled")
-        return f"cancelled; its master did not stop within {grace:g} s, so its batch job was ended"
+        answered = _within(grace, lambda: (self.current_status() or NO_STATUS).state in FINAL_STATES)
+        if answered:
+            final = self.current_status().state
+            if _within(grace, lambda: self.batch_view().state != "running"):
+                return f"{final}: its results so far stay readable"
+            batch.cancel(run)
+            return (f"{final}: the master stopped ({final}) but its processes did not end within {grace:g} s: "
+                    f"killing them (batch job {run.batch_id} cancelled); its results so far stay readable")
+        batch.cancel(run)
+        self._final_status("cancelled", f"its master did not answer the cancel within {grace:g} s; "
+                                        f"its batch job {run.batch_id} was cancelled")
+        return f"cancelled: the master did not answer within {grace:g} s, so its batch job was ended"
+
+    def resubmit(self, retry_failed: bool = False, fresh: bool = False) -> Submission:
+        """Run a stopped (interrupted, failed or cancelled) job again: submit its script once more.
+
+        It goes on where it stopped (points already stored are kept);
+        ``retry_failed`` evaluates failed points again, ``fresh`` starts over.
+        The two are written into the job's spec (``run_options``) for this
+        submission, so the next resubmission sets them anew.
+        """
+        check_owner(self.dir.path)
+        state = self.state()
+        if state not in ("failed", "cancelled", "interrupted") and not (state == "done" and (fresh or retry_failed)):
+            why = ("nothing is left to run (--retry-failed evaluates its failed points again, --fresh all points)"
+                   if state == "done" else "it has not ended (cancel it first)")
+            raise MpimapError(f"job {self.name} is {state}: {why}")
+        spec = self.spec()
+        batch = scheduler(spec.scheduler)
+        batch.check()
+        options = {k: v for k, v in spec.run_options.items() if k not in ("retry_failed", "fresh")}
+        options.update({k: True for k, on in (("retry_failed", retry_failed), ("fresh", fresh)) if on})
+        if options != spec.run_options:
+            spec.run_options = options
+            files.write_json(self.dir.spec, JobSpec.FORMAT, JobSpec.VERSION, spec.to_json())
+        return self.submit_script(batch)
+
+    def submit_script(self, batch) -> Submission:
+        """Submit the job's script to its batch system and record the submission in batch.json."""
+        spec = self.spec()
+        batch_id = batch.submit(self.dir.script, spec.workdir, self.dir.log)
+        submission = Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
+                                host=socket.gethostname(), leader=batch.leader(batch_id))
+        self.add_submission(submission)
+        return submission
 
     def _steer(self, command: str, **fields) -> None:
         """Send a command that only a running master can carry out."""
@@ -174,8 +236,9 @@ class Job:
 
     def _final_status(self, state: str, message: str) -> None:
         """Record a final state on the master's behalf (it never started, or did not stop)."""
-        status = self.status() or JobStatus(state=state, updated=0.0, total=self.points_total())
+        status = self.current_status() or JobStatus(state=state, updated=0.0, total=self.points_total())
         status.state, status.updated, status.ended, status.message = state, time.time(), time.time(), message
+        status.batch_id = status.batch_id or self.batch_id()  # of the run it speaks for
         status.host = status.host or socket.gethostname()
         files.write_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION, status.to_json())
 
@@ -185,16 +248,26 @@ class Job:
 
 def batch_views(jobs: list[Job]) -> dict[str, BatchView]:
     """The batch view of each job's last submission, keyed by job directory: one query per batch system."""
-    by_scheduler: dict[str, dict[str, str]] = {}
+    by_scheduler: dict[str, dict[str, Submission]] = {}
     for job in jobs:
-        batch_id = job.batch_id()
-        if batch_id:
-            by_scheduler.setdefault(job.spec().scheduler, {})[job.dir.path] = batch_id
+        run = job.last_run()[1]
+        if run is not None:
+            by_scheduler.setdefault(job.spec().scheduler, {})[job.dir.path] = run
     views = {job.dir.path: NOT_SUBMITTED for job in jobs}
-    for name, ids in by_scheduler.items():
-        answers = scheduler(name).views(sorted(set(ids.values())))
-        views.update({path: answers[batch_id] for path, batch_id in ids.items()})
+    for name, last in by_scheduler.items():
+        answers = scheduler(name).views(list(last.values()))
+        views.update({path: answers[sub.batch_id] for path, sub in last.items()})
     return views
+
+
+def _within(seconds: float, condition) -> bool:
+    """Whether ``condition()`` holds within ``seconds`` (looked at twice a second)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def check_owner(path: str) -> None:

@@ -6,6 +6,9 @@ shell's place).  Open MPI's ranks stay in the session, each in a process group
 of its own; MPICH gives each rank a session of its own: signals reach them
 through mpiexec, and they die with their launcher (:mod:`mpimap.orphans`).  Only
 this host can tell whether it is alive: from another host its state is unknown.
+A PID is reused once its process has ended, so the submission also records
+the leader's start (boot id and start time, :meth:`Local.leader`): a session
+whose leader started at another time is somebody else's, never the job.
 """
 
 from __future__ import annotations
@@ -43,25 +46,31 @@ class Local(BatchSystem):
             raise MpimapError(f"could not start {script} on this machine: {exc}") from None
         return f"{socket.gethostname()}:{pid}"
 
-    def views(self, batch_ids):
+    def leader(self, batch_id):
+        return _start_of(int(batch_id.rpartition(":")[2])) or f"{_boot_id()}:gone"  # ended already: nothing is it
+
+    def views(self, submissions):
         alive = _live_sessions()
         here = socket.gethostname()
         views = {}
-        for batch_id in batch_ids:
-            host, _, pid = batch_id.rpartition(":")
+        for sub in submissions:
+            host, _, pid = sub.batch_id.rpartition(":")
             if host != here or not pid.isdigit():
-                views[batch_id] = BatchView("unknown", reason=f"runs on {host}: ask there")
+                views[sub.batch_id] = BatchView("unknown", reason=f"runs on {host}: ask there")
             else:
-                views[batch_id] = BatchView("running", nodes=host) if int(pid) in alive else BatchView("gone")
+                ours = int(pid) in alive and _ours(sub)
+                views[sub.batch_id] = BatchView("running", nodes=host) if ours else BatchView("gone")
         return views
 
-    def cancel(self, batch_id):
+    def cancel(self, submission):
         """SIGTERM to every process of the job's session, SIGKILL after :data:`KILL_WAIT` seconds to what is left."""
-        host, _, pid = batch_id.rpartition(":")
+        host, _, pid = submission.batch_id.rpartition(":")
         if host != socket.gethostname():
-            raise MpimapError(f"job {batch_id} runs on {host}: cancel it from there")
+            raise MpimapError(f"job {submission.batch_id} runs on {host}: cancel it from there")
         session = int(pid)
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _ours(submission):  # ended, and its PID may be somebody else's by now
+                return
             for member in _processes().get(session, ()):
                 try:
                     os.kill(member, sig)
@@ -92,3 +101,25 @@ def _processes() -> dict[int, list[int]]:
 
 def _live_sessions() -> set[int]:
     return set(_processes())
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _start_of(pid: int) -> str:
+    """``BOOT_ID:START_TICKS`` of process ``pid`` (field 22 of /proc/PID/stat), or '' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = f.read().rsplit(")", 1)[1].split()[19]  # fields after the command name start at field 3
+    except (OSError, IndexError):
+        return ""
+    return f"{_boot_id()}:{ticks}"
+
+
+def _ours(submission) -> bool:
+    """Whether the session named by the submission's PID is still the job's: its leader is the one recorded, or
+    has ended while members live on (the kernel reuses no PID that names a live session).  A submission without
+    a recorded start (an older mpimap) is taken on trust."""
+    return not submission.leader or _start_of(int(submission.batch_id.rpartition(":")[2])) in ("", submission.leader)

@@ -100,6 +100,7 @@ class Submission(_Record):
     scheduler: str
     submitted: float                    # unix time
     host: str = ""                      # where it was submitted from
+    leader: str = ""                    # local: "BOOT_ID:START_TICKS" of the session leader, so a reused PID is not it
 
 
 @dataclass

@@ -39,8 +39,9 @@ class Slurm(BatchSystem):
             return -int(value)  # higher priority = lower nice (a negative nice needs an operator)
         return value
 
-    def views(self, batch_ids):
+    def views(self, submissions):
         """One ``squeue`` for all the ids (``-t all``: finished jobs too, while Slurm still remembers them)."""
+        batch_ids = [s.batch_id for s in submissions]
         if not batch_ids:
             return {}
         command = ["squeue", "-h", "-t", "all", "-o", self.query_format, "-j", ",".join(batch_ids)]

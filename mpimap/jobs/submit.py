@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import sys
 import sysconfig
 import time
@@ -25,10 +24,11 @@ from ..runner import RUN_OPTIONS, RunOptions
 from . import files
 from .batch import jobscripts_dir, scheduler as find_scheduler
 from .job import Job
-from .records import JobSpec, Resources, Submission
+from .records import JobSpec, Resources
 from .registry import DEFAULT_SCAN, Registry
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_LIMIT = 100  # characters of a job name
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]*)\s*\}\}")
 PLACEHOLDERS = ("directives", "name", "job_dir", "workdir", "log", "env_setup", "environment", "batch_env",
@@ -79,12 +79,15 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
 
 def _create(spec: JobSpec, points: np.ndarray, script: str, job_dir: str, batch, registry: Registry) -> Job:
     """Make the job directory (owner-only), fill it, submit the script and register the job."""
-    os.makedirs(os.path.dirname(job_dir), exist_ok=True)  # ./mpimap-jobs: as the user's umask says
+    registry.check_home()
     old_umask = os.umask(0o077)
     try:
+        os.makedirs(os.path.dirname(job_dir), 0o777 & ~old_umask, exist_ok=True)  # ./mpimap-jobs: as the umask says
         os.mkdir(job_dir, 0o700)
-    except FileExistsError:
-        raise MpimapError(f"{job_dir} exists already: choose another --name or --dir") from None
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and os.path.lexists(job_dir):
+            raise MpimapError(f"{job_dir} exists already: choose another --name or --dir") from None
+        raise MpimapError(f"cannot create the job directory {job_dir} ({exc.strerror}): give another --dir") from None
     finally:
         os.umask(old_umask)
     job = Job(job_dir)
@@ -99,11 +102,9 @@ def _create(spec: JobSpec, points: np.ndarray, script: str, job_dir: str, batch,
             os.chmod(job.dir.script, 0o700)
             registry.add(spec.name, job_dir)
             registered = True
-            batch_id = batch.submit(job.dir.script, spec.workdir, job.dir.log)
+            job.submit_script(batch)
         finally:
             os.umask(old_umask)
-        job.add_submission(Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
-                                      host=socket.gethostname()))
     except BaseException:
         # Not submitted: nothing of value is in the directory yet, and a half-made job would only confuse `ls`.
         if registered:
@@ -118,10 +119,12 @@ def render(template: str, batch, spec: JobSpec, job_dir: str) -> str:
     from ..launch import find_mpiexec
 
     try:
-        with open(template) as f:
+        with open(template, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise MpimapError(f"cannot read template {template}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise MpimapError(f"template {template} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     log = os.path.join(job_dir, "job.log")
     values = {
         "directives": batch.render_directives(spec.resources, spec.name, log),
@@ -213,6 +216,8 @@ def _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos,
 def _name(name: str | None, function: str, registry: Registry, directory: str | None) -> str:
     """The given name if free, or one derived from the function and the time (``f-20261125-2203``)."""
     if name is not None:
+        if len(name) > NAME_LIMIT:
+            raise MpimapError(f"job name {name[:20]}... is {len(name)} characters long: the limit is {NAME_LIMIT} characters")
         if not _NAME.match(name):
             raise MpimapError(f"job name {name!r}: use letters, digits, '.', '_' and '-' (not first)")
         taken = registry.taken(name)
