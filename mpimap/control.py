@@ -111,7 +111,7 @@ class Watcher(threading.Thread):
         """Obey the complete lines appended since the last poll."""
         try:
             with open(self.path, "rb") as f:
-                inode = os.fstat(f.fileno()).st_ino
+                info = os.fstat(f.fileno())
                 start = max(0, self.offset - len(self._last))
                 f.seek(start)
                 data = f.read()
@@ -121,13 +121,13 @@ class Watcher(threading.Thread):
             log.warning("cannot read the control file %s: %s", self.path, exc)
             return
         seen = data[:self.offset - start]
-        if (self._inode not in (None, inode) or len(seen) < self.offset - start
+        if (self._inode not in (None, info.st_ino) or info.st_size < self.offset
                 or not seen.endswith(self._last)):
             log.warning("the control file %s was replaced or truncated: reading it from its start", self.path)
             self.offset, data = 0, self._reread()
         else:
             data = data[self.offset - start:]
-        self._inode = inode
+        self._inode = info.st_ino
         complete = data[:data.rfind(b"\n") + 1]
         for line in complete.splitlines(keepends=True):
             self.offset += len(line)  # before obeying it: a report made meanwhile counts it as read
