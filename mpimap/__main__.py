@@ -13,10 +13,12 @@ import os
 import runpy
 import signal
 import sys
+import time
 import types
 
 
 EXIT_RANKS_LOST = 4  # the run finished, but some ranks were lost on the way
+CANCEL_GRACE = 5.0  # seconds a cancelled `mpimap run` waits for its worker ranks to stop before ending the MPI job
 
 
 def _serve_script(path: str, comm) -> None:
@@ -39,6 +41,23 @@ def _alias_worker_module() -> None:
     alias = types.ModuleType("__worker__")
     alias.__getattr__ = lambda name: getattr(sys.modules["__main__"], name)  # the script's module while it runs
     sys.modules["__worker__"] = alias
+
+
+def _workers_stopped(grace: float | None) -> bool:
+    """Wait for every worker rank to have stopped serving (None: for as long as it takes); whether they did.
+
+    A cancelled run does not wait long: a point in user code under
+    ``isolation="rank"`` cannot be stopped, and MPI_Finalize would wait for it.
+    """
+    from mpi4py import MPI
+
+    request = MPI.COMM_WORLD.Ibarrier()
+    deadline = None if grace is None else time.monotonic() + grace
+    while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def main(argv=None) -> int:
@@ -68,6 +87,7 @@ def main(argv=None) -> int:
             from .worker import serve
 
             serve(comm)
+        MPI.COMM_WORLD.Ibarrier().Wait()  # rank 0 learns that the workers have stopped (see _workers_stopped)
         return 0
     if comm is not None:
         world.start(comm)
@@ -97,6 +117,16 @@ def main(argv=None) -> int:
                              f"with exit status {EXIT_RANKS_LOST}\n")
             sys.stderr.flush()
             MPI.COMM_WORLD.Abort(EXIT_RANKS_LOST if status == 0 else status)
+        if comm is not None:
+            from .runner import EXIT_STATUS
+
+            cancelled = script is None and status == EXIT_STATUS["cancelled"]
+            if not _workers_stopped(CANCEL_GRACE if cancelled else None):
+                # The results are flushed and the status says cancelled: end the job (and its allocation) now.
+                sys.stderr.write(f"mpimap: cancelled: worker ranks still evaluating points after {CANCEL_GRACE:g} "
+                                 f"s; ending the MPI job with exit status {status}\n")
+                sys.stderr.flush()
+                MPI.COMM_WORLD.Abort(status)
     return status
 
 

@@ -54,20 +54,53 @@ def send(path: str, command: dict) -> None:
         os.close(fd)
 
 
-class Watcher(threading.Thread):
-    """Reads commands appended to the control file ``path`` after it was created and hands each to ``apply``.
+def paused_before(path: str, offset: int) -> bool:
+    """Whether the commands of the control file ``path`` before ``offset`` leave the job paused.
 
-    Lines already there when the watcher is made belong to an earlier run of
-    the job; lines appended between making and starting it are read at once.
+    A pause lasts until a resume, also across runs of the job (an interrupted
+    job that was paused starts paused again); a cancel ends a run, so the next
+    run starts unpaused.
+    """
+    paused = False
+    try:
+        with open(path, "rb") as f:
+            data = f.read(offset)
+    except OSError:
+        return False
+    if len(data) < offset:  # the file was replaced since: what it said before is gone
+        return False
+    for line in data.splitlines():
+        try:
+            name = json.loads(line).get("command")
+        except (ValueError, AttributeError):
+            continue
+        if name in ("pause", "resume", "cancel"):
+            paused = name == "pause"
+    return paused
+
+
+class Watcher(threading.Thread):
+    """Reads commands appended to the control file ``path`` from ``offset`` on and hands each to ``apply``.
+
+    ``offset`` None starts at the file's end when the watcher is made: the
+    lines already there belong to an earlier run.  A job's run starts where
+    the previous run of the job stopped reading (its ``status.json`` says
+    where), so commands sent while no run was reading are obeyed too.  A
+    control file removed, replaced or truncated during the run is read again
+    from its start.
     """
 
-    def __init__(self, path: str, apply, interval: float = 0.5):
+    def __init__(self, path: str, apply, interval: float = 0.5, offset: int | None = None):
         super().__init__(name="mpimap-control", daemon=True)
         self.path = path
         self.apply = apply
         self.interval = interval
         self.stopped = threading.Event()
-        self.offset = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        if offset is None:
+            offset = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        self.offset = offset  # bytes read and obeyed (read by the status writer of a job)
+        self._inode = None    # of the file read so far
+        self._last = b""      # the last line read: the file still holds it just before offset, unless replaced
 
     def run(self):
         self.poll()
@@ -75,22 +108,41 @@ class Watcher(threading.Thread):
             self.poll()
 
     def poll(self) -> None:
+        """Obey the complete lines appended since the last poll."""
         try:
             with open(self.path, "rb") as f:
-                f.seek(self.offset)
+                info = os.fstat(f.fileno())
+                start = max(0, self.offset - len(self._last))
+                f.seek(start)
                 data = f.read()
         except FileNotFoundError:
             return
         except OSError as exc:  # a file system hiccup must not stop the job: try again next time
             log.warning("cannot read the control file %s: %s", self.path, exc)
             return
+        seen = data[:self.offset - start]
+        if (self._inode not in (None, info.st_ino) or info.st_size < self.offset
+                or not seen.endswith(self._last)):
+            log.warning("the control file %s was replaced or truncated: reading it from its start", self.path)
+            self.offset, data = 0, self._reread()
+        else:
+            data = data[self.offset - start:]
+        self._inode = info.st_ino
         complete = data[:data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        for line in complete.splitlines():
+        for line in complete.splitlines(keepends=True):
+            self.offset += len(line)  # before obeying it: a report made meanwhile counts it as read
+            self._last = line
             try:
                 self.apply(json.loads(line))
             except Exception as exc:  # a bad command must not stop the job
-                log.warning("ignored control command %r: %s", line, exc)
+                log.warning("ignored control command %r: %s", line.rstrip(b"\n"), exc)
+
+    def _reread(self) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
 
     def stop(self) -> None:
         self.stopped.set()

@@ -146,7 +146,9 @@ def run_job(job_dir: str) -> Outcome:
     if not isinstance(spec.function, str) or ":" not in spec.function:
         raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
     options = RunOptions.from_json(spec.run_options, jobdir.spec)
-    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec)
+    offset = _control_offset(job_dir)
+    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec,
+                    control_offset=offset)
     try:
         return runner.run()
     except BaseException as exc:
@@ -155,24 +157,39 @@ def run_job(job_dir: str) -> Outcome:
         if runner.status is None and not _locked_elsewhere(jobdir.results):
             from .jobs.status import StatusWriter, Tally
 
-            StatusWriter(jobdir.status, Tally(0)).finish("failed", str(exc) or type(exc).__name__)
+            StatusWriter(jobdir.status, Tally(0), control_offset=lambda: offset).finish(
+                "failed", str(exc) or type(exc).__name__)
         raise
+
+
+def _control_offset(job_dir: str) -> int | None:
+    """Where a run of the job starts reading its control file: where the previous run stopped (0 for the first
+    run); None (the file's end) when that is unknown (a status.json of an older mpimap, or a damaged one)."""
+    from .jobs.job import Job
+
+    try:
+        status = Job(job_dir).status()
+    except MpimapError:
+        return None
+    return 0 if status is None else status.control_offset
 
 
 class Runner:
     """One run of a map into a results file; a job's (``jobdir``, ``spec``) adds status.json and notifications."""
 
     def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, *,
-                 jobdir=None, spec=None):
+                 jobdir=None, spec=None, control_offset: int | None = None):
         self.function, self.points_spec, self.out, self.options = function, points, out, options
         self.control = control
+        self.control_offset = control_offset  # where to start reading the control file (None: at its end)
+        self.watcher = None
         self.jobdir, self.spec = jobdir, spec
         self.pool = None
         self.status = None  # the StatusWriter of a job
         self._cancel = threading.Event()
 
     def run(self) -> Outcome:
-        from .control import Watcher
+        from .control import Watcher, paused_before
         from .inputs import FunctionRef, load_points
         from .pool import Pool, map_settings
         from .progress import Progress
@@ -184,7 +201,10 @@ class Runner:
         if problem:
             raise MpimapError(problem)
         logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        watcher = Watcher(self.control, self.apply)  # made first: commands sent from now on are this run's
+        # Made first: commands sent from now on are this run's (a job's run also obeys those its previous run
+        # did not read, and starts paused if that run was paused).
+        watcher = self.watcher = Watcher(self.control, self.apply, offset=self.control_offset)
+        paused = self.control_offset is not None and paused_before(self.control, self.control_offset)
         fn = FunctionRef(self.function)
         points = load_points(self.points_spec)
         try:
@@ -199,21 +219,26 @@ class Runner:
             except BaseException:
                 store.close("failed")
                 raise
-        state, message, announced = "failed", "", None
+        state, message, notifier = "failed", "", None
         old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=o.progress)
         per_rank: Counter = Counter()
         try:
-            announced = self._start_job(counts, todo)
+            notifier = self._start_job(counts, todo)
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
                           host_failures=o.host_failures or None) as pool:
                     pool.set_log_level(o.log_level, "workers")
                     self.pool = pool
-                    watcher.start()
+                    if paused:
+                        self.apply({"command": "pause"})
                     try:
-                        self._stream(pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options()),
-                                     todo, store, meter, per_rank)
+                        watcher.poll()  # the commands sent while no run was reading, in order
+                        if self._cancel.is_set():
+                            raise CancelledError
+                        chunks = pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options())
+                        watcher.start()  # once the map exists: a cancel reaches it
+                        self._stream(chunks, todo, store, meter, per_rank)
                     except CancelledError:
                         if not self._cancel.is_set():
                             raise
@@ -240,7 +265,7 @@ class Runner:
             try:
                 store.close(state)
             finally:
-                self._end_job(state, message, announced)
+                self._end_job(state, message, notifier)
         if state == "cancelled":
             print(f"mpimap: cancelled through the control file; results so far are kept in {self.out}",
                   file=sys.stderr, flush=True)
@@ -261,9 +286,10 @@ class Runner:
                 self.status.tally.add(len(indices), [f.status for f in kept.failures.values()])
             if self.options.on_error == "stop" and kept.failures:
                 offset, failure = next(iter(kept.failures.items()))
+                again = (f"mpimap resubmit {self.spec.name} --retry-failed" if self.spec is not None else
+                         "run the same command again with --retry-failed")
                 raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error stop. "
-                                  f"Results so far are in {store.path}: fix the cause and run again with "
-                                  "--retry-failed")
+                                  f"Results so far are in {store.path}: fix the cause, then {again}")
 
     # -- the control file (the watcher's thread) -----------------------------------
     def apply(self, command: dict) -> None:
@@ -295,42 +321,34 @@ class Runner:
 
     # -- a job's status file and notifications ----------------------------------------
     def _start_job(self, counts: dict, todo):
-        """Start the status writer and send the start notifications (in a thread: a slow hook must not hold the
-        job up); return that thread, or None for a plain run."""
+        """Start the status writer and send the start notifications (in the background: a slow hook must not hold
+        the job up); return the job's Notifier, or None for a plain run."""
         if self.jobdir is None:
             return None
-        from .jobs.notify import Event, notify
+        from .jobs.notify import Event, Notifier
         from .jobs.status import StatusWriter, Tally, rank_rows
 
         jobdir, spec = self.jobdir, self.spec
         tally = Tally.from_counts(counts, retry_failed=self.options.retry_failed)
         self.status = StatusWriter(jobdir.status, tally,
-                                   lambda: rank_rows(self.pool.status(), lambda a, b: todo[a:b]) if self.pool else [])
+                                   lambda: rank_rows(self.pool.status(), lambda a, b: todo[a:b]) if self.pool else [],
+                                   control_offset=lambda: self.watcher.offset)
         self.status.write()
         self.status.start()
-        if not (spec.notify_command or spec.notify_email):
-            return None
-        event = Event(spec.name, "start", "running", jobdir.path, tally.done, tally.failed, tally.total)
-        thread = threading.Thread(target=notify, args=(event, spec.notify_command, spec.notify_email),
-                                  name="mpimap-notify", daemon=True)
-        thread.start()
-        return thread
+        notifier = Notifier(spec.notify_command, spec.notify_email)
+        notifier.start(Event(spec.name, "start", "running", jobdir.path, tally.done, tally.failed, tally.total))
+        return notifier
 
-    def _end_job(self, state: str, message: str, announced) -> None:
-        """The final status report, then the end notifications."""
+    def _end_job(self, state: str, message: str, notifier) -> None:
+        """The final status report, then the end notifications (what is left of the start ones is stopped)."""
         if self.status is None:
             return
-        from .jobs.notify import Event, TIMEOUT, notify
+        from .jobs.notify import Event
 
-        jobdir, spec = self.jobdir, self.spec
         job_state = JOB_STATE[state]
         self.status.finish(job_state, message)
-        if announced is not None:
-            announced.join(TIMEOUT)  # the start notice goes first
-        if spec.notify_command or spec.notify_email:
-            t = self.status.tally
-            notify(Event(spec.name, "end", job_state, jobdir.path, t.done, t.failed, t.total, message),
-                   spec.notify_command, spec.notify_email)
+        t = self.status.tally
+        notifier.end(Event(self.spec.name, "end", job_state, self.jobdir.path, t.done, t.failed, t.total, message))
 
 
 def _locked_elsewhere(results: str) -> bool:

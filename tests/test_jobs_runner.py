@@ -362,3 +362,145 @@ if __name__ == "__main__":
         print("resumed:", pool.paused, [f.result(timeout=60) for f in futures] == list(range(20)))
 """)
     assert "while paused: True 0 [False, False]" in out and "resumed: False True" in out
+
+
+def job_processes(proc: subprocess.Popen, job: files.JobDir) -> list[int]:
+    """Processes left of a job: its session (mpiexec, the ranks) and whatever runs with the job's environment."""
+    left = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.getsid(int(entry)) == proc.pid:
+                left.append(int(entry))
+            elif f"MPIMAP_JOB_DIR={job.path}\0".encode() in open(f"/proc/{entry}/environ", "rb").read():
+                left.append(int(entry))
+        except (OSError, ProcessLookupError):
+            pass
+    return left
+
+
+def gone_within(proc, job, seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for every process of the job to end; return those left."""
+    deadline = time.monotonic() + seconds
+    while (proc.poll() is None or job_processes(proc, job)) and time.monotonic() < deadline:  # poll reaps mpiexec
+        time.sleep(0.5)
+    proc.poll()
+    return job_processes(proc, job)
+
+
+def test_commands_sent_before_the_master_starts_or_between_runs_are_obeyed_once(tmp_path, jobs):
+    n = 40
+    log = tmp_path / "evaluated.txt"
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    send(job.control, {"command": "pause"})  # the job has not started yet (a slow env setup, a slow mpiexec)
+    first = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(first)
+    wait_status(job, lambda s: s.state == "paused", timeout=60, proc=first)
+    time.sleep(3)
+    assert not log.exists() and Job(job.path).status().state == "paused"  # nothing handed out
+    os.kill(Job(job.path).status().pid, signal.SIGTERM)  # interrupted while paused (walltime, say)
+    first.communicate(timeout=120)
+    assert Job(job.path).status().state == "interrupted"
+    # The next run starts paused (the job was paused when it stopped) and obeys a cancel sent before it starts.
+    send(job.control, {"command": "cancel"})
+    second = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(second)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 5, err
+    assert not log.exists() and Job(job.path).status().state == "cancelled"
+    # Commands the earlier runs read are not obeyed again: a cancel ends one run, and the job runs unpaused after it.
+    third = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(third)
+    out, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err
+    assert Job(job.path).status().state == "done" and set(read_results(job.results)["status"]) == {"done"}
+
+
+def test_a_paused_job_that_is_interrupted_starts_paused_again(tmp_path, jobs):
+    n = 300
+    log = tmp_path / "evaluated.txt"
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    first = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(first)
+    wait_status(job, lambda s: s.done >= 5, proc=first)
+    send(job.control, {"command": "pause"})
+    paused = wait_status(job, lambda s: s.state == "paused" and all(r.state == "idle" for r in s.ranks),
+                         timeout=30, proc=first)
+    os.kill(paused.pid, signal.SIGTERM)
+    first.communicate(timeout=120)
+    evaluated = len(evaluations(log))
+    second = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(second)
+    wait_status(job, lambda s: s.state == "paused" and s.pid != paused.pid, timeout=60, proc=second)
+    time.sleep(3)
+    assert len(evaluations(log)) == evaluated  # nothing handed out until resumed
+    send(job.control, {"command": "resume"})
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert Job(job.path).status().state == "done" and set(read_results(job.results)["status"]) == {"done"}
+
+
+@pytest.mark.parametrize("how", ["remove", "truncate"])
+def test_commands_still_reach_the_master_after_the_control_file_is_removed_or_truncated(tmp_path, jobs, how):
+    n = 400
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n), run_options={"chunksize": 1})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="0.05")
+    jobs.append(proc)
+    wait_status(job, lambda s: s.done >= 5, proc=proc)
+    send(job.control, {"command": "pause"})
+    wait_status(job, lambda s: s.state == "paused", timeout=30, proc=proc)
+    send(job.control, {"command": "resume"})
+    wait_status(job, lambda s: s.state == "running", timeout=30, proc=proc)
+    if how == "remove":
+        os.remove(job.control)
+    else:
+        open(job.control, "w").close()
+    time.sleep(2)  # the master looks at the shorter file
+    send(job.control, {"command": "pause"})
+    wait_status(job, lambda s: s.state == "paused", timeout=30, proc=proc)
+    send(job.control, {"command": "cancel"})
+    proc.communicate(timeout=120)
+    assert Job(job.path).status().state == "cancelled"
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_cancel_ends_the_whole_job_promptly_while_points_are_stuck(tmp_path, jobs, isolation):
+    n = 6
+    job = make_job(tmp_path, "jobfuncs:record", record_points(n),
+                   run_options={"chunksize": 1, "isolation": isolation})
+    proc = start(job, MPIMAP_TEST_LOG=tmp_path / "log.txt", MPIMAP_TEST_SLEEP="900")
+    jobs.append(proc)
+    wait_status(job, lambda s: sum(r.state == "busy" for r in s.ranks) == 2, timeout=60, proc=proc)
+    send(job.control, {"command": "cancel"})
+    left = gone_within(proc, job, 60)
+    assert not left, f"processes of the cancelled job still run: {left}"
+    proc.communicate(timeout=30)
+    assert proc.returncode == 5, proc.returncode
+    r = read_results(job.results)
+    assert r["attrs"]["state"] == "cancelled" and set(r["status"]) == {"pending"}
+    assert Job(job.path).status().state == "cancelled"
+
+
+def test_a_hanging_notify_command_neither_holds_up_the_job_nor_outlives_it(tmp_path, jobs):
+    job = make_job(tmp_path, "jobfuncs:square", np.arange(10.0), notify_command="sleep 300")
+    proc = start(job)
+    jobs.append(proc)
+    out, err = proc.communicate(timeout=90)
+    ended = time.time()
+    assert proc.returncode == 0, err
+    status = Job(job.path).status()
+    assert status.state == "done" and ended - status.ended < 30, ended - status.ended
+    assert "did not finish within" in err
+    assert not gone_within(proc, job, 5), "a notify command outlived its job"
+
+
+def test_on_error_stop_of_a_job_names_the_command_that_runs_it_again(tmp_path):
+    job = make_job(tmp_path, "jobfuncs:fail_on_multiples_of_7", np.arange(1.0, 30.0), name="stopper",
+                   run_options={"on_error": "stop", "chunksize": 1})
+    status, err = one_line("run", "--job", job.path, cwd=tmp_path)
+    assert status == 2 and "mpimap resubmit stopper --retry-failed" in err, err
+    np.save(tmp_path / "p.npy", np.arange(1.0, 30.0))
+    status, err = one_line("run", "jobfuncs:fail_on_multiples_of_7", "--points", "p.npy", "--out", "r.h5",
+                           "--on-error", "stop", cwd=tmp_path)
+    assert status == 2 and "run the same command again with --retry-failed" in err, err

@@ -141,6 +141,7 @@ class JobStatus(_Record):
     failures: dict = field(default_factory=dict)   # kind (raised, timeout, crashed, ...) -> count
     history: list = field(default_factory=list)    # [unix time, done, failed] samples, at most a few hundred
     message: str = ""                   # why it ended, for failed / cancelled / interrupted
+    control_offset: int | None = None   # bytes of the control file the master has read (None: unknown)
 
     @classmethod
     def from_json(cls, body: dict):

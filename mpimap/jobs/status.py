@@ -79,14 +79,17 @@ class StatusWriter(threading.Thread):
     """Writes ``status.json`` every ``interval`` seconds and at once on :meth:`set_state` and :meth:`finish`.
 
     ``tally`` is read as it changes (ints, read whole); ``ranks()`` gives the
-    rank rows now (it may raise once the pool is gone: the last rows are kept).
+    rank rows now (it may raise once the pool is gone: the last rows are kept);
+    ``control_offset()`` how far the control file has been read.
     """
 
-    def __init__(self, path: str, tally: Tally, ranks=lambda: [], *, interval: float = INTERVAL):
+    def __init__(self, path: str, tally: Tally, ranks=lambda: [], *, interval: float = INTERVAL,
+                 control_offset=lambda: None):
         super().__init__(name="mpimap-status", daemon=True)
         self.path = path
         self.tally = tally
         self.ranks = ranks
+        self.control_offset = control_offset  # how far the master has read the control file (the next run goes on)
         self.interval = interval
         self.state = "running"
         self.message = ""
@@ -151,4 +154,4 @@ class StatusWriter(threading.Thread):
             started=self.started, ended=self.ended, host=socket.gethostname(), pid=os.getpid(), batch_id=batch_id(),
             rate=rate, eta_seconds=pending / rate if rate > 0 and self.state == "running" else None,
             ranks=[row.to_json() for row in self._rows], failures=failures, history=list(self.history),
-            message=self.message)
+            message=self.message, control_offset=self.control_offset())
