@@ -213,6 +213,8 @@ class Runner:
             raise MpimapError(str(exc)) from None
         with bounded_read(self.out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it
             store = ResultStore.open(self.out, points, fn.spec, fresh=o.fresh, flush_interval=o.flush_interval)
+            if o.fresh and self.jobdir is not None:
+                self._fresh_done()
             try:
                 todo = store.todo(o.retry_failed)
                 counts = store.counts()
@@ -290,6 +292,15 @@ class Runner:
                          "run the same command again with --retry-failed")
                 raise MpimapError(f"point {indices[offset]} failed ({failure.text}); stopped by --on-error stop. "
                                   f"Results so far are in {store.path}: fix the cause, then {again}")
+
+    def _fresh_done(self) -> None:
+        """A job started over once: drop ``fresh`` from its spec, so a requeue or restart of the same batch job
+        resumes what this run stores instead of starting over again."""
+        from .jobs import files
+        from .jobs.records import JobSpec
+
+        self.spec.run_options = {k: v for k, v in self.spec.run_options.items() if k != "fresh"}
+        files.write_json(self.jobdir.spec, JobSpec.FORMAT, JobSpec.VERSION, self.spec.to_json())
 
     # -- the control file (the watcher's thread) -----------------------------------
     def apply(self, command: dict) -> None:

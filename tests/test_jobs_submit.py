@@ -515,6 +515,24 @@ def test_resubmit_with_retry_failed_evaluates_the_failed_points_again(where):
     assert set(results["run"][failed]) == {1} and set(results["run"][~failed]) == {0}  # the done ones were not
 
 
+def test_a_fresh_resubmission_starts_over_once_and_a_restart_of_it_resumes(where, monkeypatch):
+    np.save(where / "rows.npy", np.column_stack([np.arange(6), np.ones(6)]).astype(float))
+    log = where / "fresh.evaluated"
+    monkeypatch.setenv("MPIMAP_TEST_LOG", str(log))
+    proc = mpimap(where, "submit", "jobfuncs:record", "--points", "rows.npy", "--name", "fr", "--wait", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = mpimap(where, "resubmit", "fr", "--fresh")
+    assert proc.returncode == 0, proc.stderr
+    job = Job.open(str(job_dir(where, "fr")))
+    assert wait_state(job, ("done",), 180) == "done"
+    assert len(log.read_text().split()) == 12  # every point twice: the resubmission started over
+    assert "fresh" not in json.loads((job_dir(where, "fr") / "job.json").read_text())["run_options"]
+    # A requeue or restart of that same batch job (its script run again) resumes: nothing is evaluated again.
+    subprocess.run(["bash", str(job.dir.script)], cwd=where, capture_output=True, timeout=180)
+    assert len(log.read_text().split()) == 12
+    assert list(read_results(job.dir.results)["status"]) == ["done"] * 6
+
+
 def test_cancel_whose_master_stopped_but_whose_processes_linger_says_so(where, monkeypatch):
     np.save(where / "rows.npy", np.column_stack([np.arange(4), np.ones(4)]).astype(float))
     monkeypatch.setenv("MPIMAP_TEST_SLEEP", "120")

@@ -406,6 +406,9 @@ def test_a_job_that_failed_before_reading_its_points_shows_their_count(tmp_path)
     attached = cli("attach", job.dir.path)
     assert attached.returncode == 1 and "job f0 failed: 0 done, 0 failed of 40 (cannot import module gone)" in \
         attached.stdout, attached.stdout + attached.stderr
+    env = {**job_env(), "MPIMAP_HOME": str(tmp_path / "home")}
+    listed = json.loads(cli("ls", "--json", "--scan", str(tmp_path), env=env).stdout)
+    assert [(row["name"], row["total"]) for row in listed] == [("f0", 40)]
 
 
 @pytest.mark.parametrize("history", [[[1]], [[1, "a", 2]], [[1, 2, 3], [4, 5]], [5], [1, 2, 3]])

@@ -126,7 +126,7 @@ def ls(all_users, as_json, scan):
 def _row(job: Job, view) -> dict:
     spec, status = job.spec(), job.status()
     subs = job.submissions()
-    total = status.total if status is not None else job.points_total()
+    total = (status.total if status is not None else 0) or job.points_total()  # 0: it failed before counting
     return {
         "name": spec.name, "state": job.state(view), "done": status.done if status else 0,
         "failed": status.failed if status else 0, "total": total,

@@ -35,6 +35,11 @@ class Registry:
         self.home = os.path.abspath(directory or home())
         self.path = os.path.join(self.home, "registry.json")
 
+    def check_home(self) -> None:
+        """Create the home (owner-only) now, or say in one line why it cannot be."""
+        with self._locked():
+            pass
+
     def exists(self) -> bool:
         return os.path.exists(self.path)
 
@@ -103,8 +108,12 @@ class Registry:
     @contextlib.contextmanager
     def _locked(self):
         """Hold the registry's lock file (``registry.lock``) exclusively, creating the home owner-only."""
-        os.makedirs(self.home, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.home, "registry.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(self.home, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(self.home, "registry.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise MpimapError(f"mpimap's home {self.home} (MPIMAP_HOME) is not a usable directory "
+                              f"({exc.strerror}): set MPIMAP_HOME to a directory of yours") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
