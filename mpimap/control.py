@@ -45,10 +45,13 @@ def send(path: str, command: dict) -> None:
         raise MpimapError(f"unknown control command {command.get('command')!r}; known: {', '.join(COMMANDS)}")
     line = json.dumps(command) + "\n"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as exc:
         raise MpimapError(f"cannot write the control file {path}: {exc.strerror}") from None
     try:
+        end = os.fstat(fd).st_size
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            line = "\n" + line  # after a line cut short (a sender killed mid-write), start a line of our own
         os.write(fd, line.encode())  # one small O_APPEND write: lines from several senders never interleave
     finally:
         os.close(fd)

@@ -280,12 +280,14 @@ class Runner:
             host = chunk.host or socket.gethostname()
             kept = chunk.delivered()  # without the points that went to another attempt
             indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
-            store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host, kept.attempts,
-                        kept.logs)
+            misfits = store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host,
+                                  kept.attempts, kept.logs)
             per_rank[f"{host}/{chunk.rank}"] += len(indices)
-            meter.update(len(indices), [f.text for f in kept.failures.values()])
+            # A value the results file cannot hold fails its point there: count it as failed here too.
+            meter.update(len(indices), [f.text for f in kept.failures.values()] + list(misfits.values()))
             if self.status is not None:
-                self.status.tally.add(len(indices), [f.status for f in kept.failures.values()])
+                self.status.tally.add(len(indices), [f.status for f in kept.failures.values()]
+                                      + ["failed"] * len(misfits))
             if self.options.on_error == "stop" and kept.failures:
                 offset, failure = next(iter(kept.failures.items()))
                 again = (f"mpimap resubmit {self.spec.name} --retry-failed" if self.spec is not None else

@@ -157,8 +157,10 @@ class ResultStore:
 
     # -- writing -----------------------------------------------------------------
     def write(self, indices: np.ndarray, values, failures: dict, durations, rank: int, host: str,
-              attempts: dict | None = None, logs: dict | None = None) -> None:
+              attempts: dict | None = None, logs: dict | None = None) -> dict:
         """Take the results of the points ``indices`` (one chunk, in order); they reach the file at the next flush.
+
+        Returns the points the store itself failed (offset -> error text): values that do not fit the column.
 
         Rows are buffered and written in large sorted runs: a write per chunk
         and column costs far more than the data.  A flush happens once the
@@ -189,6 +191,7 @@ class ResultStore:
                 self._wake.notify()
             if self._pending_rows >= FLUSH_ROWS or self.flush_interval <= 0:
                 self.flush()
+        return misfits
 
     def mark_verified(self, indices, same) -> None:
         """Record the outcome of re-evaluating points on another host: 1 the results agreed, 2 they did not."""

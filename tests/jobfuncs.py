@@ -141,3 +141,8 @@ def exits_on_2(x):
     if int(x) == 2:
         os._exit(3)
     return x
+
+
+def float_then_list(x):
+    """A number for the first points, then lists: the results file cannot hold the lists (StoreError)."""
+    return float(x) if x < 3 else [float(x), 1.0]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import job_env, kill_job, launcher_env, mpimap_cli, without_launcher_report
-from mpimap.control import send
+from mpimap.control import Watcher, send
 from mpimap.jobs import files
 from mpimap.jobs.job import Job
 from mpimap.jobs.records import JobSpec, Resources
@@ -96,6 +96,16 @@ def test_a_job_runs_from_its_directory_and_reports_done(tmp_path):
     assert status.history[-1][1:] == [42, 8]
     assert sorted(row.rank for row in status.ranks) == [1, 2] and all(row.pid > 0 for row in status.ranks)
     assert "job complete" in proc.stdout
+
+
+def test_points_the_results_file_refuses_count_as_failed_in_the_status(tmp_path):
+    job = make_job(tmp_path, "jobfuncs:float_then_list", np.arange(8.0), run_options={"chunksize": 1})
+    mpimap_cli(2, "run", "--job", job.path, cwd=tmp_path, env=job_env())  # one worker: points arrive in order
+    r = read_results(job.results)
+    assert list(r["status"]) == ["done"] * 3 + ["failed"] * 5 and "StoreError" in r["error"][3]
+    status = Job(job.path).status()
+    assert (status.done, status.failed, status.pending) == (3, 5, 0)  # as the results file says
+    assert status.failures == {"raised": 5}
 
 
 def test_a_resumed_job_counts_the_points_of_earlier_runs(tmp_path):
@@ -504,3 +514,14 @@ def test_on_error_stop_of_a_job_names_the_command_that_runs_it_again(tmp_path):
     status, err = one_line("run", "jobfuncs:fail_on_multiples_of_7", "--points", "p.npy", "--out", "r.h5",
                            "--on-error", "stop", cwd=tmp_path)
     assert status == 2 and "run the same command again with --retry-failed" in err, err
+
+
+def test_a_command_sent_after_a_line_cut_short_is_obeyed(tmp_path):
+    path = str(tmp_path / "control")
+    with open(path, "w") as f:
+        f.write('{"command": "res')  # a sender killed in the middle of its line
+    seen = []
+    watcher = Watcher(path, seen.append, offset=0)
+    send(path, {"command": "pause"})
+    watcher.poll()
+    assert seen == [{"command": "pause"}]

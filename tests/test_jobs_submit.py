@@ -670,3 +670,34 @@ def test_a_registry_entry_that_is_not_a_path_is_one_line_for_status_and_ls(where
                                                               "jobs": {"j2": 5}}))
     one_line_error(mpimap(where, "status", "j2"), "registry", "damaged")
     one_line_error(mpimap(where, "ls"), "registry", "damaged")
+
+
+def test_one_damaged_status_file_does_not_hide_the_other_jobs(where):
+    for name in ("good", "hurt"):
+        proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name, "--wait",
+                      timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    (job_dir(where, "hurt") / "status.json").write_text("garbage")
+    proc = mpimap(where, "ls", "--json")
+    one_line_error(proc, "hurt", "status.json", "damaged")
+    assert [row["name"] for row in json.loads(proc.stdout)] == ["good"]
+    proc = mpimap(where, "ps", "--json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [unreadable] = json.loads(proc.stdout)["unreadable"]
+    assert "hurt" in unreadable and "damaged" in unreadable
+
+
+def test_resubmit_waits_until_the_previous_run_has_ended(where):
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", "slowend",
+                  "--notify-command", "sleep 60")
+    assert proc.returncode == 0, proc.stderr
+    job = Job.open(str(job_dir(where, "slowend")))
+    assert wait_state(job, ("done",), 120) == "done"
+    if job.batch_view().state == "running":  # the end notice holds the processes for up to 10 s
+        one_line_error(mpimap(where, "resubmit", "slowend", "--fresh"), "slowend", "has not ended yet")
+    deadline = time.monotonic() + 60
+    while job.batch_view().state != "gone" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc = mpimap(where, "resubmit", "slowend", "--fresh")
+    assert proc.returncode == 0, proc.stderr
+    assert wait_state(job, ("done",), 120) == "done"

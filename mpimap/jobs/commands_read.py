@@ -131,7 +131,7 @@ def ps(jobs, all_users, as_json):
     rows, unreadable, found = [], [], []
     for job in [Job.open(j) for j in jobs] if jobs else [Job(p) for p in job_paths(all_users)]:
         try:
-            job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
+            job.spec(), job.last_run()  # readable, or named below (batch_views reads them)
             found.append(job)
         except MpimapError as exc:  # one damaged job does not hide the others
             unreadable.append(str(exc))

@@ -102,7 +102,7 @@ def ls(all_users, as_json, scan):
     for path in job_paths(all_users, scan):
         job = Job(path)
         try:
-            job.spec(), job.submissions()  # readable, or named below (batch_views reads both)
+            job.spec(), job.last_run()  # readable, or named below (batch_views reads them)
             jobs.append(job)
         except MpimapError as exc:
             bad.append(str(exc))

@@ -196,11 +196,15 @@ class Job:
         submission, so the next resubmission sets them anew.
         """
         check_owner(self.dir.path)
-        state = self.state()
+        view = self.batch_view()
+        state = self.state(view)
         if state not in ("failed", "cancelled", "interrupted") and not (state == "done" and (fresh or retry_failed)):
             why = ("nothing is left to run (--retry-failed evaluates its failed points again, --fresh all points)"
                    if state == "done" else "it has not ended (cancel it first)")
             raise MpimapError(f"job {self.name} is {state}: {why}")
+        if view.state in ("pending", "running"):  # its master has reported the end; its processes still end
+            raise MpimapError(f"job {self.name} is {state}, but its batch job {self.last_run()[1].batch_id} has not "
+                              "ended yet: wait a few seconds and resubmit again")
         spec = self.spec()
         batch = scheduler(spec.scheduler)
         batch.check()
