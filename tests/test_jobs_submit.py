@@ -472,13 +472,13 @@ def test_a_reused_pid_of_a_dead_local_job_is_not_taken_for_the_job_and_never_sig
 def test_resubmit_runs_an_interrupted_job_again_and_state_follows_the_new_submission(where, monkeypatch):
     from mpimap.jobs.local import _processes
 
-    job = slow_job(where, "again", monkeypatch, n=60)
+    job = slow_job(where, "again", monkeypatch, n=200)  # ~10 s: still running when resubmit is tried
     one_line_error(mpimap(where, "resubmit", "again"), "again", "running")
     for pid in _processes()[int(job.batch_id().rpartition(":")[2])]:
         os.kill(pid, signal.SIGKILL)
     assert wait_state(job, ("interrupted",)) == "interrupted"
     done_before = job.status().done
-    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.3")
+    monkeypatch.setenv("MPIMAP_TEST_SLEEP", "0.02")
     proc = mpimap(where, "resubmit", "again")
     assert proc.returncode == 0, proc.stderr
     assert "resubmitted job again" in proc.stdout
@@ -487,10 +487,10 @@ def test_resubmit_runs_an_interrupted_job_again_and_state_follows_the_new_submis
     assert wait_state(job, ("running", "paused", "done"), 60) in ("running", "paused", "done")
     assert wait_state(job, ("done",), 180) == "done", open(job.dir.log).read()
     results = read_results(job.dir.results)
-    assert list(results["status"]) == ["done"] * 60
-    np.testing.assert_array_equal(results["value"], np.arange(60.0) * 2 + 1)
+    assert list(results["status"]) == ["done"] * 200
+    np.testing.assert_array_equal(results["value"], np.arange(200.0) * 2 + 1)
     evaluated = open(where / "again.evaluated").read().split()
-    assert len(evaluated) < 60 + done_before + 10  # it went on where it stopped: done points were not run again
+    assert len(evaluated) < 200 + done_before + 10  # it went on where it stopped: done points were not run again
     one_line_error(mpimap(where, "resubmit", "again"), "again", "done")  # nothing left to run
 
 
