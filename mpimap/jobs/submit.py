@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..errors import MpimapError
 from ..runner import RUN_OPTIONS, RunOptions
+from ..walltime import parse_walltime
 from . import files
 from .batch import jobscripts_dir, scheduler as find_scheduler
 from .job import Job
@@ -29,7 +30,6 @@ from .registry import DEFAULT_SCAN, Registry
 
 NAME_LIMIT = 100  # characters of a job name
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]*)\s*\}\}")
 PLACEHOLDERS = ("directives", "name", "job_dir", "workdir", "log", "env_setup", "environment", "batch_env",
                 "mpiexec", "ranks", "python")
@@ -206,8 +206,8 @@ def _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos,
     ranks = 2 if ranks is None else ranks
     if not isinstance(ranks, int) or ranks < 2:
         raise MpimapError(f"ranks {ranks!r}: a job needs at least 2 ranks (one master, one worker)")
-    if walltime is not None and not _WALLTIME.match(str(walltime)):
-        raise MpimapError(f"walltime {walltime!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
+    if walltime is not None:
+        parse_walltime(str(walltime))  # one line for a walltime no batch system would take
     return Resources(ranks=ranks, nodes=nodes, ntasks_per_node=ntasks_per_node,
                      walltime=None if walltime is None else str(walltime), partition=partition, account=account,
                      qos=qos, priority=priority, mail=mail)
