@@ -144,3 +144,24 @@ def slurm():
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("SLURM_CONF", cluster.conf)
             yield cluster
+
+
+@pytest.fixture(scope="session")
+def sge():
+    """A real single-node Grid Engine on localhost for the session (tests/sge_cluster.py), with its SGE_ROOT, SGE_CELL
+    and ports set for every subprocess.
+
+    Skipped where Grid Engine is not installed, except in CI (``.ci/run`` sets MPIMAP_CI=1 and installs it), where that fails.
+    """
+    from sge_cluster import SgeCluster, missing
+
+    why = missing()
+    if why and os.environ.get("MPIMAP_CI"):
+        pytest.fail(f"CI must run the Grid Engine tests, but {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
+    with SgeCluster().session() as cell:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in cell.variables().items():
+                patch.setenv(key, value)
+            yield cell
