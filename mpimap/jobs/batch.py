@@ -4,8 +4,8 @@ A batch system is a :class:`BatchSystem` subclass that fills in class
 attributes (its submit and cancel commands, its directive prefix and how each
 resource renders as a directive, the pattern of the job id in the submit
 output, the environment variables a running job finds its id and nodes in) and
-a template in the top-level ``jobscripts/`` directory.  Adding one (PBS, SGE)
-is one class and one template; :data:`SCHEDULERS` lists them by name.
+a template in the top-level ``jobscripts/`` directory.  Adding one (LSF,
+HTCondor) is one class and one template; :data:`SCHEDULERS` lists them by name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from ..errors import MpimapError
 from .records import Resources, Submission
 
-SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local"}
+SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local", "pbs": "mpimap.jobs.pbs:Pbs",
+              "torque": "mpimap.jobs.pbs:Torque", "sge": "mpimap.jobs.sge:Sge"}
 COMMAND_TIMEOUT = 60  # seconds for one sbatch/squeue/scancel: a hung controller must not hang a command
 
 
@@ -47,9 +48,16 @@ class BatchSystem:
     cancel_command: tuple = ()          # the batch id is appended
     directive_prefix = ""               # e.g. "#SBATCH"
     directives: dict = {}               # Resources field (or "name", "log") -> format of its directive, e.g. "--time={}"
+    fixed_directives: tuple = ()        # directives every job script carries (e.g. requeue-able)
+    dependency_args: tuple = ()         # submit arguments for "start after batch job {} has ended, however it ended"
+    unsupported: tuple = ()             # Resources fields this batch system has no directive for: refused, not ignored
+    priority_range: tuple = ()          # (lowest, highest) --priority this batch system takes, if it takes one
+    warning_seconds = 120               # how long before the walltime the job asks for a warning signal, if it can
     job_id_pattern = r"(\S+)"           # the batch id in the submit command's output
     env_job_id = ""                     # where a running job finds its batch id ...
-    env_nodelist = ""                   # ... and its nodes
+    env_nodelist = ""                   # ... and its nodes: a variable holding them, or naming a file of them
+    nodelist_from_file = False          # env_nodelist names a file with a host first on each line (PBS, SGE)
+    env_walltime = ""                   # a variable holding the job's walltime in seconds, where one is set (Torque)
 
     def check(self) -> None:
         """Refuse before anything is created if this batch system's commands are not here."""
@@ -58,22 +66,37 @@ class BatchSystem:
             raise MpimapError(f"{program} not found: the {self.name} scheduler needs it on PATH "
                               f"(load the site's module, or use --scheduler local)")
 
+    def check_resources(self, resources: Resources) -> None:
+        """One line for a resource this batch system cannot express, before anything is created."""
+        for field in self.unsupported:
+            if getattr(resources, field) is not None:
+                raise MpimapError(f"--{field.replace('_', '-')} means nothing to {self.name}: leave it out")
+        if resources.priority is not None and self.priority_range:
+            low, high = self.priority_range
+            if not low <= resources.priority <= high:
+                raise MpimapError(f"--priority {resources.priority}: {self.name} takes {low} to {high}")
+
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
         values = {field: getattr(resources, field, None) for field in self.directives}
         values.update(name=name, log=log)
         lines = []
         for field, fmt in self.directives.items():
-            value = self.directive_value(field, values.get(field))
+            value = self.directive_value(field, values.get(field), resources)
             if value is None:
                 continue
             for one in fmt if isinstance(fmt, tuple) else (fmt,):
                 lines.append(f"{self.directive_prefix} {one.format(value)}")
+        lines += [f"{self.directive_prefix} {one}" for one in self.fixed_directives]
         return "\n".join(lines)
 
-    def directive_value(self, field: str, value):
+    def directive_value(self, field: str, value, resources: Resources):
         """The value a directive carries for a resource (a subclass maps, e.g. priority onto nice)."""
         return value
+
+    def warning_lead(self, walltime_seconds: float) -> int:
+        """Seconds before the walltime to ask for the warning: :attr:`warning_seconds`, at most a third of a short one."""
+        return max(1, min(self.warning_seconds, int(walltime_seconds // 3)))
 
     def submit(self, script: str, workdir: str, log: str) -> str:
         """Submit the rendered script; return the batch id parsed from the submit command's output."""
@@ -94,10 +117,27 @@ class BatchSystem:
         """The batch system's view of each of these submissions, by batch id, in as few queries as it can."""
         raise NotImplementedError
 
-    def env_exports(self) -> str:
-        """Shell lines that give the running job mpimap's names for its batch id and nodes."""
+    def env_exports(self, walltime_seconds: int | None = None) -> str:
+        """Shell lines that give the running job mpimap's names for its batch id, its nodes and its deadline.
+
+        ``MPIMAP_DEADLINE`` is the allocation's end in unix seconds, empty if unknown: the master stops
+        handing out points that would not finish before it.
+        """
+        if self.nodelist_from_file:  # one host per line, or per slot: each once, in order, comma-separated
+            nodes = f"$(awk '!seen[$1]++ {{print $1}}' \"${{{self.env_nodelist}}}\" 2>/dev/null | paste -sd, -)"
+        else:
+            nodes = f"${{{self.env_nodelist}:-}}"
         return (f'export MPIMAP_BATCH_ID="${{{self.env_job_id}}}"\n'
-                f'export MPIMAP_NODELIST="${{{self.env_nodelist}:-}}"')
+                f'export MPIMAP_NODELIST="{nodes}"\n'
+                f'export MPIMAP_DEADLINE="{self.deadline_shell(walltime_seconds)}"')
+
+    def deadline_shell(self, walltime_seconds: int | None) -> str:
+        """Shell text for the allocation's end in unix seconds: the script's start plus the walltime
+        (:attr:`env_walltime` if the batch system sets it, else the one the job asked for), or empty."""
+        if self.env_walltime:
+            limit = f"${{{self.env_walltime}:-{walltime_seconds or ''}}}"
+            return f"$(w={limit}; [ -z \"$w\" ] || echo $(( $(date +%s) + w )))"
+        return f"$(( $(date +%s) + {walltime_seconds} ))" if walltime_seconds else ""
 
     def _run(self, command: list[str], cwd: str | None = None) -> str:
         try:

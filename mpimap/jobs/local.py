@@ -31,8 +31,9 @@ class Local(BatchSystem):
     submit_command = ("setsid",)
     env_job_id = "MPIMAP_BATCH_ID"
 
-    def env_exports(self):
-        return 'export MPIMAP_BATCH_ID="$(hostname):$$"\nexport MPIMAP_NODELIST="$(hostname)"'
+    def env_exports(self, walltime_seconds=None):
+        return ('export MPIMAP_BATCH_ID="$(hostname):$$"\nexport MPIMAP_NODELIST="$(hostname)"\n'
+                f'export MPIMAP_DEADLINE="{self.deadline_shell(walltime_seconds)}"')
 
     def submit(self, script, workdir, log):
         # setsid from a background job of a non-interactive shell (not a group leader) does not fork: $! is the

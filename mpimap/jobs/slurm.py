@@ -34,7 +34,7 @@ class Slurm(BatchSystem):
     env_nodelist = "SLURM_JOB_NODELIST"
     query_format = "%i|%T|%r|%N|%L"     # id, state, reason, nodes, time left
 
-    def directive_value(self, field, value):
+    def directive_value(self, field, value, resources):
         if field == "priority" and value is not None:
             return -int(value)  # higher priority = lower nice (a negative nice needs an operator)
         return value
@@ -65,3 +65,9 @@ class Slurm(BatchSystem):
             views[job_id] = BatchView(kind, reason=reason if reason not in ("None", "(null)") else "",
                                       nodes=nodes, time_left=left if kind == "running" else "")
         return {i: views.get(i, BatchView("gone")) for i in batch_ids}
+
+    def deadline_shell(self, walltime_seconds):
+        """``SLURM_JOB_END_TIME`` where Slurm sets it (23.02 and later), else the end ``squeue`` gives (a date,
+        or "Unknown"/"NONE" without a time limit: then empty)."""
+        end = 'e=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null); case $e in [0-9]*) date -d "$e" +%s;; esac'
+        return f"${{SLURM_JOB_END_TIME:-$({end})}}"

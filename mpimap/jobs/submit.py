@@ -8,6 +8,7 @@ half-made job behind.
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import re
 import shlex
@@ -32,7 +33,7 @@ NAME_LIMIT = 100  # characters of a job name
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PLACEHOLDER = re.compile(r"\{\{\s*([^{}\s]*)\s*\}\}")
 PLACEHOLDERS = ("directives", "name", "job_dir", "workdir", "log", "env_setup", "environment", "batch_env",
-                "mpiexec", "ranks", "python")
+                "mpiexec", "ranks", "python", "walltime_seconds")
 
 
 def submit(function, points, *, name: str | None = None, scheduler: str = "local", ranks: int | None = None,
@@ -58,6 +59,7 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     values = load_points(source)
     _check_run_options(run_options)
     resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
+    batch.check_resources(resources)
     registry = Registry()
     name = _name(name, fn.spec, registry, directory)
     job_dir = os.path.abspath(directory or os.path.join(DEFAULT_SCAN, name))
@@ -126,6 +128,8 @@ def render(template: str, batch, spec: JobSpec, job_dir: str) -> str:
     except UnicodeDecodeError as exc:
         raise MpimapError(f"template {template} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     log = os.path.join(job_dir, "job.log")
+    walltime = spec.resources.walltime
+    seconds = math.ceil(parse_walltime(walltime)) if walltime is not None else None
     values = {
         "directives": batch.render_directives(spec.resources, spec.name, log),
         "name": spec.name,
@@ -134,10 +138,11 @@ def render(template: str, batch, spec: JobSpec, job_dir: str) -> str:
         "log": shlex.quote(log),
         "env_setup": spec.env_setup,
         "environment": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in spec.environment.items()),
-        "batch_env": batch.env_exports(),
+        "batch_env": batch.env_exports(seconds),
         "mpiexec": shlex.quote(find_mpiexec()),
         "ranks": str(spec.resources.ranks),
         "python": shlex.quote(spec.python),
+        "walltime_seconds": "" if seconds is None else str(seconds),
     }
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - set(values))
     if unknown:

@@ -1,0 +1,17 @@
+#!/bin/bash
+{{directives}}
+# mpimap job {{name}}, rendered by `mpimap submit` from a template (jobscripts/sge.sh).
+# To change what every job of a site does, copy the template, edit it and pass --template.
+
+cd {{workdir}} || exit 2
+# Grid Engine makes a per-job directory and names it in TMP, but TMPDIR does not always reach the job.
+export TMPDIR="${TMPDIR:-$TMP}"
+{{env_setup}}
+{{environment}}
+{{batch_env}}
+
+# exec: mpiexec takes the shell's place.  Grid Engine signals the job's whole process group (qdel, the s_rt
+# warning SIGUSR1, qmod -s/-us), so rank 0 hears it and stores everything before the job ends.  mpiexec finds
+# the slots in $PE_HOSTFILE.  Never end this script with status 99 (Grid Engine requeues the job) or
+# 100 (it holds it in error, and its dependents with it): mpimap's own statuses are 0 to 5.
+exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run --job {{job_dir}}

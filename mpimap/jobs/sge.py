@@ -1,0 +1,130 @@
+"""Grid Engine (Son of Grid Engine, Univa/Altair GE, Open Cluster Scheduler): ``qsub -terse``, ``qstat -xml``, ``qdel``.
+
+The ranks are slots of a parallel environment (``-pe mpi N``; a site whose PE
+has another name sets ``MPIMAP_SGE_PE`` when it submits).  The walltime is
+``h_rt``, with ``s_rt`` :meth:`~BatchSystem.warning_lead` seconds earlier: at
+``s_rt`` Grid Engine sends SIGUSR1 to the job's whole process group, which is
+the warning the master stops on.  Once ``s_rt`` has fired, Grid Engine holds
+``h_rt``'s SIGKILL back until at least 90 s later, so a short job may overrun
+its ``h_rt`` by up to that much; the master's own deadline does not.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+
+from ..walltime import format_hms, parse_walltime
+from .batch import COMMAND_TIMEOUT, BatchSystem, BatchView
+
+DEFAULT_PE = "mpi"
+
+
+class Sge(BatchSystem):
+    name = "sge"
+    template = "sge.sh"
+    submit_command = ("qsub", "-terse")      # -terse: the job id alone
+    cancel_command = ("qdel",)
+    directive_prefix = "#$"
+    directives = {
+        "name": "-N {}",
+        "log": ("-o {}", "-j y"),            # Grid Engine appends to an existing output file
+        "ranks": "-pe {}",
+        "walltime": "-l {}",
+        "partition": "-q {}",
+        "account": "-A {}",
+        "priority": "-p {}",
+        "mail": ("-m bea", "-M {}"),
+    }
+    # bash whatever the queue's shell_start_mode; requeue-able (a job on a lost host runs again).
+    fixed_directives = ("-S /bin/bash", "-r y")
+    dependency_args = ("-hold_jid", "{}")     # "after any end" (there is no afterok in Grid Engine)
+    unsupported = ("qos",)
+    priority_range = (-1023, 1024)           # higher runs sooner; above 0 only for operators and managers
+    job_id_pattern = r"^\s*(\d+)"            # an array job prints ID.FIRST-LAST:STEP
+    env_job_id = "JOB_ID"
+    env_nodelist = "PE_HOSTFILE"             # "HOST SLOTS QUEUE PROCESSORS" per line
+    nodelist_from_file = True
+
+    def directive_value(self, field, value, resources):
+        if value is None:
+            return None
+        if field == "ranks":
+            return f"{os.environ.get('MPIMAP_SGE_PE') or DEFAULT_PE} {value}"
+        if field == "walltime":
+            seconds = parse_walltime(value)
+            return f"h_rt={format_hms(seconds)},s_rt={format_hms(seconds - self.warning_lead(seconds))}"
+        return value
+
+    def views(self, submissions):
+        """One ``qstat -xml`` for every job, and one ``qstat -j`` for the queued ones among ours (why they wait)."""
+        batch_ids = [s.batch_id for s in submissions]
+        if not batch_ids:
+            return {}
+        out = _query(["qstat", "-xml", "-u", "*"])
+        try:
+            root = ET.fromstring(out) if out is not None else None
+        except ET.ParseError:
+            root = None
+        if root is None:
+            return {i: BatchView("unknown") for i in batch_ids}
+        views, held = {}, set()
+        for job in root.iter("job_list"):
+            job_id, state = job.findtext("JB_job_number", ""), job.findtext("state", "")
+            if job_id in batch_ids and job_id not in views:
+                views[job_id] = _view(state, job.findtext("queue_name") or "")
+                if "h" in state:
+                    held.add(job_id)
+        waiting = [i for i, v in views.items() if v.state == "pending" and not v.reason]
+        if waiting:
+            for job_id, reason in _reasons(waiting, held).items():
+                views[job_id] = BatchView("pending", reason=reason)
+        return {i: views.get(i, BatchView("gone")) for i in batch_ids}
+
+
+def _query(command: list[str]) -> str | None:
+    """The output of a qstat, or None if Grid Engine could not be asked."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _view(state: str, queue: str) -> BatchView:
+    """A job's view from its ``qstat`` state letters (qw, hqw, r, t, s, Eqw, Rr, dr, ...) and queue instance."""
+    host = queue.partition("@")[2]
+    if "E" in state:
+        return BatchView("pending", reason="error state: see `qstat -j`; `qmod -cj` clears it")
+    if any(letter in state for letter in "rtsST"):
+        suspended = any(letter in state for letter in "sST")
+        return BatchView("running", reason="suspended" if suspended else "", nodes=host)
+    if "q" in state or "w" in state:
+        return BatchView("pending")
+    return BatchView("running", nodes=host)  # "d": being deleted, its processes not yet ended
+
+
+def _reasons(batch_ids: list[str], held: set[str]) -> dict[str, str]:
+    """Why each of these queued jobs waits, from ``qstat -j``: another job (-hold_jid), a hold (``held``: their
+    state has an "h"), or what the scheduler says."""
+    out = _query(["qstat", "-j", ",".join(batch_ids)]) or ""
+    reasons = {}
+    for block in out.split("=" * 20):
+        fields = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+        job_id = fields.get("job_number")
+        if job_id is None:
+            continue
+        info = fields.get("scheduling info", "")
+        if fields.get("jid_predecessor_list"):
+            reasons[job_id] = f"Dependency (after job {fields['jid_predecessor_list']})"
+        elif job_id in held:
+            reasons[job_id] = f"held (qrls {job_id} releases it)"
+        else:
+            reasons[job_id] = info or "Priority"
+    return reasons
