@@ -8,7 +8,8 @@ gridengine-client`` packages, installed with ``shared/gridengineconfig=false`` (
 
 The cell: host aliases ``localhost <hostname>`` (the qmaster names a client by the reverse lookup of
 127.0.0.1), root jobs allowed (``min_uid``/``min_gid`` 0), a scheduler pass every second, the parallel
-environment ``mpi`` and the queue ``all.q`` with 4 slots, ``/bin/bash`` in ``unix_behavior`` (the
+environment ``mpi`` and the queue ``all.q`` with 4 slots (and ``held.q``, disabled: a job sent there
+stays queued), ``/bin/bash`` in ``unix_behavior`` (the
 ``#!`` line is honoured).  Not Grid Engine's default ports, so that a Grid Engine the machine runs itself
 is left alone: every client needs :meth:`SgeCluster.env` (``SGE_ROOT``, ``SGE_CELL`` and the ports).
 
@@ -42,6 +43,7 @@ PROGRAMS = ("/usr/sbin/sge_qmaster", "/usr/sbin/sge_execd", "/usr/bin/qsub", "/u
 QMASTER_PORT, EXECD_PORT = 16444, 16445  # not 6444/6445: only one cell per port pair can run
 SLOTS = 4
 HOST = "localhost"
+HELD_QUEUE = "held.q"  # disabled: a job submitted to it stays queued until moved to all.q (qalter -q all.q ID)
 
 GLOBAL_CONFIG = {
     "mailer": "{d}/mailer",
@@ -71,7 +73,7 @@ qsort_args         NONE
 """
 
 QUEUE = """\
-qname                 all.q
+qname                 {name}
 hostlist              {host}
 seq_no                0
 load_thresholds       NONE
@@ -104,7 +106,7 @@ complex_values        NONE
 projects              NONE
 xprojects             NONE
 calendar              NONE
-initial_state         default
+initial_state         {initial}
 s_rt                  INFINITY
 h_rt                  INFINITY
 s_cpu                 INFINITY
@@ -321,7 +323,9 @@ class SgeCluster:
                  else line for line in sconf]
         self._apply("-Msconf", "sconf", "\n".join(lines) + "\n")
         self._apply("-Ap", "mpi", PE)
-        self._apply("-Aq", "all.q", QUEUE.format(host=HOST, slots=SLOTS, d=self.path))
+        self._apply("-Aq", "all.q", QUEUE.format(name="all.q", host=HOST, slots=SLOTS, d=self.path, initial="default"))
+        self._apply("-Aq", HELD_QUEUE, QUEUE.format(name=HELD_QUEUE, host=HOST, slots=SLOTS, d=self.path,
+                                                    initial="disabled"))
 
     def _apply(self, option: str, name: str, text: str) -> None:
         """``qconf OPTION FILE`` with the object's text (qconf's -a/-m options open an editor)."""

@@ -1,0 +1,232 @@
+"""Jobs under a real Grid Engine (a single-node cell on localhost, started by the ``sge`` fixture): real qsub, qstat, qdel.
+
+The job manager is driven as a user drives it, through the ``mpimap`` commands; what Grid Engine
+itself says (qstat, qacct, the mails its mailer recorded) is the reference they must agree with.
+A Grid Engine job starts with a clean environment: what the test function needs goes in --env-setup.
+"""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_env
+from mpimap.jobs.records import Submission
+from mpimap.jobs.sge import Sge
+from mpimap.store import read_results
+from test_jobs_slurm import POINTS, points, reference, wait_for
+
+
+class User:
+    """A user on the login node: runs ``mpimap`` commands from one directory, with their own ``$MPIMAP_HOME``.
+
+    The jobs' points are ``jobfuncs.record`` calls: each appends its point's number to ``evaluations.log``
+    and sleeps ``sleep`` seconds.
+    """
+
+    def __init__(self, sge, tmp_path):
+        self.sge, self.cwd = sge, tmp_path
+        self.home = tmp_path / "mpimap-home"
+        self.evaluations = tmp_path / "evaluations.log"
+        self.sleep = 0.0
+        self.env = job_env(MPIMAP_HOME=self.home, MPIMAP_TEST_LOG=self.evaluations)
+        np.save(tmp_path / "points.npy", points())
+
+    def __call__(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "mpimap", *args], cwd=self.cwd, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(f"mpimap {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str):
+        import json
+
+        return json.loads(self(*args, "--json").stdout)
+
+    def submit(self, name: str, *options: str) -> str:
+        """Submit ``jobfuncs:record`` over points.npy to Grid Engine on 2 ranks; return the batch id it printed."""
+        setup = f"export MPIMAP_TEST_LOG={self.evaluations} MPIMAP_TEST_SLEEP={self.sleep} MPIMAP_HOME={self.home}"
+        proc = self("submit", "jobfuncs:record", "--points", "points.npy", "--name", name, "--scheduler", "sge",
+                    "--ranks", "2", "--chunksize", "1", "--env-setup", setup, *options)
+        batch_id = self.ls(name)["batch_id"]
+        assert name in proc.stdout and batch_id in proc.stdout, proc.stdout
+        return batch_id
+
+    def ls(self, name: str) -> dict:
+        rows = [row for row in self.json("ls") if row["name"] == name]
+        assert len(rows) == 1, rows
+        return rows[0]
+
+    def state(self, name: str) -> str:
+        return self.ls(name)["state"]
+
+    def wait_state(self, name: str, state: str, timeout: float = 120) -> dict:
+        return wait_for(lambda: (row := self.ls(name))["state"] == state and row, timeout,
+                        f"job {name} {state} (ls: {self.ls(name)})")
+
+    def job_dir(self, name: str):
+        return self.cwd / "mpimap-jobs" / name
+
+    def results(self, name: str) -> dict:
+        return read_results(str(self.job_dir(name) / "results.h5"))
+
+    def evaluated(self) -> list[int]:
+        return [int(line) for line in self.evaluations.read_text().split()] if self.evaluations.exists() else []
+
+    def qstat(self, batch_id: str) -> str:
+        """Grid Engine's own state letters for the job (qw, hqw, r, s, ...), or "" once it left qstat."""
+        for line in self.sge.command("qstat", "-u", "*", check=False).stdout.splitlines()[2:]:
+            fields = line.split()
+            if fields and fields[0] == batch_id:
+                return fields[4]
+        return ""
+
+    def qacct(self, batch_id: str) -> dict:
+        """The job's accounting record (written within a second or two of its end)."""
+        proc = wait_for(lambda: (p := self.sge.command("qacct", "-j", batch_id, check=False)).returncode == 0 and p,
+                        30, f"qacct knows job {batch_id}")
+        return {key: value.strip() for key, value in (line.split(None, 1) for line in proc.stdout.splitlines()
+                                                        if len(line.split(None, 1)) == 2)}
+
+
+@pytest.fixture
+def user(sge, tmp_path):
+    """A User; every Grid Engine job still queued or running at the end of the test is deleted."""
+    u = User(sge, tmp_path)
+    yield u
+    listed = [line.split()[0] for line in sge.command("qstat", "-u", "*", check=False).stdout.splitlines()[2:]]
+    ours = [batch_id for batch_id in listed if _workdir(sge, batch_id).startswith(str(tmp_path))]
+    if ours:
+        sge.command("qdel", "-f", *ours, check=False)
+
+
+def _workdir(sge, batch_id: str) -> str:
+    for line in sge.command("qstat", "-j", batch_id, check=False).stdout.splitlines():
+        if line.startswith("sge_o_workdir:"):
+            return line.split(None, 1)[1]
+    return ""
+
+
+def test_starting_the_running_test_cell_again_changes_nothing(sge):
+    daemons = {d: sge.pid(d) for d in ("sge_qmaster", "sge_execd")}
+    assert None not in daemons.values() and sge.healthy()
+    sge.start()
+    assert {d: sge.pid(d) for d in daemons} == daemons
+
+
+def test_submit_queued_running_done_and_the_results_equal_the_serial_ones(user, sge):
+    """Queued while Grid Engine holds it back (disabled queue), then running, then done: results equal the serial
+    ones, each point evaluated once, and the batch job leaves Grid Engine with the job's own exit status 0."""
+    user.sleep = 0.3
+    batch_id = user.submit("scan", "--partition", "held.q", "--walltime", "30:00")
+    assert user.qstat(batch_id) == "qw"
+    assert user.wait_state("scan", "queued")["batch_id"] == batch_id
+    reason = user.json("status", "scan")["batch"]["reason"]
+    assert "disabled" in reason, reason  # why Grid Engine holds it back, as its scheduler says
+
+    sge.command("qalter", "-q", "all.q", batch_id)
+    user.wait_state("scan", "running", timeout=60)
+    assert user.qstat(batch_id) == "r"
+    assert user.json("status", "scan")["batch"]["nodes"] == "localhost"
+
+    row = user.wait_state("scan", "done")
+    assert (row["done"], row["failed"], row["total"]) == (POINTS, 0, POINTS)
+    r = user.results("scan")
+    assert np.array_equal(r["value"], reference(points())) and set(r["status"]) == {"done"}
+    assert sorted(user.evaluated()) == list(range(POINTS))
+    wait_for(lambda: user.qstat(batch_id) == "", 30, f"Grid Engine job {batch_id} leaves qstat")
+    account = user.qacct(batch_id)
+    assert (account["failed"], account["exit_status"]) == ("0", "0")
+    assert account["granted_pe"] == "mpi" and account["slots"] == "2"
+    log = (user.job_dir("scan") / "job.log").read_text()
+    assert f"{POINTS} of {POINTS}" in log
+
+
+def test_a_held_job_shows_queued_with_its_reason_and_cancel_removes_it(user, sge):
+    batch_id = user.submit("waiting", "--partition", "held.q")
+    sge.command("qhold", batch_id)
+    wait_for(lambda: user.qstat(batch_id) == "hqw", 20, "Grid Engine shows the job held")
+    assert user.state("waiting") == "queued"
+    status = user.json("status", "waiting")
+    assert status["batch"]["reason"] == f"held (qrls {batch_id} releases it)"
+    assert f"qrls {batch_id}" in user("status", "waiting").stdout
+
+    assert "removed from the queue" in user("cancel", "waiting").stdout
+    wait_for(lambda: user.qstat(batch_id) == "", 30, f"Grid Engine job {batch_id} leaves qstat")
+    assert user.wait_state("waiting", "cancelled", timeout=20)["batch_id"] == batch_id
+    assert user.evaluated() == []
+
+
+def test_cancel_while_running_keeps_the_results_and_ends_the_batch_job(user, sge):
+    user.sleep = 2  # cancelled below: slow points leave time on a loaded machine
+    batch_id = user.submit("doomed")
+    wait_for(lambda: user.ls("doomed")["done"] >= 3, 90, "3 points done")
+    user("cancel", "doomed")
+    row = user.wait_state("doomed", "cancelled", timeout=30)
+    wait_for(lambda: user.qstat(batch_id) == "", 30, f"Grid Engine job {batch_id} leaves qstat")
+    r = user.results("doomed")
+    done = r["status"] == "done"
+    assert 3 <= done.sum() < POINTS and done.sum() == row["done"]
+    assert set(r["status"][~done]) == {"pending"}
+    assert np.array_equal(r["value"][done], reference(points())[done])
+
+
+def test_suspend_and_unsuspend_of_a_running_job_lose_and_repeat_nothing(user, sge):
+    """``qmod -sj`` sends SIGSTOP to the job's process group, ``qmod -usj`` SIGCONT: the job is shown suspended
+    meanwhile, and finishes afterwards with every point stored once.  (Only mpiexec is in that process group:
+    MPICH's ranks run in sessions of their own, so they go on until they need mpiexec, at their end.)"""
+    user.sleep = 0.5
+    batch_id = user.submit("napping")
+    wait_for(lambda: user.ls("napping")["done"] >= 2, 90, "2 points done")
+    sge.command("qmod", "-sj", batch_id)
+    wait_for(lambda: user.qstat(batch_id) == "s", 20, "Grid Engine shows the job suspended")
+    assert user.json("status", "napping")["batch"]["reason"] == "suspended"
+    assert user.state("napping") in ("running", "done")
+    time.sleep(POINTS * user.sleep)  # long enough for the ranks to have ended, had they not needed mpiexec
+    assert user.qstat(batch_id) == "s"
+
+    sge.command("qmod", "-usj", batch_id)
+    row = user.wait_state("napping", "done")
+    assert row["done"] == POINTS
+    assert sorted(user.evaluated()) == list(range(POINTS))  # each point evaluated once
+    assert np.array_equal(user.results("napping")["value"], reference(points()))
+
+
+def test_a_dependent_batch_job_starts_only_after_the_first_has_ended(user, sge, tmp_path):
+    """The class's dependency arguments (``-hold_jid ID``, "after any end"): while the first job runs, the second
+    is queued with the reason "Dependency", and it starts after the first ended, even though the first was cancelled."""
+    user.sleep = 1
+    first = user.submit("first")
+    user.wait_state("first", "running", timeout=60)
+    second_script = tmp_path / "second.sh"
+    second_script.write_text("#!/bin/bash\ndate +%s.%N > started\n")
+    batch = Sge()
+    command = [*batch.submit_command, *(arg.format(first) for arg in batch.dependency_args), "-wd", str(tmp_path),
+               "-o", "/dev/null", "-j", "y", str(second_script)]
+    second = sge.command(*command, check=True).stdout.strip()
+    view = batch.views([Submission(batch_id=second, scheduler="sge", submitted=time.time())])[second]
+    assert (view.state, view.reason) == ("pending", f"Dependency (after job {first})")
+    time.sleep(3)
+    assert not (tmp_path / "started").exists()
+
+    user("cancel", "first")
+    user.wait_state("first", "cancelled", timeout=30)
+    wait_for(lambda: user.qstat(first) == "", 30, f"Grid Engine job {first} leaves qstat")
+    ended = time.time()
+    wait_for(lambda: (tmp_path / "started").exists() and (tmp_path / "started").read_text().strip(), 60,
+             "the dependent job runs")
+    assert float((tmp_path / "started").read_text()) > ended - 2  # clock granularity of qstat polling
+    assert batch.views([Submission(batch_id=second, scheduler="sge", submitted=0)])[second].state in ("gone", "running")
+
+
+def test_mail_goes_through_grid_engines_mailer(user, sge):
+    batch_id = user.submit("mailed", "--mail", "someone@example.org")
+    user.wait_state("mailed", "done")
+    mails = wait_for(lambda: len(m := [m for m in sge.mails() if f"Job {batch_id} " in m["args"][1]]) >= 2 and m,
+                     30, "Grid Engine mails the job's start and end")
+    assert {m["args"][-1] for m in mails} == {"someone@example.org"}
+    subjects = " ".join(m["args"][1] for m in mails)
+    assert "Started" in subjects and "Complete" in subjects
