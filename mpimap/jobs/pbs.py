@@ -20,6 +20,9 @@ from .batch import COMMAND_TIMEOUT, BatchSystem, BatchView
 
 _PENDING = set("QHWT")      # queued, held, waiting (for its start time or a dependency), in transit
 _RUNNING = set("RESUB")     # running, exiting, suspended (by the server or the user), array begun
+# What qstat says of an id it has no record of: "Unknown Job Id ID" (PBS Pro), "Unknown Job Id Error ID" (Torque),
+# or, asked without -x, "ID Job has finished, use -x or -H to obtain historical job information" (PBS Pro).
+_ENDED = ("Unknown Job Id", "Job has finished")
 
 
 class Pbs(BatchSystem):
@@ -76,7 +79,7 @@ class Pbs(BatchSystem):
             return {i: BatchView("unknown") for i in batch_ids}
         jobs = self.parse(proc.stdout)
         # An id the server does not know (ended, history purged) makes qstat exit non-zero, and still print the others.
-        known = jobs is not None and (proc.returncode == 0 or "Unknown Job Id" in proc.stderr)
+        known = jobs is not None and (proc.returncode == 0 or any(m in proc.stderr for m in _ENDED))
         if not known:
             return {i: BatchView("unknown") for i in batch_ids}
         return {i: _view(jobs[i]) if i in jobs else BatchView("gone") for i in batch_ids}
@@ -102,18 +105,21 @@ class Torque(Pbs):
         return f"nodes={chunks}:ppn={per_chunk}"
 
     def parse(self, out):
-        """``qstat -f``'s text: ``Job Id: ID`` and its ``    name = value`` lines (long values go on, tab-indented)."""
+        """``qstat -f``'s text: ``Job Id: ID``, then ``    name = value`` lines indented by 4 spaces; a long value
+        goes on in lines indented deeper (a tab, or 8 spaces, depending on the version)."""
         jobs: dict[str, dict] = {}
         job = key = None
         for line in out.splitlines():
             if line.startswith("Job Id:"):
                 job = jobs.setdefault(line.partition(":")[2].strip(), {})
                 key = None
-            elif job is not None and line.startswith("\t") and key is not None:
-                job[key] += line.strip()
-            elif job is not None and " = " in line:
+            elif job is None or not line.strip():
+                continue
+            elif line.startswith("    ") and not line[4].isspace() and " = " in line:
                 key, _, value = line.strip().partition(" = ")
                 job[key] = value
+            elif key is not None and line[0].isspace():
+                job[key] += line.strip()
         return jobs
 
 
