@@ -40,7 +40,7 @@ class _WithRunOptions(click.Command):
 @click.option("--points", "points", required=True, metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET (copied into the job).")
 @click.option("--name", default=None, help="The job's name, unique among your jobs (default: FUNCTION-DATE-TIME).")
-@click.option("--scheduler", default="local", show_default=True, help="slurm, or local (this machine, detached).")
+@click.option("--scheduler", default="local", show_default=True, help="slurm, pbs (PBS Pro, OpenPBS), torque, sge (Grid Engine), or local (this machine, detached).")
 @click.option("--ranks", "-n", type=click.IntRange(min=2), default=None,
               help="MPI ranks in all: one master, the rest workers (default 2).")
 @click.option("--nodes", type=click.IntRange(min=1), default=None, help="Nodes (with --ntasks-per-node).")
