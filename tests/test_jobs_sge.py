@@ -222,6 +222,14 @@ def test_a_dependent_batch_job_starts_only_after_the_first_has_ended(user, sge, 
     assert batch.views([Submission(batch_id=second, scheduler="sge", submitted=0)])[second].state in ("gone", "running")
 
 
+def test_a_job_whose_name_starts_with_a_digit_is_submitted(user, sge):
+    """Grid Engine refuses such a name for ``-N`` ("cannot start with a digit"): the batch job is called j7up."""
+    batch_id = user.submit("7up")
+    assert "#$ -N j7up" in (user.job_dir("7up") / "job.sh").read_text().splitlines()
+    user.wait_state("7up", "done")
+    assert user.qacct(batch_id)["jobname"] == "j7up"
+
+
 def test_mail_goes_through_grid_engines_mailer(user, sge):
     batch_id = user.submit("mailed", "--mail", "someone@example.org")
     user.wait_state("mailed", "done")

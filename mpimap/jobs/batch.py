@@ -53,6 +53,7 @@ class BatchSystem:
     unsupported: tuple = ()             # Resources fields this batch system has no directive for: refused, not ignored
     priority_range: tuple = ()          # (lowest, highest) --priority this batch system takes, if it takes one
     warning_seconds = 120               # how long before the walltime the job asks for a warning signal, if it can
+    name_starts_alpha = False           # the batch system refuses a job name that starts with a digit (PBS, SGE)
     job_id_pattern = r"(\S+)"           # the batch id in the submit command's output
     env_job_id = ""                     # where a running job finds its batch id ...
     env_nodelist = ""                   # ... and its nodes: a variable holding them, or naming a file of them
@@ -92,6 +93,8 @@ class BatchSystem:
 
     def directive_value(self, field: str, value, resources: Resources):
         """The value a directive carries for a resource (a subclass maps, e.g. priority onto nice)."""
+        if field == "name" and self.name_starts_alpha and not value[:1].isalpha():
+            return f"j{value}"  # only the batch system's name for the job: mpimap knows it by its batch id
         return value
 
     def warning_lead(self, walltime_seconds: float) -> int:

@@ -48,6 +48,7 @@ class Pbs(BatchSystem):
     dependency_args = ("-W", "depend=afterany:{}")
     unsupported = ("qos",)
     priority_range = (-1024, 1023)           # higher runs sooner
+    name_starts_alpha = True                 # POSIX qsub: the first character of -N is alphabetic
     job_id_pattern = r"^\s*(\d+(?:\[\d*\])?(?:\.\S+)?)\s*$"  # 1234.server, or 1234[].server for an array
     env_job_id = "PBS_JOBID"
     env_nodelist = "PBS_NODEFILE"            # a host per line, once per rank slot
@@ -61,7 +62,7 @@ class Pbs(BatchSystem):
             return self.placement(*_chunks(resources))
         if field == "walltime":
             return format_hms(parse_walltime(value))
-        return value
+        return super().directive_value(field, value, resources)
 
     def placement(self, chunks: int, per_chunk: int) -> str:
         """The ``-l`` resource request for ``chunks`` x ``per_chunk`` MPI ranks (one core each)."""

@@ -42,6 +42,7 @@ class Sge(BatchSystem):
     dependency_args = ("-hold_jid", "{}")     # "after any end" (there is no afterok in Grid Engine)
     unsupported = ("qos",)
     priority_range = (-1023, 1024)           # higher runs sooner; above 0 only for operators and managers
+    name_starts_alpha = True
     job_id_pattern = r"^\s*(\d+)"            # an array job prints ID.FIRST-LAST:STEP
     env_job_id = "JOB_ID"
     env_nodelist = "PE_HOSTFILE"             # "HOST SLOTS QUEUE PROCESSORS" per line
@@ -55,7 +56,7 @@ class Sge(BatchSystem):
         if field == "walltime":
             seconds = parse_walltime(value)
             return f"h_rt={format_hms(seconds)},s_rt={format_hms(seconds - self.warning_lead(seconds))}"
-        return value
+        return super().directive_value(field, value, resources)
 
     def views(self, submissions):
         """One ``qstat -xml`` for every job, and one ``qstat -j`` for the queued ones among ours (why they wait)."""
