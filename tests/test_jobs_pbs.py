@@ -203,3 +203,15 @@ class _User:
 
     def json(self, *args: str):
         return json.loads(self(*args, "--json").stdout)
+
+
+def test_pbs_commands_are_not_taken_for_grid_engine(fake_pbs, tmp_path):
+    """Both call their submit command qsub: with PBS's first on PATH, ``--scheduler sge`` submits nothing."""
+    user = _User(tmp_path)
+    for name, which in (("pbs", "pbs_version = 20.0.1"), ("torque", "Version: 6.1.3")):
+        fake_pbs(name, "queued")
+        proc = user("submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "sge", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+        assert f"qsub is {which}, not sge: use --scheduler pbs or torque" in lines[0]
+    assert not (tmp_path / "mpimap-jobs").exists() and not (fake_pbs.state / "qsub.log").exists()

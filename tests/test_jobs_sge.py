@@ -230,6 +230,16 @@ def test_a_job_whose_name_starts_with_a_digit_is_submitted(user, sge):
     assert user.qacct(batch_id)["jobname"] == "j7up"
 
 
+def test_grid_engines_qsub_is_not_taken_for_pbs(user, sge):
+    """Both call their submit command qsub: with Grid Engine's on PATH, ``--scheduler pbs`` submits nothing."""
+    proc = user("submit", "jobfuncs:record", "--points", "points.npy", "--scheduler", "pbs", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "qsub is SGE 8.1.9, not pbs: use --scheduler sge" in lines[0]
+    assert not (user.cwd / "mpimap-jobs").exists()
+    assert sge.command("qstat", "-u", "*").stdout == ""
+
+
 def test_mail_goes_through_grid_engines_mailer(user, sge):
     batch_id = user.submit("mailed", "--mail", "someone@example.org")
     user.wait_state("mailed", "done")

@@ -332,7 +332,7 @@ def test_slurm_without_sbatch_is_one_line_and_creates_nothing(where):
 
 
 @pytest.mark.parametrize("args, words", [
-    (("--scheduler", "pbs"), ("unknown scheduler 'pbs'", "local", "slurm")),
+    (("--scheduler", "lsf"), ("unknown scheduler 'lsf'", "local", "pbs", "sge", "slurm", "torque")),
     (("--points", "missing.npy"), ("missing.npy", "does not exist")),
     (("--walltime", "soon"), ("walltime 'soon'",)),
     (("--name", "../x"), ("job name",)),
@@ -437,7 +437,7 @@ def test_a_normal_install_finds_the_job_script_templates(tmp_path):
                          capture_output=True, text=True, timeout=60, check=True).stdout.split()
     assert out[0].startswith(str(target))
     assert out[1] == str(target / "mpimap" / "jobscripts")
-    assert sorted(os.listdir(out[1])) == ["local.sh", "slurm.sh"]
+    assert sorted(os.listdir(out[1])) == ["local.sh", "pbs.sh", "sge.sh", "slurm.sh"]
 
 
 # Findings of the review of issue 11 (submit/steer side).

@@ -54,6 +54,9 @@ class BatchSystem:
     priority_range: tuple = ()          # (lowest, highest) --priority this batch system takes, if it takes one
     warning_seconds = 120               # how long before the walltime the job asks for a warning signal, if it can
     name_starts_alpha = False           # the batch system refuses a job name that starts with a digit (PBS, SGE)
+    # PBS and Grid Engine both call their submit command qsub: (arguments, pattern its output has if it is the
+    # other one's, which scheduler that is), so that a job is never submitted to the wrong batch system.
+    impostor: tuple = ()
     job_id_pattern = r"(\S+)"           # the batch id in the submit command's output
     env_job_id = ""                     # where a running job finds its batch id ...
     env_nodelist = ""                   # ... and its nodes: a variable holding them, or naming a file of them
@@ -66,6 +69,17 @@ class BatchSystem:
         if shutil.which(program) is None:
             raise MpimapError(f"{program} not found: the {self.name} scheduler needs it on PATH "
                               f"(load the site's module, or use --scheduler local)")
+        if self.impostor:
+            args, pattern, other = self.impostor
+            try:
+                proc = subprocess.run([program, *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                                      stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired):
+                return  # submitting will say what is wrong
+            found = re.search(pattern, proc.stdout + proc.stderr, re.M)
+            if found:
+                raise MpimapError(f"{shutil.which(program)} is {found.group(0).strip()}, not {self.name}: "
+                                  f"use --scheduler {other}, or put the {self.name} commands first on PATH")
 
     def check_resources(self, resources: Resources) -> None:
         """One line for a resource this batch system cannot express, before anything is created."""

@@ -47,6 +47,7 @@ class Pbs(BatchSystem):
     fixed_directives = ("-S /bin/bash", "-r y")
     dependency_args = ("-W", "depend=afterany:{}")
     unsupported = ("qos",)
+    impostor = (("-help",), r"^(SGE|OGS/GE|UGE|AGE|OCS|GCS) \d\S*", "sge")  # Grid Engine's qsub names itself
     priority_range = (-1024, 1023)           # higher runs sooner
     name_starts_alpha = True                 # POSIX qsub: the first character of -N is alphabetic
     job_id_pattern = r"^\s*(\d+(?:\[\d*\])?(?:\.\S+)?)\s*$"  # 1234.server, or 1234[].server for an array

@@ -41,6 +41,7 @@ class Sge(BatchSystem):
     fixed_directives = ("-S /bin/bash", "-r y")
     dependency_args = ("-hold_jid", "{}")     # "after any end" (there is no afterok in Grid Engine)
     unsupported = ("qos",)
+    impostor = (("--version",), r"^pbs_version = \S+|^[Vv]ersion: \S+", "pbs or torque")  # PBS Pro's, Torque's
     priority_range = (-1023, 1024)           # higher runs sooner; above 0 only for operators and managers
     name_starts_alpha = True
     job_id_pattern = r"^\s*(\d+)"            # an array job prints ID.FIRST-LAST:STEP
