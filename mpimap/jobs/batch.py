@@ -165,7 +165,8 @@ class BatchSystem:
         except subprocess.TimeoutExpired:
             raise MpimapError(f"{command[0]} did not answer within {COMMAND_TIMEOUT} s; try again later") from None
         if proc.returncode != 0:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()
+            # Grid Engine ends its reason with a line "Exiting.": the reason is the line before.
+            detail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line != "Exiting."]
             raise MpimapError(f"{' '.join(command[:2])} failed: {detail[-1] if detail else f'exit {proc.returncode}'}")
         return proc.stdout
 
