@@ -416,10 +416,13 @@ class _WalltimeGuard(threading.Thread):
     def run(self):
         while not self._stopped.wait(GUARD_INTERVAL):
             if not self.reason and not self.budget.fits(time.time()):
-                self.pool.pause()
-                self.reason = self.budget.why_not(time.time())
+                self.reason = self.budget.why_not(time.time())  # first: from now on a resume command is ignored
                 log.warning("%s; waiting for the points being evaluated", self.reason)
-            elif self.reason and self.pool.drained():
+            if not self.reason:
+                continue
+            if not self.pool.paused:  # (again, if a resume command slipped in just before the reason was set)
+                self.pool.pause()
+            elif self.pool.drained():
                 self.pool.cancel_all()  # nothing is out: every point computed has been delivered
                 return
 

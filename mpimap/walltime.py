@@ -85,18 +85,19 @@ class Deadline:
 
 
 def deadline(env_value: str | None, walltime, started: float) -> Deadline | None:
-    """The earlier of ``MPIMAP_DEADLINE`` (``env_value``; empty: unknown) and ``started`` + ``walltime`` (None:
-    no walltime); None if neither is known.  A bad ``env_value`` raises :class:`MpimapError`, one line."""
+    """The earlier of ``MPIMAP_DEADLINE`` (``env_value``; empty or 0: unknown) and ``started`` + ``walltime``
+    (None: no walltime); None if neither is known.  A bad ``env_value`` raises :class:`MpimapError`, one line."""
     known = []
     if env_value is not None and env_value.strip():
         try:
             at = float(env_value)
         except ValueError:
             at = math.nan
-        if not math.isfinite(at):
+        if not math.isfinite(at) or at < 0:
             raise MpimapError(f"{DEADLINE_ENV}={env_value!r} is not a time in unix seconds: set it to the "
                               "allocation's end (date +%s), or leave it empty")
-        known.append(Deadline(at, f"{DEADLINE_ENV} {time.strftime('%H:%M:%S', time.localtime(at))}"))
+        if at > 0:  # 0 is what some batch systems report for "no limit"
+            known.append(Deadline(at, f"{DEADLINE_ENV} {time.strftime('%H:%M:%S', time.localtime(at))}"))
     if walltime is not None:
         seconds = parse_walltime(walltime)
         known.append(Deadline(started + seconds, f"--walltime {format_hms(seconds)}"))

@@ -80,12 +80,14 @@ def test_the_time_kept_to_shut_down():
 def test_the_earlier_of_the_environment_and_the_walltime_option_is_the_deadline():
     assert deadline(None, None, started=1000.0) is None
     assert deadline("", None, started=1000.0) is None  # empty: unknown
+    assert deadline("0", None, started=1000.0) is None  # what some batch systems say for "no limit"
     assert deadline(None, "1:00", started=1000.0).at == 1060.0  # MM:SS from the run's start
     assert deadline(None, 30, started=1000.0).at == 1030.0  # a number is seconds
     assert deadline("1500", "10", started=1000.0).at == 1500.0  # 10 minutes would end later
     assert deadline("5000", "0:30", started=1000.0).at == 1030.0
-    with pytest.raises(MpimapError, match=r"MPIMAP_DEADLINE='soon' is not a time in unix seconds"):
-        deadline("soon", None, started=1000.0)
+    for bad in ("soon", "-5", "nan"):
+        with pytest.raises(MpimapError, match=rf"MPIMAP_DEADLINE='{bad}' is not a time in unix seconds"):
+            deadline(bad, None, started=1000.0)
 
 
 def test_a_bad_walltime_option_is_one_line(tmp_path):
