@@ -250,19 +250,15 @@ def test_mail_goes_through_grid_engines_mailer(user, sge):
     assert "Started" in subjects and "Complete" in subjects
 
 
-WALLTIME_WARNING_MISSING = pytest.mark.xfail(
-    strict=True, reason="needs rank 0 to handle SIGUSR1 (the walltime branch); until it is merged the master dies of it")
-
-
-@WALLTIME_WARNING_MISSING
 def test_the_s_rt_warning_interrupts_the_job_cleanly_and_a_resubmission_finishes_it(user, sge):
-    """``--walltime 1:00`` asks for ``h_rt=00:01:00,s_rt=00:00:40``: at s_rt Grid Engine sends SIGUSR1 to the
+    """``--walltime 1:30`` asks for ``h_rt=00:01:30,s_rt=00:01:00``: at s_rt Grid Engine sends SIGUSR1 to the
     job's process group, mpiexec passes it to the ranks, and the master stores what it has and ends ``interrupted``
-    with its own status 3 (Grid Engine did not kill it).  Resubmitted, the job finishes with nothing lost."""
-    user.sleep = 3  # 24 points of 3 s on one worker: far more than the 40 s before the warning
-    batch_id = user.submit("warned", "--walltime", "1:00")
+    with its own status 3 (Grid Engine did not kill it), before its own deadline (about 75 s: 90 s less the time
+    kept to shut down and the cost of a point) would have stopped it.  Resubmitted, it finishes with nothing lost."""
+    user.sleep = 4  # 24 points of 4 s on one worker: far more than the 60 s before the warning
+    batch_id = user.submit("warned", "--walltime", "1:30")
     script = (user.job_dir("warned") / "job.sh").read_text()
-    assert "#$ -l h_rt=00:01:00,s_rt=00:00:40" in script
+    assert "#$ -l h_rt=00:01:30,s_rt=00:01:00" in script.splitlines()
     row = user.wait_state("warned", "interrupted", timeout=150)
     assert 0 < row["done"] < POINTS
     assert "SIGUSR1" in user.json("status", "warned")["status"]["message"]
