@@ -67,7 +67,7 @@ class Slurm(BatchSystem):
         return {i: views.get(i, BatchView("gone")) for i in batch_ids}
 
     def deadline_shell(self, walltime_seconds):
-        """``SLURM_JOB_END_TIME`` where Slurm sets it (23.02 and later), else the end ``squeue`` gives (a date,
+        """``SLURM_JOB_END_TIME`` where Slurm sets it, else the end ``squeue`` gives (a date,
         or "Unknown"/"NONE" without a time limit: then empty)."""
         end = 'e=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null); case $e in [0-9]*) date -d "$e" +%s;; esac'
         return f"${{SLURM_JOB_END_TIME:-$({end})}}"
