@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import MpimapError
+from ..walltime import parse_walltime
 from .records import Resources, Submission
 
 SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local"}
@@ -50,6 +51,8 @@ class BatchSystem:
     job_id_pattern = r"(\S+)"           # the batch id in the submit command's output
     env_job_id = ""                     # where a running job finds its batch id ...
     env_nodelist = ""                   # ... and its nodes
+    dependency_args: tuple = ()         # inserted before the script to wait for batch job {} to end (any way)
+    warning_seconds = 0                 # a warning signal this long before the walltime (0: none asked for)
 
     def check(self) -> None:
         """Refuse before anything is created if this batch system's commands are not here."""
@@ -61,7 +64,7 @@ class BatchSystem:
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
         values = {field: getattr(resources, field, None) for field in self.directives}
-        values.update(name=name, log=log)
+        values.update(name=name, log=log, requeue=True, warning=self.warning(resources))
         lines = []
         for field, fmt in self.directives.items():
             value = self.directive_value(field, values.get(field))
@@ -75,9 +78,20 @@ class BatchSystem:
         """The value a directive carries for a resource (a subclass maps, e.g. priority onto nice)."""
         return value
 
-    def submit(self, script: str, workdir: str, log: str) -> str:
-        """Submit the rendered script; return the batch id parsed from the submit command's output."""
-        out = self._run([*self.submit_command, script], cwd=workdir)
+    def warning(self, resources: Resources) -> int | None:
+        """Seconds before the walltime the job asks to be warned (a third of a short walltime at most); None
+        without a walltime or a warning."""
+        if not resources.walltime or not self.warning_seconds:
+            return None
+        return max(1, min(self.warning_seconds, int(parse_walltime(resources.walltime) // 3)))
+
+    def submit(self, script: str, workdir: str, log: str, after: str | None = None) -> str:
+        """Submit the rendered script; return the batch id parsed from the submit command's output.
+
+        With ``after``, the job may start only once batch job ``after`` has ended, however it ended.
+        """
+        depend = [arg.format(after) for arg in self.dependency_args] if after else []
+        out = self._run([*self.submit_command, *depend, script], cwd=workdir)
         found = re.search(self.job_id_pattern, out)
         if found is None:
             raise MpimapError(f"{self.submit_command[0]} printed no job id ({out.strip()[:200]!r})")

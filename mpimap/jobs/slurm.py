@@ -28,7 +28,11 @@ class Slurm(BatchSystem):
         "qos": "--qos={}",
         "priority": "--nice={}",
         "mail": ("--mail-type=BEGIN,END,FAIL", "--mail-user={}"),
+        "requeue": "--requeue",         # preempted or requeued by an operator: it runs again and resumes
+        "warning": "--signal=B:USR1@{}",  # to the batch shell, i.e. mpiexec: the master stops in time
     }
+    dependency_args = ("--dependency=afterany:{}",)
+    warning_seconds = 120
     job_id_pattern = r"^\s*(\d+)"       # --parsable prints ID or ID;CLUSTER
     env_job_id = "SLURM_JOB_ID"
     env_nodelist = "SLURM_JOB_NODELIST"
