@@ -90,6 +90,14 @@ def running_master(job: Job, sub):
                     and s.done > 0 and s, 120, f"the master of {sub.batch_id} stores points")
 
 
+def warning_signal() -> signal.Signals:
+    """The warning a batch system sends before the walltime: SIGUSR1 where rank 0 handles it as one (mpimap.runner
+    names it), else SIGTERM, which stops the master the same way (state interrupted, everything stored kept)."""
+    import mpimap.runner
+
+    return signal.SIGUSR1 if "SIGUSR1" in open(mpimap.runner.__file__).read() else signal.SIGTERM
+
+
 def evaluated(where, name) -> list[int]:
     return [int(x) for x in (where / f"{name}.evaluated").read_text().split()]
 
@@ -115,7 +123,7 @@ def test_an_interrupted_allocation_is_continued_by_the_next_link_and_the_job_com
     view = json.loads(mpimap(where, "status", "link", "--json").stdout)
     assert [c["batch_id"] for c in view["chain"]] == [first.batch_id, second.batch_id]
     # The warning a batch system sends before the walltime, to the job's mpiexec (which passes it on).
-    os.kill(int(first.batch_id.rpartition(":")[2]), signal.SIGUSR1 if _usr1_handled() else signal.SIGTERM)
+    os.kill(int(first.batch_id.rpartition(":")[2]), warning_signal())
     runs = assert_complete(where, job, 120)
     subs = job.submissions()
     assert subs[0].state == "interrupted" and 0 < subs[0].points < 120
@@ -130,11 +138,6 @@ def test_an_interrupted_allocation_is_continued_by_the_next_link_and_the_job_com
     assert json.loads(mpimap(where, "ls", "--json").stdout)[0]["allocations"] == 2
 
 
-def _usr1_handled() -> bool:
-    """Whether rank 0 handles SIGUSR1 as a warning (the walltime work); else SIGTERM stands in for it."""
-    import mpimap.runner
-
-    return "SIGUSR1" in open(mpimap.runner.__file__).read()
 
 
 def test_kill_9_of_the_whole_allocation_the_queued_continuation_resumes_and_completes(where, monkeypatch):

@@ -52,27 +52,35 @@ def start(job_dir: str) -> int:
         except MpimapError:
             status = None
         now = time.time()
-        why = _over(spec, subs, me, status)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        why = _over(spec, subs, me, status, restarts)
         if why:
-            me.state, me.started, me.ended = SKIPPED, me.started or now, now
+            _not_run(me, restarts, now)
             job.write_submissions(subs)
             print(f"mpimap: {why}: this allocation ({batch_id}) has nothing to do", file=sys.stderr, flush=True)
             return OVER
-        me.started, me.ended, me.points, me.state = now, None, None, "running"
-        me.restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         holder = _holder(job, status, batch_id)
         if holder:
-            # Another run of the job holds the results file (a run started by hand, say): running now would fail.
-            # The chain goes on after that run instead.
-            me.state, me.ended = SKIPPED, now
+            # Another run of the job holds the results file (a run started by hand, a continuation that started
+            # while this batch job was requeued): running now would fail.  The chain goes on after that run.
+            _not_run(me, restarts, now)
             _queue(job, spec, subs, me, after=holder)
             job.write_submissions(subs)
             print(f"mpimap: the results file is in use by batch job {holder}: this allocation ends, the chain goes "
                   "on after it", file=sys.stderr, flush=True)
             return OVER
+        me.started, me.ended, me.points, me.state, me.restarts = now, None, None, "running", restarts
         _queue(job, spec, subs, me, after=batch_id)
         job.write_submissions(subs)
     return 0
+
+
+def _not_run(me: Submission, restarts: int, now: float) -> None:
+    """Record that this start of batch job ``me`` runs nothing: skipped, or, for a requeue of one that ran already,
+    its earlier allocation's record is kept."""
+    if me.started is None:
+        me.state, me.started, me.ended = SKIPPED, now, now
+    me.restarts = restarts
 
 
 def end(job_dir: str, state: str, points: int | None) -> str:
@@ -129,10 +137,10 @@ def _find(subs: list[Submission], batch_id: str) -> Submission | None:
     return next((s for s in reversed(subs) if batch_id and s.batch_id == batch_id), None)
 
 
-def _over(spec, subs: list[Submission], me: Submission, status) -> str:
-    """Why this allocation must not run ('' if it must).  A continuation (or a requeue of the batch job that last
-    reported) ends when the job is over; a first submission, or a resubmission, runs whatever the job's last word."""
-    if status is not None and status.state in OVER_STATES and (me.after or status.batch_id == me.batch_id):
+def _over(spec, subs: list[Submission], me: Submission, status, restarts: int) -> str:
+    """Why this allocation must not run ('' if it must).  A continuation or a requeued batch job ends when the job
+    is over; a first submission, or a resubmission, runs whatever the job's last word."""
+    if status is not None and status.state in OVER_STATES and (me.after or restarts or status.batch_id == me.batch_id):
         return f"job {spec.name} is {status.state} already"
     before = _find(subs, me.after) if me.after else None
     if before is not None and spec.until_done and _no_progress(subs, before):

@@ -75,6 +75,12 @@ class Job:
         before the last submission is None: the job is judged from the batch system's view alone."""
         status, subs = self.status(), [s for s in self.submissions() if s.state != SKIPPED]
         last = subs[-1] if subs else None
+        if last is not None and last.after:  # a chain's continuation
+            before = next((s for s in subs if s.batch_id == last.after), None)
+            if last.started is None and before is not None and before.started is not None:
+                last = before  # it waits for its predecessor's allocation, which speaks for the job
+            elif last.started is not None and status is not None and status.batch_id == last.after:
+                return None, last  # it runs; its master has not reported yet
         if status is None or not status.batch_id or last is None or status.batch_id == last.batch_id:
             return status, last
         if (status.started or 0.0) >= last.submitted:
@@ -139,14 +145,17 @@ class Job:
         status, run = self.last_run()
         if status is not None and status.state in FINAL_STATES:
             state = status.state
-        elif status is not None:
-            # The master said it runs, but its batch job is gone: it died without a final word (kill -9, node lost).
-            state = "interrupted" if (view or self.batch_view()).state == "gone" else status.state
         else:
             view = view or self.batch_view()
-            return {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
+            if status is not None:
+                # The master said it runs, but its batch job is gone: it died without a final word (kill -9, ...).
+                state = "interrupted" if view.state == "gone" else status.state
+            else:
+                state = {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
+            if view.state == "gone" and state == "failed" and run is not None and self.continuation(run.batch_id):
+                return "queued"  # it ended before its master reported, and its chain goes on
         # An interrupted allocation of a chain whose continuation waits in the queue: the job goes on.
-        return "queued" if state == "interrupted" and self.continuation(run.batch_id) else state
+        return "queued" if state == "interrupted" and run is not None and self.continuation(run.batch_id) else state
 
     def results(self, as_frame: bool | None = None):
         """The results so far, in point order: :func:`mpimap.load` of this job."""
