@@ -262,3 +262,79 @@ def test_until_done_stops_after_two_allocations_in_a_row_without_progress(where,
     assert len(subs) == 4 and subs[3].state == "skipped"  # the fourth was queued, and removed
     assert "two allocations in a row stored no new point" in job.status().message
     assert "two allocations in a row stored no new point" in mpimap(where, "status", "stuck").stdout
+
+
+def test_a_continuation_that_finds_the_results_file_in_use_ends_and_the_chain_goes_on(where, monkeypatch):
+    """Two runs never share the results file: a link that starts while another run holds it runs nothing."""
+    job = chain_job(where, monkeypatch, "busy", 150, 0.1, "--resubmit", "3")
+    first, second = allocation(job, 0), allocation(job, 1)
+    from mpimap.jobs.chain import _queue
+
+    with job.batch_lock():  # a link whose predecessor is long gone: it starts while the first allocation runs
+        subs = job.submissions()
+        _queue(job, job.spec(), subs, subs[0], after=f"{first.batch_id}0")
+        job.write_submissions(subs)
+    rogue = job.submissions()[2]
+    wait_for(lambda: job.submissions()[2].state == "skipped", 60, "the link finds the results file in use and ends")
+    assert job.current_status().batch_id == first.batch_id and job.state() == "running"
+    assert f"the results file is in use by batch job {first.batch_id}" in open(job.dir.log).read()
+    wait_for(lambda: not session_of(rogue), 30, "its session ends")
+    os.kill(int(first.batch_id.rpartition(":")[2]), signal.SIGTERM)
+    runs = assert_complete(where, job, 150)
+    subs = job.submissions()
+    assert subs[1].batch_id == second.batch_id and subs[1].state == "done"
+    assert len(runs) <= 150 + 2 * 4
+
+
+def test_a_waiting_continuation_is_pending_for_dependency():
+    from mpimap.jobs.batch import BatchView
+    from mpimap.jobs.local import Local
+    from mpimap.jobs.records import Submission
+
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        local = Local()
+        after = f"{os.uname().nodename}:{sleeper.pid}"
+        batch_id = local.submit("/bin/true", "/", os.devnull, after=after)
+        waiting = Submission(batch_id=batch_id, scheduler="local", submitted=0.0, leader=local.leader(batch_id))
+        wait_for(lambda: local.views([waiting])[batch_id] == BatchView("pending", reason="Dependency"), 30,
+                 "the continuation waits")
+        time.sleep(1)
+        assert local.views([waiting])[batch_id].state == "pending"
+        sleeper.kill()
+        sleeper.wait(timeout=30)
+        wait_for(lambda: local.views([waiting])[batch_id].state == "gone", 30, "it runs its script (true) and ends")
+    finally:
+        sleeper.kill()
+
+
+@pytest.mark.parametrize("walltime, signal_line", [("1", "#SBATCH --signal=B:USR1@20"),
+                                                   ("4:00:00", "#SBATCH --signal=B:USR1@120"), (None, None)])
+def test_slurm_scripts_are_requeueable_and_ask_for_a_warning_before_the_walltime(where, walltime, signal_line):
+    np.save(where / "points.npy", np.arange(4.0))
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "slurm",
+                  "--dry-run", "--resubmit", "2", *(["--walltime", walltime] if walltime else []))
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --requeue" in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.startswith("#SBATCH --signal")] == ([signal_line] if signal_line else [])
+    step = "-m mpimap.jobs.chain "
+    lines = proc.stdout.splitlines()
+    [chain] = [i for i, line in enumerate(lines) if step in line]
+    assert lines[chain].endswith("|| [ $? -ne 10 ] || exit 0")
+    assert lines[-1].startswith("exec ") and chain < len(lines) - 1
+
+
+def test_resubmit_and_until_done_together_are_one_line_and_create_nothing(where):
+    np.save(where / "points.npy", np.arange(4.0))
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--resubmit", "2", "--until-done")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--until-done" in proc.stderr and not (where / "mpimap-jobs").exists()
+
+
+def test_job_and_batch_files_of_version_1_without_chain_fields_still_read():
+    from conftest import TESTS
+
+    job = Job(os.path.join(TESTS, "fixtures", "jobs-v1", "job"))
+    assert (job.spec().resubmit, job.spec().until_done) == (0, False)
+    [sub] = job.submissions()
+    assert (sub.after, sub.started, sub.points, sub.state, sub.restarts) == ("", None, None, "", 0)

@@ -75,12 +75,13 @@ class Job:
         before the last submission is None: the job is judged from the batch system's view alone."""
         status, subs = self.status(), [s for s in self.submissions() if s.state != SKIPPED]
         last = subs[-1] if subs else None
-        if last is not None and last.after:  # a chain's continuation
+        if last is not None and last.after and last.started is None:  # a chain's continuation, waiting
             before = next((s for s in subs if s.batch_id == last.after), None)
-            if last.started is None and before is not None and before.started is not None:
-                last = before  # it waits for its predecessor's allocation, which speaks for the job
-            elif last.started is not None and status is not None and status.batch_id == last.after:
-                return None, last  # it runs; its master has not reported yet
+            if before is not None and before.started is not None:
+                last = before  # for its predecessor's allocation, which speaks for the job
+        if last is not None and last.after and last.started is not None and status is not None \
+                and status.batch_id == last.after:
+            return None, last  # a continuation runs; its master has not reported yet
         if status is None or not status.batch_id or last is None or status.batch_id == last.batch_id:
             return status, last
         if (status.started or 0.0) >= last.submitted:
