@@ -154,7 +154,7 @@ def run_job(job_dir: str) -> Outcome:
     except BaseException as exc:
         # It failed before its first report (bad points, say): say so, unless another run of the job holds the
         # results file and reports for it.
-        if runner.status is None and not _locked_elsewhere(jobdir.results):
+        if runner.status is None and not locked_elsewhere(jobdir.results):
             from .jobs.chain import end
             from .jobs.status import StatusWriter, Tally
 
@@ -369,7 +369,7 @@ class Runner:
         notifier.end(Event(self.spec.name, "end", job_state, self.jobdir.path, t.done, t.failed, t.total, message))
 
 
-def _locked_elsewhere(results: str) -> bool:
+def locked_elsewhere(results: str) -> bool:
     """Whether a running job holds the lock of ``results`` (a lock file left by a kill is not held)."""
     import fcntl
 

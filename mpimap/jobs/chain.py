@@ -184,11 +184,11 @@ def _queue(job: Job, spec, subs: list[Submission], me: Submission, after: str) -
 
 def _holder(job: Job, status, batch_id: str) -> str:
     """The batch id of another live run that holds the job's results file ('' if none does)."""
-    from ..runner import _locked_elsewhere
+    from ..runner import locked_elsewhere
 
     if status is None or not status.batch_id or status.batch_id == batch_id:
         return ""
-    return status.batch_id if _locked_elsewhere(job.dir.results) else ""
+    return status.batch_id if locked_elsewhere(job.dir.results) else ""
 
 
 if __name__ == "__main__":  # python -m mpimap.jobs.chain JOB_DIR: the job script's chain step

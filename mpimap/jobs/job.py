@@ -202,7 +202,7 @@ class Job:
         if state in FINAL_STATES:
             raise MpimapError(f"job {self.name} is {state} already; nothing to cancel")
         batch = scheduler(self.spec().scheduler)
-        if self.cancel_continuations(batch) and self.state() == "interrupted":
+        if self.cancel_continuations(batch) and self.state() in FINAL_STATES:  # it was between two allocations
             self._final_status("cancelled", "cancelled between two allocations of its chain")
             return "its queued continuation was removed: cancelled; its results so far stay readable"
         status, run = self.last_run()
