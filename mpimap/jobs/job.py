@@ -72,7 +72,9 @@ class Job:
     def last_run(self) -> tuple[JobStatus | None, Submission | None]:
         """The master's last report and the submission it speaks for: the last one in batch.json, or a run
         started after it by hand (``job.sh`` run again; status.json names its batch id).  A report of a run
-        before the last submission is None: the job is judged from the batch system's view alone."""
+        before the last submission is None: the job is judged from the batch system's view alone.  In a chain, a
+        continuation waiting for its predecessor's allocation lets that allocation speak; submissions that never
+        ran (skipped) do not count."""
         status, subs = self.status(), [s for s in self.submissions() if s.state != SKIPPED]
         last = subs[-1] if subs else None
         if last is not None and last.after and last.started is None:  # a chain's continuation, waiting
@@ -153,10 +155,10 @@ class Job:
                 state = "interrupted" if view.state == "gone" else status.state
             else:
                 state = {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
-            if view.state == "gone" and state == "failed" and run is not None and self.continuation(run.batch_id):
-                return "queued"  # it ended before its master reported, and its chain goes on
-        # An interrupted allocation of a chain whose continuation waits in the queue: the job goes on.
-        return "queued" if state == "interrupted" and run is not None and self.continuation(run.batch_id) else state
+        # An allocation of a chain that ended (interrupted, or gone before its master reported) while its
+        # continuation waits in the queue: the job goes on.
+        ended = state == "interrupted" or (status is None and state == "failed")
+        return "queued" if ended and run is not None and self.continuation(run.batch_id) else state
 
     def results(self, as_frame: bool | None = None):
         """The results so far, in point order: :func:`mpimap.load` of this job."""
