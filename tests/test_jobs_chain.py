@@ -152,6 +152,7 @@ def test_kill_9_of_the_whole_allocation_the_queued_continuation_resumes_and_comp
     assert subs[1].batch_id == second.batch_id and subs[1].state == "done"
     # Redone: what was stored since the last flush (1 s: ~20 points at 2 workers x 10 points/s) and what was in flight.
     assert len(runs) <= 120 + 20 + 2 * 4
+    assert f"    {subs[0].batch_id}: ended without a word" in mpimap(where, "status", "crash").stdout
 
 
 def test_a_job_that_ends_done_removes_its_queued_continuation(where, monkeypatch):

@@ -191,8 +191,10 @@ class StatusReport:
         ran = sum(s.started is not None and s.state != SKIPPED for s in self.chain)
         out = [f"  chain      : {ran} allocation{'s' if ran != 1 else ''} of {len(self.chain)} batch jobs"
                + (f" ({self.chain_limit})" if self.chain_limit else "")]
-        for s in self.chain:
+        for i, s in enumerate(self.chain):
             state = s.state or ("queued" if s.started is None else "running")
+            if state == "running" and (self.state in FINAL_STATES or any(t.started for t in self.chain[i + 1:])):
+                state = "ended without a word"  # killed (kill -9, node lost): nothing recorded its end
             when = (f", {clock(s.started)} for {duration((s.ended or self.now) - s.started)}"
                     if s.started is not None and state != SKIPPED else "")
             points = f", {s.points} points" if s.points is not None else ""
