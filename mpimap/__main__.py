@@ -77,10 +77,11 @@ def main(argv=None) -> int:
         outlive_parent()
     comm = MPI.COMM_WORLD.Dup() if size > 1 else None
     if comm is not None and comm.Get_rank() > 0:
-        # A signal to the whole job (scancel, Ctrl-C) is rank 0's to handle: it flushes the results and
+        # A signal to the whole job (scancel, Ctrl-C, the warning before the walltime: mpiexec forwards SIGUSR1,
+        # Grid Engine signals the job's process group) is rank 0's to handle: it flushes the results and
         # then stops the workers.  A worker that died of it would take the job down before the flush.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if script is not None:
             _serve_script(script, comm)
         else:
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
             serve(comm)
         MPI.COMM_WORLD.Ibarrier().Wait()  # rank 0 learns that the workers have stopped (see _workers_stopped)
         return 0
+    if script is None:
+        # SIGUSR1 would end rank 0 by default: `mpimap run` handles it while its map runs, and a warning that
+        # comes before or after that must not kill the master (its deadline, if known, still stops it in time).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if comm is not None:
         world.start(comm)
     status = 1

@@ -69,10 +69,13 @@ def cli():
               help="Warn when a live rank returns nothing for this long.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
+@click.option("--walltime", default=None, metavar="TIME",
+              help="Time this run may take (MINUTES, HH:MM:SS, D-HH:MM:SS): no point is handed out that would not "
+                   "finish in time, then it stops (exit 3). MPIMAP_DEADLINE (unix seconds) too; the earlier wins.")
 def run(function, points_spec, out, job, **options):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 
-    Exit status: 0 done, 2 bad input, 3 interrupted (SIGTERM, Ctrl-C; run again to resume),
+    Exit status: 0 done, 2 bad input, 3 interrupted (SIGTERM, Ctrl-C, SIGUSR1, walltime; run again to resume),
     4 worker ranks lost, 5 cancelled through the control file.
     """
     from . import runner

@@ -158,11 +158,13 @@ _SCRATCH_BASE = tempfile.gettempdir()
 
 # -- the child process -----------------------------------------------------------------------------------------
 def _child_setup() -> None:
-    """In the fresh child: die with the rank, default fatal signals, never touch MPI."""
+    """In the fresh child: die with the rank, default fatal signals, never touch MPI; ignore the warning before
+    the walltime (SIGUSR1, which Grid Engine sends to every process of the job): the master handles it."""
     die_with_parent()  # not Linux: a dead rank's child ends when its pipe closes
     for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT,
                 signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     import faulthandler
 
     faulthandler.disable()

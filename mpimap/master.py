@@ -138,6 +138,10 @@ class Master:
     def _pause(self, paused: bool) -> None:
         self.scheduler.paused = paused
 
+    def drained(self) -> bool:
+        """Whether a pause has taken effect and every chunk handed out has come back to its map."""
+        return self.scheduler.paused and not any(len(r.in_flight) for r in list(self.scheduler.ranks.values()))
+
     def _command(self, name: str, handle) -> None:
         self._inbox.append((name, handle))
         self._wake.set()
@@ -199,7 +203,7 @@ class Master:
 
     @contextmanager
     def signals_between_turns(self):
-        """While a caller waits by driving the loop: Ctrl-C and SIGTERM handlers run between turns, never inside one.
+        """While a caller drives the loop: Ctrl-C, SIGTERM and SIGUSR1 handlers run between turns, never inside one.
 
         A handler's exception (KeyboardInterrupt, the CLI's interrupt) raised
         half-way through a turn would leave the loop's state torn; here it is
@@ -211,7 +215,7 @@ class Master:
             return
         pending: list = []
         saved = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             handler = signal.getsignal(sig)
             if callable(handler):
                 saved[sig] = handler

@@ -217,6 +217,10 @@ class Pool(Executor):
         """Whether :meth:`pause` was called last (rather than :meth:`resume`)."""
         return self._live_master().paused
 
+    def drained(self) -> bool:
+        """After :meth:`pause`: whether it has taken effect and every point handed out is back (delivered)."""
+        return self._live_master().drained()
+
     def cancel_all(self) -> None:
         """Cancel this pool's open maps and queued calls (a call already running completes); the pool stays open.
 

@@ -8,10 +8,12 @@ job's ``status.json`` and sends its notifications.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, fields
@@ -50,6 +52,7 @@ class RunOptions:
     host_failures: int = 3                # 0: never retire a host
     stall_timeout: float | None = None
     rank_timeout: float = 60.0
+    walltime: str | float | None = None   # the allocation's length from the run's start (MPIMAP_DEADLINE too)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -87,6 +90,13 @@ class RunOptions:
                 bound = "> 0" if low is None else "between 0 and 1" if name == "verify" else f">= {low}"
                 what = "an integer" if kind is int else "a number"
                 return f"run option {name} must be {what} {bound}{' or null' if optional else ''}, not {value!r}"
+        if self.walltime is not None:
+            from .walltime import parse_walltime
+
+            try:
+                parse_walltime(self.walltime)
+            except MpimapError as exc:
+                return f"run option {exc}"
         for name in ("fresh", "retry_failed", "scratch", "debug_rerun", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "progress" and value is None):
@@ -117,11 +127,13 @@ class Outcome:
 
 
 class _Interrupted(Exception):
-    """SIGTERM (e.g. scancel) or SIGINT reached rank 0: stop, keeping everything stored so far."""
+    """SIGTERM (e.g. scancel), SIGINT or SIGUSR1 (the warning before the walltime) reached rank 0, or no more points
+    fit before the deadline: stop, keeping everything stored so far."""
 
 
-def _interrupt(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT",
+                signal.SIGUSR1: "SIGUSR1: warning before the walltime"}
+GUARD_INTERVAL = 0.25  # seconds between the walltime guard's looks at the clock
 
 
 def run(function: str, points: str, out: str, options: RunOptions = RunOptions()) -> Outcome:
@@ -188,6 +200,15 @@ class Runner:
         self.pool = None
         self.status = None  # the StatusWriter of a job
         self._cancel = threading.Event()
+        self.guard = None  # the _WalltimeGuard of a run with a deadline, while its map runs
+        self._stopping = False  # a stop signal came: later ones (SGE signals every process twice) are ignored
+
+    def _interrupt(self, signum, frame):
+        """A stop signal: the first one raises :class:`_Interrupted` in the main thread; later ones do nothing, so
+        the flush and close it leads to are never cut short."""
+        if not self._stopping:
+            self._stopping = True
+            raise _Interrupted(STOP_SIGNALS[signum])
 
     def run(self) -> Outcome:
         from .control import Watcher, paused_before
@@ -195,12 +216,15 @@ class Runner:
         from .pool import Pool, map_settings
         from .progress import Progress
         from .store import RESUME_FIX, ResultStore
+        from .walltime import DEADLINE_ENV, Budget, deadline, reserve
         from .watchdog import bounded_read
 
         o = self.options
         problem = o.problem()
         if problem:
             raise MpimapError(problem)
+        end = deadline(os.environ.get(DEADLINE_ENV), o.walltime, started=time.time())
+        budget = None if end is None else Budget(end, reserve(o.flush_interval), o.chunksize)
         logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # Made first: commands sent from now on are this run's (a job's run also obeys those its previous run
         # did not read, and starts paused if that run was paused).
@@ -223,11 +247,13 @@ class Runner:
                 store.close("failed")
                 raise
         state, message, notifier = "failed", "", None
-        old_handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+        old_handlers = {s: signal.signal(s, self._interrupt) for s in STOP_SIGNALS}
         meter = Progress(len(todo), already=len(points) - len(todo), enabled=o.progress)
         per_rank: Counter = Counter()
         try:
             notifier = self._start_job(counts, todo)
+            if len(todo) and budget is not None and not budget.fits(time.time()):
+                raise _Interrupted(budget.why_not(time.time()))
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
                           host_failures=o.host_failures or None) as pool:
@@ -241,18 +267,27 @@ class Runner:
                             raise CancelledError
                         chunks = pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options())
                         watcher.start()  # once the map exists: a cancel reaches it
+                        if budget is not None:
+                            self.guard = _WalltimeGuard(pool, budget)
+                            self.guard.start()
                         self._stream(chunks, todo, store, meter, per_rank)
                     except CancelledError:
-                        if not self._cancel.is_set():
+                        if self._cancel.is_set():
+                            state = "cancelled"
+                        elif self.guard is not None and self.guard.reason:
+                            self._stopping = True  # a stop signal from now on would cut the flush short
+                            raise _Interrupted(self.guard.reason) from None
+                        else:
                             raise
-                        state = "cancelled"
                     finally:
                         watcher.stop()
+                        if self.guard is not None:
+                            self.guard.stop()
                         if self.status is not None:
                             self.status.keep_ranks()
                     pool.shutdown(wait=True)  # verifications may still be running
                     _store_verification(store, todo, pool.verification())
-            if state != "cancelled":
+            if state == "failed":
                 state = "complete"
         except _Interrupted as why:
             state = "interrupted"
@@ -281,6 +316,8 @@ class Runner:
             host = chunk.host or socket.gethostname()
             kept = chunk.delivered()  # without the points that went to another attempt
             indices = todo[chunk.start:chunk.stop][list(chunk.offsets())]
+            if self.guard is not None:
+                self.guard.budget.measured(kept.durations, chunk.stop - chunk.start)
             misfits = store.write(indices, kept.values, kept.failures, kept.durations, chunk.rank, host,
                                   kept.attempts, kept.logs)
             per_rank[f"{host}/{chunk.rank}"] += len(indices)
@@ -318,6 +355,8 @@ class Runner:
             self.pool.pause()
             self._report("paused")
             said("paused: no new points are handed out; those being evaluated finish")
+        elif name == "resume" and self.guard is not None and self.guard.reason:
+            said("resume ignored: %s", self.guard.reason)
         elif name == "resume" and not self._cancel.is_set():
             self.pool.resume()
             self._report("running")
@@ -367,6 +406,33 @@ class Runner:
         message += end(self.jobdir.path, job_state, t.done + t.failed - first[1] - first[2])
         self.status.finish(job_state, message)
         notifier.end(Event(self.spec.name, "end", job_state, self.jobdir.path, t.done, t.failed, t.total, message))
+
+
+class _WalltimeGuard(threading.Thread):
+    """Watches the clock for a run with a deadline: once the next chunk would not fit, it pauses the pool (no more
+    points go out); once the points out are back, it cancels the map, which the run ends as interrupted."""
+
+    def __init__(self, pool, budget):
+        super().__init__(name="mpimap-walltime", daemon=True)
+        self.pool, self.budget = pool, budget
+        self.reason = ""  # set when no more points are handed out: why (a "walltime: ..." line)
+        self._stopped = threading.Event()
+
+    def run(self):
+        while not self._stopped.wait(GUARD_INTERVAL):
+            if not self.reason and not self.budget.fits(time.time()):
+                self.reason = self.budget.why_not(time.time())  # first: from now on a resume command is ignored
+                log.warning("%s; waiting for the points being evaluated", self.reason)
+            if not self.reason:
+                continue
+            if not self.pool.paused:  # (again, if a resume command slipped in just before the reason was set)
+                self.pool.pause()
+            elif self.pool.drained():
+                self.pool.cancel_all()  # nothing is out: every point computed has been delivered
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def locked_elsewhere(results: str) -> bool:

@@ -197,8 +197,9 @@ def _check_run_options(options: dict) -> None:
 
 
 # `run`'s options a job takes from its spec; not fresh, retry_failed or progress, which mean nothing to a new job
-# that runs detached.
-JOB_RUN_OPTIONS = tuple(name for name in RUN_OPTIONS if name not in ("fresh", "retry_failed", "progress"))
+# that runs detached, nor walltime: a job's is its allocation's (submit --walltime), which its script tells the run.
+JOB_RUN_OPTIONS = tuple(name for name in RUN_OPTIONS
+                        if name not in ("fresh", "retry_failed", "progress", "walltime"))
 
 
 def _check_chain(resubmit, until_done) -> None:
