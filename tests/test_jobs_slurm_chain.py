@@ -124,3 +124,31 @@ def test_kill_9_of_mpiexec_the_continuation_finishes_the_job(campaign):
     links = assert_finished(campaign, "killed")
     assert links[0]["batch_id"] == first and links[0]["state"] == "running"  # it never recorded its end
     assert links[1]["state"] == "done" and links[1]["after"] == first
+
+
+def test_a_job_whose_points_would_not_fit_stops_handing_out_and_ends_before_the_limit(campaign, tmp_path):
+    """The master stops by itself (exit status 3, interrupted, "walltime: ...") and Slurm never has to kill it.
+
+    The deadline the job script tells the master is 16 s after the allocation starts: well before Slurm's own
+    warning (``--signal=B:USR1@20`` of the 1-minute walltime comes 30-40 s in), so it is the master's own
+    deadline that stops it."""
+    from conftest import TESTS
+
+    text = open(os.path.join(os.path.dirname(TESTS), "jobscripts", "slurm.sh")).read()
+    step = text.index("{{python}} -m mpimap.jobs.chain")
+    template = tmp_path / "short.sh"
+    template.write_text(text[:step] + "export MPIMAP_DEADLINE=$(( $(date +%s) + 16 ))\n" + text[step:])
+    campaign.env["MPIMAP_TEST_SLEEP"] = "0.5"  # 2,000 points of 0.5 s on 2 workers: far more than fits
+    first = submit_chain(campaign, "short", "--template", str(template), "--chunksize", "1")
+    row = campaign.wait_state("short", "interrupted", timeout=90)
+    status = campaign.json("status", "short")["status"]
+    assert status["message"].startswith("walltime: "), status["message"]
+    assert status["ended"] - status["started"] < 16
+    wait_for(lambda: campaign.squeue(first) == ("", ""), 60, f"batch job {first} ends")
+    slurm_job = campaign.slurm.command("scontrol", "show", "job", first).stdout
+    assert "ExitCode=3:0" in slurm_job and "JobState=TIMEOUT" not in slurm_job, slurm_job  # its own status
+    r = campaign.results("short")
+    done = r["status"] == "done"
+    assert 0 < done.sum() == row["done"] < N and set(r["status"][~done]) == {"pending"}
+    assert np.array_equal(r["value"][done], reference(points(N))[done])
+    assert sorted(campaign.evaluated()) == sorted(np.flatnonzero(done))  # every point handed out came back, stored
