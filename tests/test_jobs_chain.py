@@ -90,14 +90,6 @@ def running_master(job: Job, sub):
                     and s.done > 0 and s, 120, f"the master of {sub.batch_id} stores points")
 
 
-def warning_signal() -> signal.Signals:
-    """The warning a batch system sends before the walltime: SIGUSR1 where rank 0 handles it as one (mpimap.runner
-    names it), else SIGTERM, which stops the master the same way (state interrupted, everything stored kept)."""
-    import mpimap.runner
-
-    return signal.SIGUSR1 if "SIGUSR1" in open(mpimap.runner.__file__).read() else signal.SIGTERM
-
-
 def evaluated(where, name) -> list[int]:
     return [int(x) for x in (where / f"{name}.evaluated").read_text().split()]
 
@@ -123,8 +115,9 @@ def test_an_interrupted_allocation_is_continued_by_the_next_link_and_the_job_com
     view = json.loads(mpimap(where, "status", "link", "--json").stdout)
     assert [c["batch_id"] for c in view["chain"]] == [first.batch_id, second.batch_id]
     # The warning a batch system sends before the walltime, to the job's mpiexec (which passes it on).
-    os.kill(int(first.batch_id.rpartition(":")[2]), warning_signal())
+    os.kill(int(first.batch_id.rpartition(":")[2]), signal.SIGUSR1)
     runs = assert_complete(where, job, 120)
+    assert "SIGUSR1: warning before the walltime" in open(job.dir.log).read()
     subs = job.submissions()
     assert subs[0].state == "interrupted" and 0 < subs[0].points < 120
     assert subs[1].state == "done" and subs[0].points + subs[1].points == 120

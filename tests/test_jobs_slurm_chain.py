@@ -2,8 +2,7 @@
 
 A job of 2,000 points of 20 ms under a 1-minute walltime with ``--resubmit 5``: each allocation queues its
 continuation (``--dependency=afterany``) as it starts, and the job goes on in it after whatever ends the
-allocation.  The warning is sent for real with ``scancel -b -s USR1`` rather than waited for (SIGTERM
-stands in for it while rank 0 does not handle SIGUSR1: see test_jobs_chain.warning_signal).
+allocation.  The warning is sent for real with ``scancel -b -s USR1`` rather than waited for.
 """
 
 import os
@@ -13,7 +12,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from test_jobs_chain import warning_signal
 from test_jobs_slurm import User, points, reference, wait_for
 
 N = 2000
@@ -72,11 +70,11 @@ def test_warning_signals_end_allocations_and_the_chain_finishes_the_job(campaign
     storing(campaign, "long", first)
     [one, two] = wait_for(lambda: len(c := chain(campaign, "long")) == 2 and c, 30, "the continuation is queued")
     assert two["after"] == first and campaign.squeue(two["batch_id"])[0] == "PENDING"
-    warn = warning_signal().name[3:]
-    campaign.slurm.command("scancel", "-b", "-s", warn, first)  # the walltime's warning, now
+    campaign.slurm.command("scancel", "-b", "-s", "USR1", first)  # the walltime's warning, now
     storing(campaign, "long", two["batch_id"])
-    campaign.slurm.command("scancel", "-b", "-s", warn, two["batch_id"])
+    campaign.slurm.command("scancel", "-b", "-s", "USR1", two["batch_id"])
     links = assert_finished(campaign, "long")
+    assert (campaign.job_dir("long") / "job.log").read_text().count("SIGUSR1: warning before the walltime") >= 2
     ran = [link for link in links if link["state"] not in ("skipped",)]
     assert [link["batch_id"] for link in ran[:2]] == [first, two["batch_id"]] and len(ran) >= 3
     assert all(link["started"] for link in ran) and ran[-1]["state"] == "done"
