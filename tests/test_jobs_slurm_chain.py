@@ -96,12 +96,8 @@ def test_a_requeued_allocation_resumes_and_nothing_is_lost(campaign):
     # resumes; or, if its continuation started first (Slurm may count the requeue as its end), it ends at once:
     # the job is done, or the continuation holds the results file.
     campaign.slurm.command("scontrol", "requeue", first)
-    links = assert_finished(campaign, "requeue")
-    try:
-        wait_for(lambda: campaign.slurm_state(first) == "COMPLETED", 60, f"batch job {first} runs again and ends")
-    except BaseException:
-        print(campaign.slurm.command("scontrol", "show", "job", first, check=False).stdout, chain(campaign, "requeue"))
-        raise
+    assert_finished(campaign, "requeue")  # the requeued batch job has left the queue too (it may have ended
+    # interrupted: its 1-minute walltime's warning counts from its first start)
     links = chain(campaign, "requeue")
     mine = [link for link in links if link["batch_id"] == first]
     assert len(mine) == 1 and mine[0]["restarts"] == 1  # its second run, recorded on the same batch job
@@ -119,8 +115,9 @@ def test_kill_9_of_mpiexec_the_continuation_finishes_the_job(campaign):
     assert len(mpiexec) == 1, mpiexec
     os.kill(mpiexec[0], signal.SIGKILL)
     links = assert_finished(campaign, "killed")
-    assert links[0]["batch_id"] == first and links[0]["state"] == "running"  # it never recorded its end
-    assert links[1]["state"] == "done" and links[1]["after"] == first
+    # Its master either died with it (no end recorded) or got Slurm's SIGTERM to the job's other step first.
+    assert links[0]["batch_id"] == first and links[0]["state"] in ("running", "interrupted"), links
+    assert links[1]["after"] == first and links[1]["started"] and links[1]["points"] > 0, links  # it went on
 
 
 def test_a_job_whose_points_would_not_fit_stops_handing_out_and_ends_before_the_limit(campaign, tmp_path):
