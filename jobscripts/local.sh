@@ -12,5 +12,9 @@ cd {{workdir}} || exit 2
 export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy-:oversubscribe}"
 [ "$(id -u)" -ne 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
+# The chain step (submit --resubmit/--until-done): records this allocation and queues its continuation; exit
+# status 10 means the job is over already (done, failed or cancelled): end here, running nothing.
+{{python}} -m mpimap.jobs.chain {{job_dir}} || [ $? -ne 10 ] || exit 0
+
 # exec: mpiexec takes the shell's place, so `mpimap cancel`'s SIGTERM reaches it, and through it rank 0.
 exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run --job {{job_dir}}

@@ -11,6 +11,10 @@ cd {{workdir}} || exit 2
 {{environment}}
 {{batch_env}}
 
+# The chain step (submit --resubmit/--until-done): records this allocation and queues its continuation; exit
+# status 10 means the job is over already (done, failed or cancelled): end here, running nothing.
+{{python}} -m mpimap.jobs.chain {{job_dir}} || [ $? -ne 10 ] || exit 0
+
 # exec: mpiexec takes the shell's place, so PBS's signals (qdel's SIGTERM, then SIGKILL) reach it, and
 # through it rank 0, which stores everything before the job ends.  mpiexec finds the nodes in $PBS_NODEFILE.
 exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run --job {{job_dir}}

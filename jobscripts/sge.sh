@@ -10,6 +10,10 @@ export TMPDIR="${TMPDIR:-$TMP}"
 {{environment}}
 {{batch_env}}
 
+# The chain step (submit --resubmit/--until-done): records this allocation and queues its continuation; exit
+# status 10 means the job is over already (done, failed or cancelled): end here, running nothing.
+{{python}} -m mpimap.jobs.chain {{job_dir}} || [ $? -ne 10 ] || exit 0
+
 # exec: mpiexec takes the shell's place.  Grid Engine signals the job's whole process group (qdel, the s_rt
 # warning SIGUSR1, qmod -s/-us), so rank 0 hears it and stores everything before the job ends.  mpiexec finds
 # the slots in $PE_HOSTFILE.  Never end this script with status 99 (Grid Engine requeues the job) or

@@ -166,11 +166,12 @@ def run_job(job_dir: str) -> Outcome:
     except BaseException as exc:
         # It failed before its first report (bad points, say): say so, unless another run of the job holds the
         # results file and reports for it.
-        if runner.status is None and not _locked_elsewhere(jobdir.results):
+        if runner.status is None and not locked_elsewhere(jobdir.results):
+            from .jobs.chain import end
             from .jobs.status import StatusWriter, Tally
 
-            StatusWriter(jobdir.status, Tally(0), control_offset=lambda: offset).finish(
-                "failed", str(exc) or type(exc).__name__)
+            message = (str(exc) or type(exc).__name__) + end(job_dir, "failed", 0)
+            StatusWriter(jobdir.status, Tally(0), control_offset=lambda: offset).finish("failed", message)
         raise
 
 
@@ -395,11 +396,15 @@ class Runner:
         """The final status report, then the end notifications (what is left of the start ones is stopped)."""
         if self.status is None:
             return
+        from .jobs.chain import end
         from .jobs.notify import Event
 
         job_state = JOB_STATE[state]
-        self.status.finish(job_state, message)
         t = self.status.tally
+        first = self.status.history[0] if self.status.history else [0, t.done, t.failed]  # the run's first report
+        # The allocation's record in the job's chain (queued continuation removed if the job is over).
+        message += end(self.jobdir.path, job_state, t.done + t.failed - first[1] - first[2])
+        self.status.finish(job_state, message)
         notifier.end(Event(self.spec.name, "end", job_state, self.jobdir.path, t.done, t.failed, t.total, message))
 
 
@@ -430,7 +435,7 @@ class _WalltimeGuard(threading.Thread):
         self._stopped.set()
 
 
-def _locked_elsewhere(results: str) -> bool:
+def locked_elsewhere(results: str) -> bool:
     """Whether a running job holds the lock of ``results`` (a lock file left by a kill is not held)."""
     import fcntl
 

@@ -18,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import MpimapError
+from ..walltime import parse_walltime
 from .records import Resources, Submission
 
 SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local", "pbs": "mpimap.jobs.pbs:Pbs",
@@ -94,7 +95,7 @@ class BatchSystem:
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
         values = {field: getattr(resources, field, None) for field in self.directives}
-        values.update(name=name, log=log)
+        values.update(name=name, log=log, warning=self.warning(resources))
         lines = []
         for field, fmt in self.directives.items():
             value = self.directive_value(field, values.get(field), resources)
@@ -115,9 +116,17 @@ class BatchSystem:
         """Seconds before the walltime to ask for the warning: :attr:`warning_seconds`, at most a third of a short one."""
         return max(1, min(self.warning_seconds, int(walltime_seconds // 3)))
 
-    def submit(self, script: str, workdir: str, log: str) -> str:
-        """Submit the rendered script; return the batch id parsed from the submit command's output."""
-        out = self._run([*self.submit_command, script], cwd=workdir)
+    def warning(self, resources: Resources) -> int | None:
+        """The ``warning`` directive's value: :meth:`warning_lead` of the job's walltime; None without a walltime."""
+        return self.warning_lead(parse_walltime(resources.walltime)) if resources.walltime else None
+
+    def submit(self, script: str, workdir: str, log: str, after: str | None = None) -> str:
+        """Submit the rendered script; return the batch id parsed from the submit command's output.
+
+        With ``after``, the job may start only once batch job ``after`` has ended, however it ended.
+        """
+        depend = [arg.format(after) for arg in self.dependency_args] if after else []
+        out = self._run([*self.submit_command, *depend, script], cwd=workdir)
         found = re.search(self.job_id_pattern, out)
         if found is None:
             raise MpimapError(f"{self.submit_command[0]} printed no job id ({out.strip()[:200]!r})")

@@ -16,7 +16,7 @@ import click
 
 from ..errors import MpimapError
 from .job import Job, batch_views
-from .records import FINAL_STATES
+from .records import FINAL_STATES, SKIPPED
 
 
 class _WithRunOptions(click.Command):
@@ -58,11 +58,16 @@ class _WithRunOptions(click.Command):
 @click.option("--notify-command", default=None, metavar="CMD", help="Run by the master when the job starts and ends.")
 @click.option("--notify-email", default=None, metavar="ADDR", help="Mail ADDR when the job starts and ends (SMTP).")
 @click.option("--dir", "directory", default=None, metavar="DIR", help="The job directory (default ./mpimap-jobs/NAME).")
+@click.option("--resubmit", "chain", type=click.IntRange(min=0), default=0, metavar="N",
+              help="A chain: each allocation queues its continuation (at most N), which resumes where it stopped.")
+@click.option("--until-done", is_flag=True,
+              help="A chain without limit; it stops after two allocations in a row that store no new point.")
 @click.option("--dry-run", is_flag=True, help="Print the job script; create and submit nothing.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end; exit with its status (0: done).")
 @click.pass_context
 def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node, walltime, partition, account, qos,
-           priority, mail, env_setup, template, notify_command, notify_email, directory, dry_run, wait, **run):
+           priority, mail, env_setup, template, notify_command, notify_email, directory, chain, until_done, dry_run,
+           wait, **run):
     """Submit FUNCTION (MODULE:NAME or path/file.py:NAME) over the points as a job; print its name and batch id.
 
     The options of `mpimap run` are accepted and passed on to the job, except --fresh, --retry-failed and
@@ -77,7 +82,7 @@ def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node
                         ntasks_per_node=ntasks_per_node, walltime=walltime, partition=partition, account=account,
                         qos=qos, priority=priority, mail=mail, env_setup=env_setup, template=template,
                         notify_command=notify_command, notify_email=notify_email, directory=directory,
-                        dry_run=dry_run, **given)
+                        resubmit=chain, until_done=until_done, dry_run=dry_run, **given)
     if dry_run:
         click.echo(result, nl=False)
         return
@@ -126,11 +131,13 @@ def ls(all_users, as_json, scan):
 def _row(job: Job, view) -> dict:
     spec, status = job.spec(), job.status()
     subs = job.submissions()
+    run = job.last_run()[1]  # the batch job that speaks for the job now, not a continuation waiting behind it
     total = (status.total if status is not None else 0) or job.points_total()  # 0: it failed before counting
     return {
         "name": spec.name, "state": job.state(view), "done": status.done if status else 0,
         "failed": status.failed if status else 0, "total": total,
-        "batch_id": subs[-1].batch_id if subs else "", "scheduler": spec.scheduler,
+        "batch_id": run.batch_id if run else "", "scheduler": spec.scheduler,
+        "allocations": sum(s.started is not None and s.state != SKIPPED for s in subs),
         "submitted": subs[-1].submitted if subs else spec.created,
         "started": status.started if status else None, "last_heard": status.updated if status else None,
         "user": _owner(job.dir.path), "dir": job.dir.path,

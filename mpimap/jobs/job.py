@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import time
@@ -11,7 +13,7 @@ import numpy as np
 from ..errors import MpimapError
 from . import files
 from .batch import BatchView, scheduler
-from .records import FINAL_STATES, JobSpec, JobStatus, Submission
+from .records import FINAL_STATES, SKIPPED, JobSpec, JobStatus, Submission
 
 NOT_SUBMITTED = BatchView("pending", reason="not submitted yet")  # submit records the batch id after it submits
 NO_STATUS = JobStatus(state="", updated=0.0)  # what a master that has not reported yet said
@@ -70,9 +72,18 @@ class Job:
     def last_run(self) -> tuple[JobStatus | None, Submission | None]:
         """The master's last report and the submission it speaks for: the last one in batch.json, or a run
         started after it by hand (``job.sh`` run again; status.json names its batch id).  A report of a run
-        before the last submission is None: the job is judged from the batch system's view alone."""
-        status, subs = self.status(), self.submissions()
+        before the last submission is None: the job is judged from the batch system's view alone.  In a chain, a
+        continuation waiting for its predecessor's allocation lets that allocation speak; submissions that never
+        ran (skipped) do not count."""
+        status, subs = self.status(), [s for s in self.submissions() if s.state != SKIPPED]
         last = subs[-1] if subs else None
+        if last is not None and last.after and last.started is None:  # a chain's continuation, waiting
+            before = next((s for s in subs if s.batch_id == last.after), None)
+            if before is not None and before.started is not None:
+                last = before  # for its predecessor's allocation, which speaks for the job
+        if last is not None and last.after and last.started is not None and status is not None \
+                and status.batch_id == last.after:
+            return None, last  # a continuation runs; its master has not reported yet
         if status is None or not status.batch_id or last is None or status.batch_id == last.batch_id:
             return status, last
         if (status.started or 0.0) >= last.submitted:
@@ -92,9 +103,30 @@ class Job:
         except (OSError, ValueError):
             return 0
 
+    @contextlib.contextmanager
+    def batch_lock(self):
+        """Hold the job's ``batch.lock`` (flock): batch.json is changed by the user's commands and by the running
+        job (its chain) alike, and each change reads, edits and writes the whole file.  Not re-entrant."""
+        fd = os.open(os.path.join(self.dir.path, "batch.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def add_submission(self, submission: Submission) -> None:
-        subs = [s.to_json() for s in self.submissions()] + [submission.to_json()]
-        files.write_json(self.dir.batch, Submission.FORMAT, Submission.VERSION, {"submissions": subs})
+        """Append a submission to batch.json (hold :meth:`batch_lock`)."""
+        self.write_submissions(self.submissions() + [submission])
+
+    def write_submissions(self, subs: list[Submission]) -> None:
+        """Replace batch.json's submissions (hold :meth:`batch_lock`)."""
+        files.write_json(self.dir.batch, Submission.FORMAT, Submission.VERSION,
+                         {"submissions": [s.to_json() for s in subs]})
+
+    def continuation(self, batch_id: str) -> Submission | None:
+        """The continuation queued after batch job ``batch_id`` that has not started, if any."""
+        return next((s for s in self.submissions() if s.after == batch_id and s.started is None
+                     and s.state != SKIPPED), None)
 
     def batch_id(self) -> str:
         """The id of the job's last submission ('' if it was never submitted)."""
@@ -113,14 +145,20 @@ class Job:
 
         ``view`` (from :func:`batch_views`) spares a query per job when many are listed.
         """
-        status = self.current_status()
+        status, run = self.last_run()
         if status is not None and status.state in FINAL_STATES:
-            return status.state
-        view = view or self.batch_view()
-        if status is not None:
-            # The master said it runs, but its batch job is gone: it died without a final word (kill -9, node lost).
-            return "interrupted" if view.state == "gone" else status.state
-        return {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
+            state = status.state
+        else:
+            view = view or self.batch_view()
+            if status is not None:
+                # The master said it runs, but its batch job is gone: it died without a final word (kill -9, ...).
+                state = "interrupted" if view.state == "gone" else status.state
+            else:
+                state = {"pending": "queued", "running": "running", "gone": "failed"}.get(view.state, "queued")
+        # An allocation of a chain that ended (interrupted, or gone before its master reported) while its
+        # continuation waits in the queue: the job goes on.
+        ended = state == "interrupted" or (status is None and state == "failed")
+        return "queued" if ended and run is not None and self.continuation(run.batch_id) else state
 
     def results(self, as_frame: bool | None = None):
         """The results so far, in point order: :func:`mpimap.load` of this job."""
@@ -166,6 +204,9 @@ class Job:
         if state in FINAL_STATES:
             raise MpimapError(f"job {self.name} is {state} already; nothing to cancel")
         batch = scheduler(self.spec().scheduler)
+        if self.cancel_continuations(batch) and self.state() in FINAL_STATES:  # it was between two allocations
+            self._final_status("cancelled", "cancelled between two allocations of its chain")
+            return "its queued continuation was removed: cancelled; its results so far stay readable"
         status, run = self.last_run()
         view = self.batch_view()
         if view.state == "pending" or status is None:
@@ -186,6 +227,17 @@ class Job:
         self._final_status("cancelled", f"its master did not answer the cancel within {grace:g} s; "
                                         f"its batch job {run.batch_id} was cancelled")
         return f"cancelled: the master did not answer within {grace:g} s, so its batch job was ended"
+
+    def cancel_continuations(self, batch) -> list[Submission]:
+        """Remove the chain's continuations that have not started from the queue (recorded as skipped); return them.
+        One that cannot be removed ends at once when it starts: its chain step finds the job over."""
+        from .chain import skip_queued
+
+        with self.batch_lock():
+            subs = self.submissions()
+            removed = skip_queued(batch, subs, [s for s in subs if s.after and s.started is None and s.state != SKIPPED])
+            self.write_submissions(subs)
+        return removed
 
     def resubmit(self, retry_failed: bool = False, fresh: bool = False) -> Submission:
         """Run a stopped (interrupted, failed or cancelled) job again: submit its script once more.
@@ -218,10 +270,11 @@ class Job:
     def submit_script(self, batch) -> Submission:
         """Submit the job's script to its batch system and record the submission in batch.json."""
         spec = self.spec()
-        batch_id = batch.submit(self.dir.script, spec.workdir, self.dir.log)
-        submission = Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
-                                host=socket.gethostname(), leader=batch.leader(batch_id))
-        self.add_submission(submission)
+        with self.batch_lock():  # the job's chain step, if it starts at once, waits until its submission is recorded
+            batch_id = batch.submit(self.dir.script, spec.workdir, self.dir.log)
+            submission = Submission(batch_id=batch_id, scheduler=batch.name, submitted=time.time(),
+                                    host=socket.gethostname(), leader=batch.leader(batch_id))
+            self.add_submission(submission)
         return submission
 
     def _steer(self, command: str, **fields) -> None:

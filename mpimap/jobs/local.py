@@ -17,10 +17,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from ..errors import MpimapError
 from .batch import COMMAND_TIMEOUT, BatchSystem, BatchView
+from .records import Submission
 
 KILL_WAIT = 10.0  # seconds between SIGTERM and SIGKILL, as Slurm's KillWait
 
@@ -35,12 +37,17 @@ class Local(BatchSystem):
         return ('export MPIMAP_BATCH_ID="$(hostname):$$"\nexport MPIMAP_NODELIST="$(hostname)"\n'
                 f'export MPIMAP_DEADLINE="{self.deadline_shell(walltime_seconds)}"')
 
-    def submit(self, script, workdir, log):
+    def submit(self, script, workdir, log, after=None):
         # setsid from a background job of a non-interactive shell (not a group leader) does not fork: $! is the
         # session leader.  The shell exits at once, so the job is nobody's child here (no zombie, no wait).
-        launch = 'setsid bash "$1" </dev/null >>"$2" 2>&1 & echo $!'
+        # With `after`, the leader first waits for that session to end (this module run as a program), then
+        # becomes the job script's shell: the same process, so the same batch id.
+        command = ["bash", script]
+        if after:
+            command = [sys.executable, "-m", __name__, after, self.leader(after), *command]
+        launch = 'log="$1"; shift; setsid "$@" </dev/null >>"$log" 2>&1 & echo $!'
         try:
-            proc = subprocess.run(["bash", "-c", launch, "mpimap-submit", script, log], cwd=workdir,
+            proc = subprocess.run(["bash", "-c", launch, "mpimap-submit", log, *command], cwd=workdir,
                                   capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
             pid = int(proc.stdout.strip())
         except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
@@ -58,9 +65,12 @@ class Local(BatchSystem):
             host, _, pid = sub.batch_id.rpartition(":")
             if host != here or not pid.isdigit():
                 views[sub.batch_id] = BatchView("unknown", reason=f"runs on {host}: ask there")
+            elif not (int(pid) in alive and _ours(sub)):
+                views[sub.batch_id] = BatchView("gone")
+            elif _waiting(int(pid)):
+                views[sub.batch_id] = BatchView("pending", reason="Dependency")
             else:
-                ours = int(pid) in alive and _ours(sub)
-                views[sub.batch_id] = BatchView("running", nodes=host) if ours else BatchView("gone")
+                views[sub.batch_id] = BatchView("running", nodes=host)
         return views
 
     def cancel(self, submission):
@@ -124,3 +134,25 @@ def _ours(submission) -> bool:
     has ended while members live on (the kernel reuses no PID that names a live session).  A submission without
     a recorded start (an older mpimap) is taken on trust."""
     return not submission.leader or _start_of(int(submission.batch_id.rpartition(":")[2])) in ("", submission.leader)
+
+
+def _waiting(pid: int) -> bool:
+    """Whether the session leader ``pid`` still waits for the job it runs after (see :func:`wait_then_run`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"-m\0{__name__}\0".encode() in f.read()
+    except OSError:
+        return False
+
+
+def wait_then_run(after: str, leader: str, command: list[str]) -> None:
+    """Wait until the local job ``after`` (whose leader started as ``leader``) has ended, then become ``command``."""
+    session = int(after.rpartition(":")[2])
+    before = Submission(batch_id=after, scheduler="local", submitted=0.0, leader=leader)
+    while session in _live_sessions() and _ours(before):
+        time.sleep(0.5)
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":  # python -m mpimap.jobs.local AFTER LEADER COMMAND...: a continuation's leader
+    wait_then_run(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+SKIPPED = "skipped"
+"""A submission's state when it never ran: a continuation cancelled in the queue, or one that found the job over."""
 EXIT_STATUS = {"done": 0, "failed": 1, "interrupted": 3, "cancelled": 5}
 """How a command that follows a job to its end (submit --wait, attach) exits for its final state, as `run` would."""
 
@@ -81,6 +83,8 @@ class JobSpec(_Record):
     user: str = ""
     created: float = 0.0                # unix time
     mpimap_version: str = ""
+    resubmit: int = 0                   # continuations a chain may queue (0: none; see until_done)
+    until_done: bool = False            # no limit, but stop after two allocations in a row that store nothing
 
     @classmethod
     def from_json(cls, body: dict):
@@ -101,6 +105,13 @@ class Submission(_Record):
     submitted: float                    # unix time
     host: str = ""                      # where it was submitted from
     leader: str = ""                    # local: "BOOT_ID:START_TICKS" of the session leader, so a reused PID is not it
+    # A chain's record of each allocation (mpimap.jobs.chain); absent from files of older mpimap: the defaults.
+    after: str = ""                     # a continuation: the batch id it waits for (to end, however it ends)
+    started: float | None = None        # unix time its allocation started (the chain step ran)
+    ended: float | None = None          # unix time its master recorded the end
+    points: int | None = None           # points stored in this allocation (None: unknown, e.g. killed)
+    state: str = ""                     # running; how it ended (done, ..., interrupted); or skipped (never ran)
+    restarts: int = 0                   # Slurm requeues of this batch job (SLURM_RESTART_COUNT)
 
 
 @dataclass

@@ -28,7 +28,10 @@ class Slurm(BatchSystem):
         "qos": "--qos={}",
         "priority": "--nice={}",
         "mail": ("--mail-type=BEGIN,END,FAIL", "--mail-user={}"),
+        "warning": "--signal=B:USR1@{}",  # to the batch shell, i.e. mpiexec: the master stops in time
     }
+    fixed_directives = ("--requeue",)  # preempted or requeued by an operator: it runs again and resumes
+    dependency_args = ("--dependency=afterany:{}",)
     job_id_pattern = r"^\s*(\d+)"       # --parsable prints ID or ID;CLUSTER
     env_job_id = "SLURM_JOB_ID"
     env_nodelist = "SLURM_JOB_NODELIST"

@@ -41,13 +41,15 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
            partition: str | None = None, account: str | None = None, qos: str | None = None,
            priority: int | None = None, mail: str | None = None, env_setup: str = "", template: str | None = None,
            notify_command: str | None = None, notify_email: str | None = None, directory: str | None = None,
-           dry_run: bool = False, **run_options):
+           resubmit: int = 0, until_done: bool = False, dry_run: bool = False, **run_options):
     """Submit ``function`` over the points in file ``points`` as a job; return its :class:`~mpimap.jobs.Job`.
 
     ``function`` is ``MODULE:NAME``, ``path/file.py:NAME`` or a module-level
     function.  ``run_options`` are ``mpimap run``'s options by their Python
     names (``point_timeout=60``, ``retries=2``, ...).  With ``dry_run`` nothing
     is created or submitted, and the rendered job script is returned instead.
+    ``resubmit`` (continuations at most) or ``until_done`` make the job a chain of
+    batch jobs that resume where the previous one stopped (docs/jobs.rst, "Long campaigns").
     """
     from ..inputs import FunctionRef, load_points
 
@@ -58,6 +60,7 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     source = os.path.abspath(os.fspath(points))
     values = load_points(source)
     _check_run_options(run_options)
+    _check_chain(resubmit, until_done)
     resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
     batch.check_resources(resources)
     registry = Registry()
@@ -72,7 +75,8 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
         scheduler=batch.name, env_setup=env_setup or "", template=template, notify_command=notify_command,
         notify_email=notify_email, workdir=workdir, python=sys.executable,
         environment={"PYTHONPATH": _python_path(fn.spec, workdir)},
-        user=getpass.getuser(), created=time.time(), mpimap_version=__version__)
+        user=getpass.getuser(), created=time.time(), mpimap_version=__version__, resubmit=resubmit,
+        until_done=until_done)
     script = render(template, batch, spec, job_dir)
     if dry_run:
         return script
@@ -201,6 +205,13 @@ def _check_run_options(options: dict) -> None:
 # that runs detached, nor walltime: a job's is its allocation's (submit --walltime), which its script tells the run.
 JOB_RUN_OPTIONS = tuple(name for name in RUN_OPTIONS
                         if name not in ("fresh", "retry_failed", "progress", "walltime"))
+
+
+def _check_chain(resubmit, until_done) -> None:
+    if not isinstance(resubmit, int) or isinstance(resubmit, bool) or resubmit < 0:
+        raise MpimapError(f"resubmit {resubmit!r}: give how many continuations the job may queue, 0 or more")
+    if resubmit and until_done:
+        raise MpimapError("--resubmit and --until-done: give one (--until-done has no limit)")
 
 
 def _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail) -> Resources:

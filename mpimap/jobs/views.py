@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..progress import bar_line
 from .batch import BatchView
 from .job import Job
-from .records import FINAL_STATES, JobStatus
+from .records import FINAL_STATES, SKIPPED, JobStatus
 
 STALE_SECONDS = 30.0  # a running master reports every ~2 s: this long without a report deserves a word
 
@@ -113,6 +113,8 @@ class StatusReport:
     thumbnail: str
     thumbnail_written: float | None    # mtime of the thumbnail, None if there is none
     now: float
+    chain: list = field(default_factory=list)  # every submission (batch.json), the chain's allocations
+    chain_limit: str = ""              # what bounds the chain: "resubmit N", "until done", or "" (no chain)
 
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
@@ -123,9 +125,12 @@ class StatusReport:
         if ended and status is not None:
             status = dataclasses.replace(status, eta_seconds=None)  # a killed master's last report still has one
         thumb = job.dir.thumbnail
+        spec = job.spec()
+        limit = "until done" if spec.until_done else f"resubmit {spec.resubmit}" if spec.resubmit else ""
         return cls(name=job.name, directory=job.dir.path, state=state, status=status,
                    hosts=host_rows(status, ended), batch=batch_json(view), thumbnail=thumb,
-                   thumbnail_written=os.path.getmtime(thumb) if os.path.exists(thumb) else None, now=time.time())
+                   thumbnail_written=os.path.getmtime(thumb) if os.path.exists(thumb) else None, now=time.time(),
+                   chain=job.submissions(), chain_limit=limit)
 
     def to_json(self) -> dict:
         s = self.status
@@ -133,7 +138,8 @@ class StatusReport:
                 "last_heard_seconds": self.now - s.updated if s else None,
                 "status": s.to_json() if s else None, "hosts": [h.to_json() for h in self.hosts],
                 "batch": self.batch, "thumbnail": self.thumbnail if self.thumbnail_written else None,
-                "thumbnail_written": self.thumbnail_written}
+                "thumbnail_written": self.thumbnail_written, "chain_limit": self.chain_limit or None,
+                "chain": [sub.to_json() for sub in self.chain]}
 
     def lines(self) -> list[str]:
         s = self.status
@@ -168,6 +174,7 @@ class StatusReport:
             if s.failures:
                 out.append("  failures   : " + ", ".join(f"{kind} {n}" for kind, n in
                                                           Counter(s.failures).most_common()))
+        out += self.chain_lines()
         if self.batch:
             out.append("  batch      : " + ", ".join(f"{k} {v}" for k, v in self.batch.items()
                                                      if v not in (None, "", [], {})))
@@ -175,6 +182,25 @@ class StatusReport:
             out.append(f"  thumbnail  : {self.thumbnail} (written {clock(self.thumbnail_written)})")
         else:
             out.append(f"  thumbnail  : none yet; mpimap thumbnail {self.directory} writes {self.thumbnail}")
+        return out
+
+    def chain_lines(self) -> list[str]:
+        """The chain's batch jobs, one line each (none for a job submitted once without a chain)."""
+        if not self.chain_limit and len(self.chain) < 2:
+            return []
+        ran = sum(s.started is not None and s.state != SKIPPED for s in self.chain)
+        out = [f"  chain      : {ran} allocation{'s' if ran != 1 else ''} of {len(self.chain)} batch jobs"
+               + (f" ({self.chain_limit})" if self.chain_limit else "")]
+        for i, s in enumerate(self.chain):
+            state = s.state or ("queued" if s.started is None else "running")
+            if state == "running" and (self.state in FINAL_STATES or any(t.started for t in self.chain[i + 1:])):
+                state = "ended without a word"  # killed (kill -9, node lost): nothing recorded its end
+            when = (f", {clock(s.started)} for {duration((s.ended or self.now) - s.started)}"
+                    if s.started is not None and state != SKIPPED else "")
+            points = f", {s.points} points" if s.points is not None else ""
+            after = f" after {s.after}" if s.after else ""
+            restarts = f", requeued {s.restarts}x" if s.restarts else ""
+            out.append(f"    {s.batch_id}{after}: {state}{points}{when}{restarts}")
         return out
 
 
