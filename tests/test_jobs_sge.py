@@ -250,25 +250,39 @@ def test_mail_goes_through_grid_engines_mailer(user, sge):
     assert "Started" in subjects and "Complete" in subjects
 
 
-def test_the_s_rt_warning_interrupts_the_job_cleanly_and_a_resubmission_finishes_it(user, sge):
-    """``--walltime 1:30`` asks for ``h_rt=00:01:30,s_rt=00:01:00``: at s_rt Grid Engine sends SIGUSR1 to the
-    job's process group, mpiexec passes it to the ranks, and the master stores what it has and ends ``interrupted``
-    with its own status 3 (Grid Engine did not kill it), before its own deadline (about 75 s: 90 s less the time
-    kept to shut down and the cost of a point) would have stopped it.  Resubmitted, it finishes with nothing lost."""
+def test_a_chain_survives_suspension_and_the_s_rt_warning_and_finishes_the_job(user, sge):
+    """The Grid Engine campaign: ``--walltime 1:30 --resubmit 2`` asks for ``h_rt=00:01:30,s_rt=00:01:00`` and
+    queues its continuation (``-hold_jid``) as the first allocation starts.  That allocation is suspended and
+    resumed (``qmod -sj``/``-usj``); at s_rt Grid Engine sends SIGUSR1 to the job's process group, mpiexec passes
+    it to the ranks, and the master stores what it has and ends ``interrupted`` with its own status 3 (Grid Engine
+    did not kill it), before its own deadline (about 75 s) would have stopped it.  The continuation then finishes
+    the job: results equal the serial ones, no point lost, the chain shown by ``status``."""
     user.sleep = 4  # 24 points of 4 s on one worker: far more than the 60 s before the warning
-    batch_id = user.submit("warned", "--walltime", "1:30")
+    first = user.submit("warned", "--walltime", "1:30", "--resubmit", "2")
     script = (user.job_dir("warned") / "job.sh").read_text()
     assert "#$ -l h_rt=00:01:30,s_rt=00:01:00" in script.splitlines()
-    row = user.wait_state("warned", "interrupted", timeout=150)
-    assert 0 < row["done"] < POINTS
-    assert "SIGUSR1" in user.json("status", "warned")["status"]["message"]
-    account = user.qacct(batch_id)
-    assert (account["failed"], account["exit_status"]) == ("0", "3")
-    r = user.results("warned")
-    done = r["status"] == "done"
-    assert np.array_equal(r["value"][done], reference(points())[done])
+    wait_for(lambda: user.ls("warned")["done"] >= 1, 90, "a point done")
+    chain = user.json("status", "warned")["chain"]
+    assert [link["batch_id"] for link in chain][0] == first and len(chain) == 2  # the continuation is queued
+    second = chain[1]["batch_id"]
+    assert chain[1]["after"] == first and user.qstat(second) == "hqw"
+    sge.command("qmod", "-sj", first)
+    wait_for(lambda: user.qstat(first) == "s", 20, "Grid Engine shows the job suspended")
+    time.sleep(3)
+    sge.command("qmod", "-usj", first)
 
-    user("resubmit", "warned")
-    user.wait_state("warned", "done", timeout=150)
+    row = user.wait_state("warned", "done", timeout=240)
+    assert row["done"] == POINTS
+    account = user.qacct(first)
+    assert (account["failed"], account["exit_status"]) == ("0", "3")  # the job's own status, not a kill
+    links = user.json("status", "warned")["chain"]
+    assert links[0]["state"] == "interrupted" and 0 < links[0]["points"] < POINTS
+    assert links[1]["batch_id"] == second and links[1]["state"] == "done"
+    assert links[0]["points"] + links[1]["points"] == POINTS
+    assert "SIGUSR1" in (user.job_dir("warned") / "job.log").read_text()
     assert np.array_equal(user.results("warned")["value"], reference(points()))
-    assert set(user.evaluated()) == set(range(POINTS))
+    evaluated = user.evaluated()
+    # None lost; only the points the worker held when the signal came (2 chunks of 1 at most) are evaluated again.
+    assert set(evaluated) == set(range(POINTS)) and len(evaluated) - POINTS <= 2
+    text = user("status", "warned").stdout
+    assert first in text and second in text
