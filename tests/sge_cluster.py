@@ -23,8 +23,6 @@ and only the last one to leave stops the cell.  From a shell::
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
 import signal
@@ -33,6 +31,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from clusters import LocalCluster, alive, main
 
 DEFAULT_DIR = os.environ.get("MPIMAP_TEST_SGE_DIR", "/tmp/mpimap-test-sge")
 PACKAGES = "gridengine-master gridengine-exec gridengine-client"
@@ -145,15 +145,6 @@ def missing() -> str:
     return ""
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for PID 1 to reap it does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -165,7 +156,7 @@ def _port_free(port: int) -> bool:
 
 
 @dataclass(frozen=True)
-class SgeCluster:
+class SgeCluster(LocalCluster):
     """The Grid Engine cell whose files are all under ``path``."""
 
     path: str = DEFAULT_DIR
@@ -192,18 +183,8 @@ class SgeCluster:
         """The environment for Grid Engine commands: this one plus :meth:`variables`."""
         return {**os.environ, **self.variables()}
 
-    def command(self, *args: str, timeout: float = 30, check: bool = True, input: str | None = None):
-        """Run a Grid Engine command (``qconf``, ``qstat``, ...) against this cell; output as text."""
-        proc = subprocess.run(args, env=self.env(), capture_output=True, text=True, timeout=timeout, input=input)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-        return proc
-
-    def mails(self) -> list[dict]:
-        if not os.path.exists(self.mail_log):
-            return []
-        with open(self.mail_log) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    def exports(self) -> str:
+        return "export " + " ".join(f"{k}={v}" for k, v in self.variables().items())
 
     # -- the daemons --------------------------------------------------------------------------------
 
@@ -211,18 +192,6 @@ class SgeCluster:
         if daemon == "sge_qmaster":
             return os.path.join(self.path, "spool", "qmaster", "qmaster.pid")
         return os.path.join(self.path, "spool", "execd", HOST, "execd.pid")
-
-    def pid(self, daemon: str) -> int | None:
-        """The running daemon's pid from its pid file, or None (no file, not running, or another program now)."""
-        try:
-            with open(self._pidfile(daemon)) as f:
-                pid = int(f.read().split()[0])
-            with open(f"/proc/{pid}/comm") as f:
-                if not daemon.startswith(f.read().strip()):  # comm is cut at 15 characters
-                    return None
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _alive(pid) else None
 
     def queue_states(self) -> str | None:
         """The state letters of ``all.q@localhost`` ("" = usable), or None if the qmaster does not answer."""
@@ -378,65 +347,15 @@ class SgeCluster:
         pids = [p for p in (self.pid("sge_execd"), self.pid("sge_qmaster")) if p is not None]
         end = time.monotonic() + grace  # the qmaster's controlled shutdown takes 5-10 s
         for pid in pids + leftovers:
-            while _alive(pid) and time.monotonic() < end:
+            while alive(pid) and time.monotonic() < end:
                 time.sleep(0.1)
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                if _alive(pid):
+                if alive(pid):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
                     limit = time.monotonic() + 5
-                    while _alive(pid) and time.monotonic() < limit:
+                    while alive(pid) and time.monotonic() < limit:
                         time.sleep(0.05)
 
-    # -- shared use -----------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _exclusive(self):
-        """One start or stop at a time, across processes."""
-        os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, "lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    @contextlib.contextmanager
-    def session(self):
-        """Use the cell for the body: start it if needed; stop it after, unless another session still uses it."""
-        os.makedirs(self.path, exist_ok=True)
-        users = open(os.path.join(self.path, "users"), "w")
-        with self._exclusive():
-            self.start()
-            fcntl.flock(users, fcntl.LOCK_SH)
-        try:
-            yield self
-        finally:
-            with self._exclusive():
-                try:  # exclusive only if no other session holds it shared
-                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    last = True
-                except BlockingIOError:
-                    last = False
-                users.close()
-                if last:
-                    self.stop()
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2) or argv[0] not in ("start", "stop"):
-        print(f"usage: python {sys.argv[0]} start|stop [DIR]   (default DIR: {DEFAULT_DIR})", file=sys.stderr)
-        return 2
-    cell = SgeCluster(os.path.abspath(argv[1]) if len(argv) == 2 else DEFAULT_DIR)
-    with cell._exclusive():
-        if argv[0] == "start":
-            why = missing()
-            if why:
-                print(why, file=sys.stderr)
-                return 1
-            cell.start()
-            print("export " + " ".join(f"{k}={v}" for k, v in cell.variables().items()))
-        else:
-            cell.stop()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], SgeCluster, DEFAULT_DIR, missing))

@@ -17,17 +17,15 @@ From a shell (a cluster started this way is stopped by the next test session tha
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from clusters import LocalCluster, alive, main
 
 DEFAULT_DIR = os.environ.get("MPIMAP_TEST_SLURM_DIR", "/tmp/mpimap-test-slurm")
 PACKAGES = "slurmctld slurmd slurm-client munge"
@@ -95,17 +93,8 @@ def missing() -> str:
     return ""
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for PID 1 to reap it does not: ``kill -0`` would say it does)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @dataclass(frozen=True)
-class SlurmCluster:
+class SlurmCluster(LocalCluster):
     """The cluster whose files are all under ``path``."""
 
     path: str = DEFAULT_DIR
@@ -125,36 +114,13 @@ class SlurmCluster:
         path = os.environ.get("PATH", "")
         return {**os.environ, "SLURM_CONF": self.conf, "PATH": f"{path}:/usr/sbin:/sbin" if path else "/usr/sbin:/sbin"}
 
-    def command(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
-        """Run a Slurm command (``scontrol``, ``squeue``, ...) against this cluster; output as text."""
-        proc = subprocess.run(args, env=self.env(), capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
-        return proc
-
-    def mails(self) -> list[dict]:
-        """The mails Slurm sent so far (see :attr:`mail_log`)."""
-        if not os.path.exists(self.mail_log):
-            return []
-        with open(self.mail_log) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
     # -- the daemons --------------------------------------------------------------------------------
 
     def _pidfile(self, daemon: str) -> str:
         return os.path.join(self.path, "run", f"{daemon}.pid")
 
-    def pid(self, daemon: str) -> int | None:
-        """The running daemon's pid from its pid file, or None (no file, not running, or the pid now names another program)."""
-        try:
-            with open(self._pidfile(daemon)) as f:
-                pid = int(f.read().split()[0])
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != daemon:
-                    return None
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if _alive(pid) else None
+    def exports(self) -> str:
+        return f"export SLURM_CONF={self.conf}"
 
     def node_state(self) -> str:
         """The node's state as ``sinfo`` says it (idle, mixed, allocated, down*, ...), or "" if the controller does not answer."""
@@ -230,62 +196,12 @@ class SlurmCluster:
                 continue
             os.kill(pid, signal.SIGTERM)
             end = time.monotonic() + grace  # slurmd ignores SIGTERM while it cannot reach the controller
-            while _alive(pid) and time.monotonic() < end:
+            while alive(pid) and time.monotonic() < end:
                 time.sleep(0.05)
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
+                while alive(pid):
                     time.sleep(0.05)
 
-    # -- shared use -----------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _exclusive(self):
-        """One start or stop at a time, across processes."""
-        os.makedirs(self.path, exist_ok=True)
-        with open(os.path.join(self.path, "lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    @contextlib.contextmanager
-    def session(self):
-        """Use the cluster for the body: start it if needed; stop it after, unless another session still uses it."""
-        os.makedirs(self.path, exist_ok=True)
-        users = open(os.path.join(self.path, "users"), "w")
-        with self._exclusive():
-            self.start()
-            fcntl.flock(users, fcntl.LOCK_SH)
-        try:
-            yield self
-        finally:
-            with self._exclusive():
-                try:  # exclusive only if no other session holds it shared
-                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    last = True
-                except BlockingIOError:
-                    last = False
-                users.close()
-                if last:
-                    self.stop()
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2) or argv[0] not in ("start", "stop"):
-        print(f"usage: python {sys.argv[0]} start|stop [DIR]   (default DIR: {DEFAULT_DIR})", file=sys.stderr)
-        return 2
-    cluster = SlurmCluster(os.path.abspath(argv[1]) if len(argv) == 2 else DEFAULT_DIR)
-    with cluster._exclusive():
-        if argv[0] == "start":
-            why = missing()
-            if why:
-                print(why, file=sys.stderr)
-                return 1
-            cluster.start()
-            print(f"export SLURM_CONF={cluster.conf}")
-        else:
-            cluster.stop()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], SlurmCluster, DEFAULT_DIR, missing))

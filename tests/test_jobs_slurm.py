@@ -84,7 +84,7 @@ class User:
     def submit(self, name: str, *options: str) -> str:
         """Submit ``jobfuncs:record`` over points.npy to Slurm on 2 ranks; return the batch id it printed."""
         proc = self("submit", "jobfuncs:record", "--points", "points.npy", "--name", name, "--scheduler", "slurm",
-                    "--ranks", "2", "--chunksize", "1", *options)
+                    "--ranks", "2", "--chunksize", "1", *options)  # a later --scheduler wins (test_jobs_sge)
         batch_id = self.ls(name)["batch_id"]
         assert name in proc.stdout and batch_id in proc.stdout, proc.stdout
         return batch_id
