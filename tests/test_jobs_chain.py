@@ -332,3 +332,27 @@ def test_job_and_batch_files_of_version_1_without_chain_fields_still_read():
     assert (job.spec().resubmit, job.spec().until_done) == (0, False)
     [sub] = job.submissions()
     assert (sub.after, sub.started, sub.points, sub.state, sub.restarts) == ("", None, None, "", 0)
+
+
+CRASH = '''
+import os, signal
+if os.environ.get("PMI_RANK") == "0" or os.environ.get("OMPI_COMM_WORLD_RANK") == "0":
+    os.kill(os.getpid(), signal.SIGKILL)  # rank 0 dies without a word: no allocation records its end
+
+def f(x):
+    return float(x[0])
+'''
+
+
+def test_until_done_stops_after_two_allocations_that_died_without_a_word(where):
+    np.save(where / "p.npy", np.arange(40.0).reshape(-1, 1))
+    (where / "crashing.py").write_text(CRASH)
+    proc = mpimap(where, "submit", "crashing:f", "--points", "p.npy", "--name", "silent", "-n", "2", "--until-done")
+    assert proc.returncode == 0, proc.stderr
+    job = Job(where / "mpimap-jobs" / "silent")
+    wait_for(lambda: any(s.state == "skipped" for s in job.submissions()), 120, "the chain stops")
+    subs = job.submissions()
+    assert [s.state for s in subs] == ["running", "running", "skipped"]  # two died silently; the third ran nothing
+    assert "two allocations in a row stored no new point" in open(job.dir.log).read()
+    time.sleep(3)
+    assert len(job.submissions()) == 3 and not any(session_of(s) for s in subs)

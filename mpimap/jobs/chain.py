@@ -53,6 +53,8 @@ def start(job_dir: str) -> int:
             status = None
         now = time.time()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if me.started is None:  # a requeue keeps its first start's count
+            me.done_at_start = status.done + status.failed if status is not None else 0
         why = _over(spec, subs, me, status, restarts)
         if why:
             _not_run(me, restarts, now)
@@ -149,9 +151,20 @@ def _over(spec, subs: list[Submission], me: Submission, status, restarts: int) -
 
 
 def _no_progress(subs: list[Submission], last: Submission) -> bool:
-    """Whether ``last`` and the allocation before it in the chain both ended having stored no point."""
+    """Whether ``last`` and the allocation before it in the chain both stored no point."""
     before = _find(subs, last.after) if last.after else None
-    return last.points == 0 and before is not None and before.points == 0
+    return _stored(subs, last) == 0 and before is not None and _stored(subs, before) == 0
+
+
+def _stored(subs: list[Submission], sub: Submission) -> int | None:
+    """Points ``sub``'s allocation stored: as its master recorded at its end or, for one that died without a word
+    (kill -9, a lost node), what the job had gained when the allocation after it started; None if unknown."""
+    if sub.points is not None:
+        return sub.points
+    after = next((s for s in subs if s.after == sub.batch_id and s.done_at_start is not None), None)
+    if sub.done_at_start is None or after is None:
+        return None
+    return after.done_at_start - sub.done_at_start
 
 
 def _links(subs: list[Submission], me: Submission) -> int:

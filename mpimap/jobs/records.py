@@ -112,6 +112,7 @@ class Submission(_Record):
     points: int | None = None           # points stored in this allocation (None: unknown, e.g. killed)
     state: str = ""                     # running; how it ended (done, ..., interrupted); or skipped (never ran)
     restarts: int = 0                   # Slurm requeues of this batch job (SLURM_RESTART_COUNT)
+    done_at_start: int | None = None    # points the job had stored (done + failed) when this allocation started
 
 
 @dataclass
