@@ -268,7 +268,7 @@ class Runner:
                         chunks = pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options())
                         watcher.start()  # once the map exists: a cancel reaches it
                         if budget is not None:
-                            self.guard = _WalltimeGuard(pool, budget)
+                            self.guard = _WalltimeGuard(pool, budget, self._report)
                             self.guard.start()
                         self._stream(chunks, todo, store, meter, per_rank)
                     except CancelledError:
@@ -368,9 +368,9 @@ class Runner:
         elif name not in ("pause", "resume"):
             raise ValueError(f"unknown command {name!r}")
 
-    def _report(self, state: str) -> None:
+    def _report(self, state: str, message: str = "") -> None:
         if self.status is not None:
-            self.status.set_state(state)
+            self.status.set_state(state, message)
 
     # -- a job's status file and notifications ----------------------------------------
     def _start_job(self, counts: dict, todo):
@@ -410,25 +410,35 @@ class Runner:
 
 class _WalltimeGuard(threading.Thread):
     """Watches the clock for a run with a deadline: once the next chunk would not fit, it pauses the pool (no more
-    points go out); once the points out are back, it cancels the map, which the run ends as interrupted."""
+    points go out); once the points out are back, it cancels the map, which the run ends as interrupted.  Points
+    not back when half the time kept to shut down is left are abandoned: nothing else may end the run in time
+    (the local scheduler; PBS, which warns nobody before its kill)."""
 
-    def __init__(self, pool, budget):
+    def __init__(self, pool, budget, report):
         super().__init__(name="mpimap-walltime", daemon=True)
-        self.pool, self.budget = pool, budget
+        self.pool, self.budget, self.report = pool, budget, report
         self.reason = ""  # set when no more points are handed out: why (a "walltime: ..." line)
         self._stopped = threading.Event()
 
     def run(self):
         while not self._stopped.wait(GUARD_INTERVAL):
-            if not self.reason and not self.budget.fits(time.time()):
-                self.reason = self.budget.why_not(time.time())  # first: from now on a resume command is ignored
+            now = time.time()
+            if not self.reason and not self.budget.fits(now):
+                self.reason = self.budget.why_not(now)  # first: from now on a resume command is ignored
                 log.warning("%s; waiting for the points being evaluated", self.reason)
+                self.report("paused", self.reason)
             if not self.reason:
                 continue
             if not self.pool.paused:  # (again, if a resume command slipped in just before the reason was set)
                 self.pool.pause()
             elif self.pool.drained():
                 self.pool.cancel_all()  # nothing is out: every point computed has been delivered
+                return
+            elif self.budget.deadline.at - now < self.budget.spare / 2:
+                self.reason += "; the points being evaluated were abandoned at the deadline"
+                log.warning("walltime: %.0f s left: the points being evaluated are abandoned",
+                            self.budget.deadline.at - now)
+                self.pool.cancel_all()
                 return
 
     def stop(self) -> None:

@@ -174,6 +174,25 @@ def test_a_job_out_of_time_reports_interrupted_with_the_reason(tmp_path, jobs):
     assert sorted(np.flatnonzero(r["status"] == "done")) == evaluations(log)  # every point evaluated is stored
 
 
+def test_points_that_never_come_back_are_abandoned_near_the_deadline_and_the_job_ends_interrupted(tmp_path, jobs):
+    """No batch system may end the run (local, or PBS that warns nobody): the guard stops it at its deadline."""
+    job = make_job(tmp_path, "jobfuncs:record", record_points(N))
+    log = tmp_path / "evaluated.txt"
+    started = time.time()
+    proc = start(job, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=1000, MPIMAP_DEADLINE=int(started) + 20)
+    jobs.append(proc)
+    paused = wait_status(job, lambda s: s.state != "running", timeout=60, proc=proc)
+    assert paused.state == "paused" and paused.message.startswith("walltime: "), paused
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert time.time() - started < 60
+    status = Job(job.path).status()
+    assert status.state == "interrupted" and status.message.startswith("walltime: "), status.message
+    assert "abandoned" in status.message
+    r = read_results(job.results)
+    assert r["attrs"]["state"] == "interrupted" and set(r["status"]) == {"pending"}
+
+
 def running(proc, log, points: int = 10, timeout: float = 60.0) -> None:
     """Wait until the job has evaluated ``points`` points."""
     deadline = time.monotonic() + timeout
