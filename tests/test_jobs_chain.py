@@ -356,3 +356,24 @@ def test_until_done_stops_after_two_allocations_that_died_without_a_word(where):
     assert "two allocations in a row stored no new point" in open(job.dir.log).read()
     time.sleep(3)
     assert len(job.submissions()) == 3 and not any(session_of(s) for s in subs)
+
+
+def test_a_requeued_allocation_keeps_the_points_of_its_earlier_run(tmp_path, monkeypatch):
+    """A Slurm requeue runs the chain step again in the same batch job: its record adds up both runs."""
+    from mpimap.jobs import chain
+    from mpimap.jobs.records import Submission
+    from test_jobs_runner import make_job
+
+    path = make_job(tmp_path, "jobfuncs:square", np.arange(100.0)).path
+    job = Job(path)
+    job.write_submissions([Submission(batch_id="42", scheduler="slurm", submitted=time.time())])
+    monkeypatch.setenv("MPIMAP_BATCH_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert chain.start(path) == 0
+    chain.end(path, "interrupted", 53)  # the requeue's SIGTERM
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert chain.start(path) == 0
+    assert job.submissions()[0].state == "running"
+    chain.end(path, "done", 45)
+    [sub] = job.submissions()
+    assert (sub.state, sub.points, sub.restarts) == ("done", 98, 1)

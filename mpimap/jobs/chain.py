@@ -71,7 +71,8 @@ def start(job_dir: str) -> int:
             print(f"mpimap: the results file is in use by batch job {holder}: this allocation ends, the chain goes "
                   "on after it", file=sys.stderr, flush=True)
             return OVER
-        me.started, me.ended, me.points, me.state, me.restarts = now, None, None, "running", restarts
+        earlier = me.points if restarts else None  # a Slurm requeue adds to what its earlier runs stored
+        me.started, me.ended, me.points, me.state, me.restarts = now, None, earlier, "running", restarts
         _queue(job, spec, subs, me, after=batch_id)
         job.write_submissions(subs)
     return 0
@@ -105,7 +106,8 @@ def _end(job_dir: str, state: str, points: int | None) -> str:
         me = _find(subs, batch_id)
         if me is None:
             return ""
-        me.ended, me.points, me.state = time.time(), points, state
+        me.ended, me.state = time.time(), state
+        me.points = me.points if points is None else (me.points or 0) + points  # (me.points: a requeue's earlier)
         queued = [s for s in subs if s.after == batch_id and s.started is None and s.state != SKIPPED]
         stalled = state == "interrupted" and spec.until_done and _no_progress(subs, me)
         if stalled:
