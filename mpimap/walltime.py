@@ -13,10 +13,14 @@ from .errors import MpimapError
 _FORM = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
 
 
+MAX_WALLTIME = 365 * 86400  # seconds: more is a typo, and would overflow the job script's shell arithmetic
+
+
 def parse_walltime(text) -> float:
-    """Seconds in a walltime: a number of seconds, or MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    """Seconds in a walltime: a number of seconds, or MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; minutes
+    and seconds after the leading field are below 60, and the whole is at most :data:`MAX_WALLTIME`."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if math.isfinite(text) and text > 0:
+        if math.isfinite(text) and 0 < text <= MAX_WALLTIME:
             return float(text)
     elif isinstance(text, str):
         found = _FORM.match(text.strip())
@@ -33,10 +37,10 @@ def parse_walltime(text) -> float:
                 total = parts[0] * 60 + parts[1]            # MM:SS
             else:
                 total = (parts[0] * 60 + parts[1]) * 60 + parts[2]  # HH:MM:SS
-            if total > 0:
+            if 0 < total <= MAX_WALLTIME and all(p < 60 for p in parts[1:]):  # after the leading field: MM, SS
                 return float(total)
     raise MpimapError(f"walltime {text!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS (or seconds as a number), "
-                      "more than zero")
+                      "more than zero, at most 365 days, minutes and seconds below 60")
 
 
 def format_hms(seconds: float) -> str:
@@ -93,7 +97,7 @@ def deadline(env_value: str | None, walltime, started: float) -> Deadline | None
             at = float(env_value)
         except ValueError:
             at = math.nan
-        if not math.isfinite(at) or at < 0:
+        if not math.isfinite(at) or not 0 <= at < 2 ** 31 * 100:  # (beyond: no time the platform can print)
             raise MpimapError(f"{DEADLINE_ENV}={env_value!r} is not a time in unix seconds: set it to the "
                               "allocation's end (date +%s), or leave it empty")
         if at > 0:  # 0 is what some batch systems report for "no limit"

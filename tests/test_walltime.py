@@ -85,9 +85,40 @@ def test_the_earlier_of_the_environment_and_the_walltime_option_is_the_deadline(
     assert deadline(None, 30, started=1000.0).at == 1030.0  # a number is seconds
     assert deadline("1500", "10", started=1000.0).at == 1500.0  # 10 minutes would end later
     assert deadline("5000", "0:30", started=1000.0).at == 1030.0
-    for bad in ("soon", "-5", "nan"):
+    for bad in ("soon", "-5", "nan", "1e20"):
         with pytest.raises(MpimapError, match=rf"MPIMAP_DEADLINE='{bad}' is not a time in unix seconds"):
             deadline(bad, None, started=1000.0)
+
+
+def test_walltimes_out_of_range_or_with_60_minutes_or_seconds_are_refused():
+    from mpimap.walltime import parse_walltime
+
+    for bad in ("99999999999999999999", "1:99", "00:60", "1:60:00", "2-03:60", "366-00", 1e12, 365 * 86400 + 1):
+        with pytest.raises(MpimapError, match="at most 365 days, minutes and seconds below 60"):
+            parse_walltime(bad)
+    assert [parse_walltime(t) for t in ("100:59", "1:59:59", "1-23:59:59", "365-00", "90")] == \
+        [6059.0, 7199.0, 172799.0, 365 * 86400.0, 5400.0]
+
+
+def test_a_huge_walltime_is_one_line_at_submit_and_creates_nothing(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"))
+    for bad in ("99999999999999999999", "1:99"):
+        proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", "jobfuncs:square", "--points", "p.npy",
+                               "--name", "huge", "-n", "2", "--walltime", bad], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "at most 365 days" in proc.stderr
+        assert not (tmp_path / "mpimap-jobs" / "huge").exists()
+
+
+def test_a_huge_deadline_in_the_environment_is_one_line(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    proc = mpimap_cli(2, "run", "jobfuncs:square", "--points", "p.npy", "--out", "r.h5", cwd=tmp_path, timeout=60,
+                      check=False, env=job_env(MPIMAP_DEADLINE="1e20"))
+    assert proc.returncode == 2, proc.stderr
+    assert "MPIMAP_DEADLINE='1e20' is not a time in unix seconds" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_bad_walltime_option_is_one_line(tmp_path):
@@ -97,7 +128,8 @@ def test_a_bad_walltime_option_is_one_line(tmp_path):
                       cwd=tmp_path, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["mpimap: error: run option walltime '1:xx': use MINUTES, HH:MM:SS "
-                                                "or D-HH:MM:SS (or seconds as a number), more than zero"]
+                                                "or D-HH:MM:SS (or seconds as a number), more than zero, at most "
+                                                "365 days, minutes and seconds below 60"]
     assert not (tmp_path / "r.h5").exists()
 
 
