@@ -377,3 +377,19 @@ def test_a_requeued_allocation_keeps_the_points_of_its_earlier_run(tmp_path, mon
     chain.end(path, "done", 45)
     [sub] = job.submissions()
     assert (sub.state, sub.points, sub.restarts) == ("done", 98, 1)
+
+
+def test_cancel_between_two_allocations_that_never_reported_says_cancelled(where):
+    np.save(where / "p.npy", np.arange(40.0).reshape(-1, 1))
+    (where / "crashing.py").write_text(CRASH)
+    proc = mpimap(where, "submit", "crashing:f", "--points", "p.npy", "--name", "mute", "-n", "2", "--resubmit", "3",
+                  "--template", str(_slow_start(where)))
+    assert proc.returncode == 0, proc.stderr
+    job = Job(where / "mpimap-jobs" / "mute")
+    first, second = allocation(job, 0), allocation(job, 1)
+    wait_for(lambda: not session_of(first), 60, "the first allocation dies without a word")
+    assert job.status() is None and job.state() == "queued"  # its continuation waits (its slow start) to go on
+    proc = mpimap(where, "cancel", "mute")
+    assert proc.returncode == 0 and "continuation" in proc.stdout, proc.stderr
+    assert job.state() == "cancelled"
+    assert mpimap(where, "status", "mute").stdout.startswith("job mute: cancelled")

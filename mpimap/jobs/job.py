@@ -75,8 +75,12 @@ class Job:
         before the last submission is None: the job is judged from the batch system's view alone.  In a chain, a
         continuation waiting for its predecessor's allocation lets that allocation speak; submissions that never
         ran (skipped) do not count."""
-        status, subs = self.status(), [s for s in self.submissions() if s.state != SKIPPED]
+        status, every = self.status(), self.submissions()
+        subs = [s for s in every if s.state != SKIPPED]
         last = subs[-1] if subs else None
+        if status is not None and status.state in FINAL_STATES and \
+                any(s.batch_id == status.batch_id and s.state == SKIPPED for s in every):
+            return status, last  # cancelled between two allocations: the report names the removed continuation
         if last is not None and last.after and last.started is None:  # a chain's continuation, waiting
             before = next((s for s in subs if s.batch_id == last.after), None)
             if before is not None and before.started is not None:
