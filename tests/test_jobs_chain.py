@@ -7,6 +7,7 @@ the continuation waits for the allocation's session to end, then resumes the sam
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -393,3 +394,31 @@ def test_cancel_between_two_allocations_that_never_reported_says_cancelled(where
     assert proc.returncode == 0 and "continuation" in proc.stdout, proc.stderr
     assert job.state() == "cancelled"
     assert mpimap(where, "status", "mute").stdout.startswith("job mute: cancelled")
+
+
+def test_a_run_by_hand_that_holds_the_results_file_speaks_for_the_job_while_the_chain_waits_behind_it(
+        where, monkeypatch):
+    job = chain_job(where, monkeypatch, "hand", 400, 0.5, "--resubmit", "2", "--template", str(_slow_start(where)))
+    first, second = allocation(job, 0), allocation(job, 1)
+    for pid in session_of(second):  # the continuation waits for as long as the test needs
+        os.kill(pid, signal.SIGSTOP)
+    running_master(job, first)
+    for pid in session_of(first):
+        os.kill(pid, signal.SIGKILL)
+    # The job script run again by hand (a session of its own), while the continuation waits in its slow start.
+    hand = subprocess.Popen(["bash", job.dir.script], cwd=where, env={**os.environ, "MPIMAP_SLOW": "1"},
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        mine = f"{socket.gethostname()}:{hand.pid}"
+        wait_for(lambda: (s := job.status()) is not None and s.batch_id == mine and s.state == "running", 120,
+                 "the run by hand reports")
+        for pid in session_of(second):
+            os.kill(pid, signal.SIGCONT)
+        third = allocation(job, 2)  # the continuation found the results file in use: queued after the hand run
+        assert third.after == mine and job.submissions()[1].state == "skipped"
+        assert job.state() == "running"
+        assert mpimap(where, "status", "hand").stdout.startswith("job hand: running")
+    finally:
+        for pid in _processes().get(hand.pid, ()):
+            os.kill(pid, signal.SIGKILL)
+        hand.wait(timeout=60)

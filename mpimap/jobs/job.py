@@ -85,6 +85,10 @@ class Job:
             before = next((s for s in subs if s.batch_id == last.after), None)
             if before is not None and before.started is not None:
                 last = before  # for its predecessor's allocation, which speaks for the job
+            elif before is None and status is not None and status.batch_id == last.after:
+                # for a run by hand that holds the results file: it speaks for the job
+                return status, Submission(batch_id=status.batch_id, scheduler=last.scheduler,
+                                          submitted=status.started or 0.0)
         if last is not None and last.after and last.started is not None and status is not None \
                 and status.batch_id == last.after:
             return None, last  # a continuation runs; its master has not reported yet
