@@ -701,3 +701,26 @@ def test_resubmit_waits_until_the_previous_run_has_ended(where):
     proc = mpimap(where, "resubmit", "slowend", "--fresh")
     assert proc.returncode == 0, proc.stderr
     assert wait_state(job, ("done",), 120) == "done"
+
+
+@pytest.mark.parametrize("damage", ["missing field", "not an object"])
+def test_a_damaged_submission_in_batch_json_is_one_line_and_ls_lists_the_others(where, damage):
+    for name in ("good", "hurt"):
+        proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name, "--wait",
+                      timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    batch = job_dir(where, "hurt") / "batch.json"
+    original = batch.read_text()
+    body = json.loads(original)
+    if damage == "missing field":
+        del body["submissions"][0]["submitted"]
+    else:
+        body["submissions"][0] = "x"
+    batch.write_text(json.dumps(body))
+    try:
+        one_line_error(mpimap(where, "status", "hurt"), "batch.json", "damaged", "restore it")
+        proc = mpimap(where, "ls", "--json")
+        one_line_error(proc, "hurt", "batch.json", "damaged")
+        assert [row["name"] for row in json.loads(proc.stdout)] == ["good"]
+    finally:
+        batch.write_text(original)  # the fixture's cleanup reads it

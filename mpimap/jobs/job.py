@@ -56,12 +56,9 @@ class Job:
         if not os.path.exists(self.dir.status):
             return None
         body = files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION)
-        try:
+        with _damaged(self.dir.status, JobStatus.FORMAT):
             status = JobStatus.from_json(body)
             status.check()
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON, but not a status
-            raise files.DamagedFile(f"{self.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore "
-                                    f"it from a copy, or remove it if the job does not matter") from None
         return status
 
     def current_status(self) -> JobStatus | None:
@@ -94,7 +91,11 @@ class Job:
         if not os.path.exists(self.dir.batch):
             return []
         body = files.read_json(self.dir.batch, Submission.FORMAT, Submission.VERSION)
-        return [Submission.from_json(s) for s in body["submissions"]]
+        with _damaged(self.dir.batch, Submission.FORMAT):
+            subs = [Submission.from_json(s) for s in body["submissions"]]
+            for sub in subs:
+                sub.check()
+        return subs
 
     def points_total(self) -> int:
         """How many points the job has (from its copy of them; 0 if that cannot be read)."""
@@ -315,6 +316,16 @@ def batch_views(jobs: list[Job]) -> dict[str, BatchView]:
         answers = scheduler(name).views(list(last.values()))
         views.update({path: answers[sub.batch_id] for path, sub in last.items()})
     return views
+
+
+@contextlib.contextmanager
+def _damaged(path: str, kind: str):
+    """Turn a record that is JSON but not ``kind`` (a field missing, of a wrong type) into one DamagedFile line."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise files.DamagedFile(f"{path} is damaged (not a {kind} file: {exc}); restore it from a copy, "
+                                f"or remove it if the job does not matter") from None
 
 
 def _within(seconds: float, condition) -> bool:
