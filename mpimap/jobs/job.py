@@ -125,9 +125,14 @@ class Job:
                          {"submissions": [s.to_json() for s in subs]})
 
     def continuation(self, batch_id: str) -> Submission | None:
-        """The continuation queued after batch job ``batch_id`` that has not started, if any."""
-        return next((s for s in self.submissions() if s.after == batch_id and s.started is None
-                     and s.state != SKIPPED), None)
+        """The continuation queued after batch job ``batch_id`` that has not started, if any, and that the batch
+        system still holds: one removed outside mpimap (qdel, scancel) never runs, so the job does not go on."""
+        waiting = next((s for s in self.submissions() if s.after == batch_id and s.started is None
+                        and s.state != SKIPPED), None)
+        if waiting is None or scheduler(waiting.scheduler).views([waiting])[waiting.batch_id].state != "gone":
+            return waiting
+        # Gone: it ran meanwhile (its start is recorded by now), or it was removed.
+        return next((s for s in self.submissions() if s.batch_id == waiting.batch_id and s.started is not None), None)
 
     def batch_id(self) -> str:
         """The id of the job's last submission ('' if it was never submitted)."""
