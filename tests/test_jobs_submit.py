@@ -724,3 +724,16 @@ def test_a_damaged_submission_in_batch_json_is_one_line_and_ls_lists_the_others(
         assert [row["name"] for row in json.loads(proc.stdout)] == ["good"]
     finally:
         batch.write_text(original)  # the fixture's cleanup reads it
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "torque"])
+def test_a_walltime_under_a_minute_is_refused_for_a_batch_scheduler(where, scheduler):
+    for walltime in ("0:01", "0:10", "0:59"):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              "--walltime", walltime, "--resubmit", "2", "--dry-run"),
+                       f"--walltime {walltime}", "at least 1 minute", "shut down")
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                  "--walltime", "1", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "00:00:00" not in proc.stdout
+    assert not (where / "mpimap-jobs").exists()

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import MpimapError
-from ..walltime import parse_walltime
+from ..walltime import MIN_RESERVE, parse_walltime
 from .records import Resources, Submission
 
 SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local", "pbs": "mpimap.jobs.pbs:Pbs",
@@ -38,6 +38,10 @@ class BatchView:
     reason: str = ""                    # why it is still queued (Slurm: Priority, Resources, ...)
     nodes: str = ""                     # where it runs
     time_left: str = ""                 # of its walltime
+
+
+MIN_BATCH_WALLTIME = 60.0
+"""Seconds: a batch job's shortest --walltime (the warning and the shutdown reserve leave nothing of a shorter one)."""
 
 
 class BatchSystem:
@@ -91,6 +95,11 @@ class BatchSystem:
             low, high = self.priority_range
             if not low <= resources.priority <= high:
                 raise MpimapError(f"--priority {resources.priority}: {self.name} takes {low} to {high}")
+        if resources.walltime and "walltime" in self.directives \
+                and parse_walltime(resources.walltime) < MIN_BATCH_WALLTIME:
+            raise MpimapError(f"--walltime {resources.walltime}: a {self.name} job needs at least 1 minute: the warning "
+                              f"comes up to a third of it before the end, and the master keeps {MIN_RESERVE:.0f} s "
+                              "or more of it to shut down, so a shorter one stores nothing")
 
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
