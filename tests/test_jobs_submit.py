@@ -737,3 +737,28 @@ def test_a_walltime_under_a_minute_is_refused_for_a_batch_scheduler(where, sched
     assert proc.returncode == 0, proc.stderr
     assert "00:00:00" not in proc.stdout
     assert not (where / "mpimap-jobs").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "torque"])
+@pytest.mark.parametrize("option, value", [("--partition", "q1\n#$ -l foo=1"), ("--account", "my acct"),
+                                           ("--qos", "hi\tlo"), ("--mail", "a@b.c -l h_vmem=1G")])
+def test_a_resource_value_with_whitespace_is_one_line_and_creates_nothing(where, scheduler, option, value):
+    if option == "--qos" and scheduler in ("sge", "pbs", "torque"):
+        pytest.skip("--qos means nothing there (refused on its own)")
+    for dry in (("--dry-run",), ()):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              option, value, *dry), option, "whitespace")
+    assert not (where / "mpimap-jobs").exists() and not (where / "home" / "registry.json").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def test_a_job_directory_with_a_space_is_refused_where_directives_cannot_carry_it(where, scheduler):
+    spaced = where / "sp ace"
+    spaced.mkdir()
+    for dry in (("--dry-run",), ()):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              "--dir", str(spaced / "job"), *dry), "sp ace", "whitespace", "without spaces")
+    assert not (spaced / "job").exists() and not (where / "home" / "registry.json").exists()
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "pbs",
+                  "--dir", str(spaced / "job"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr  # PBS's log directive is /dev/null: the script appends to the quoted log

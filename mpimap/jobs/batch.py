@@ -107,13 +107,26 @@ class BatchSystem:
         values.update(name=name, log=log, warning=self.warning(resources))
         lines = []
         for field, fmt in self.directives.items():
-            value = self.directive_value(field, values.get(field), resources)
+            formats = fmt if isinstance(fmt, tuple) else (fmt,)
+            given = values.get(field)
+            if given is not None and any("{}" in one for one in formats) and re.search(r"\s", str(given)):
+                raise MpimapError(self._spaced(field, str(given)))
+            value = self.directive_value(field, given, resources)
             if value is None:
                 continue
-            for one in fmt if isinstance(fmt, tuple) else (fmt,):
+            for one in formats:
                 lines.append(f"{self.directive_prefix} {one.format(value)}")
         lines += [f"{self.directive_prefix} {one}" for one in self.fixed_directives]
         return "\n".join(lines)
+
+    def _spaced(self, field: str, value: str) -> str:
+        """Why a directive cannot carry this value: the batch system splits a directive at whitespace (and a newline
+        would start a directive of its own)."""
+        if field == "log":
+            return (f"the job directory {os.path.dirname(value)!r} has whitespace in its path, which {self.name}'s "
+                    f"job script directives cannot carry: submit from (or give --dir) a path without spaces")
+        return (f"--{field.replace('_', '-')} {value!r}: whitespace in a value {self.name}'s job script directives "
+                f"cannot carry: give it without spaces or newlines")
 
     def directive_value(self, field: str, value, resources: Resources):
         """The value a directive carries for a resource (a subclass maps, e.g. priority onto nice)."""
