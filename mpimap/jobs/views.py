@@ -195,8 +195,11 @@ class StatusReport:
             state = s.state or ("queued" if s.started is None else "running")
             if state == "running" and (self.state in FINAL_STATES or any(t.started for t in self.chain[i + 1:])):
                 state = "ended without a word"  # killed (kill -9, node lost): nothing recorded its end
-            when = (f", {clock(s.started)} for {duration((s.ended or self.now) - s.started)}"
-                    if s.started is not None and state != SKIPPED else "")
+            end = s.ended or self.now
+            if state == "ended without a word":  # it lasted until the next link started, if one did
+                end = next((t.started for t in self.chain[i + 1:] if t.started), None)
+            when = "" if s.started is None or state == SKIPPED else f", {clock(s.started)}" + (
+                f" for {duration(end - s.started)}" if end is not None else "")
             points = f", {s.points} points" if s.points is not None else ""
             after = f" after {s.after}" if s.after else ""
             restarts = f", requeued {s.restarts}x" if s.restarts else ""
