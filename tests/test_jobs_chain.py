@@ -357,6 +357,8 @@ def test_a_continuation_removed_outside_mpimap_leaves_the_job_interrupted_and_re
     assert job.state() == "interrupted" and job.submissions()[1].started is None
     text = mpimap(where, "status", "removed").stdout
     assert text.splitlines()[0] == "job removed: interrupted", text
+    log = open(job.dir.log).read()  # what resumes a job run: not the command the user never typed
+    assert "run the same command" not in log and "mpimap resubmit removed" in log, log
     if not slow:
         assert f"{second.batch_id} is queued" not in text, text
     proc = mpimap(where, "resubmit", "removed")
