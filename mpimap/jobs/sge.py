@@ -3,8 +3,10 @@
 The ranks are slots of a parallel environment (``-pe mpi N``; a site whose PE
 has another name sets ``MPIMAP_SGE_PE`` when it submits).  The walltime is
 ``h_rt``, with ``s_rt`` :meth:`~BatchSystem.warning_lead` seconds earlier: at
-``s_rt`` Grid Engine sends SIGUSR1 to the job's whole process group, which is
-the warning the master stops on.  Once ``s_rt`` has fired, Grid Engine holds
+``s_rt`` Grid Engine sends SIGUSR1 to the job's process group: ``mpiexec``,
+which passes it to the ranks (MPICH runs them in sessions of their own, out of
+that group), and rank 0 stops on it.  ``qdel`` of a running job is a SIGKILL:
+``mpimap cancel`` stops it cleanly.  Once ``s_rt`` has fired, Grid Engine holds
 ``h_rt``'s SIGKILL back until at least 90 s later, so a short job may overrun
 its ``h_rt`` by up to that much; the master's own deadline does not.
 """
