@@ -716,3 +716,15 @@ def test_an_allocation_that_ended_without_a_word_lasts_until_the_next_link_start
         seen.append(line)
         time.sleep(1.5)
     assert seen[0] == seen[1] and seen[0].endswith(f"ended without a word, {clock(first.started)} for {duration(12.0)}"), seen
+
+
+def test_a_job_resubmitted_by_an_older_mpimap_shows_no_queued_chain(tmp_path):
+    job = make_job(tmp_path, "old3", np.arange(8.0))
+    status = finished_status(job)
+    subs = [{"batch_id": f"{HOST}:99999{k}", "scheduler": "local", "submitted": status.started - 300 + 100 * k,
+             "host": HOST} for k in range(3)]  # batch.json before chains: no after, started, state, ...
+    write_json(job.dir.batch, Submission.FORMAT, Submission.VERSION, {"submissions": subs})
+    write_status(job, **{**status.to_json(), "batch_id": subs[-1]["batch_id"]})
+    text = cli("status", job.dir.path).stdout
+    assert text.splitlines()[0] == "job old3: done", text
+    assert "queued" not in text and "0 allocations" not in text, text
