@@ -715,7 +715,8 @@ def test_an_allocation_that_ended_without_a_word_lasts_until_the_next_link_start
                   if line.startswith(f"    {first.batch_id}:")]
         seen.append(line)
         time.sleep(1.5)
-    assert seen[0] == seen[1] and seen[0].endswith(f"ended without a word, {clock(first.started)} for {duration(12.0)}"), seen
+    expected = f"ended without a word, {clock(first.started)} for {duration(12.0)}"
+    assert seen[0] == seen[1] and seen[0].endswith(expected), seen
 
 
 def test_a_job_resubmitted_by_an_older_mpimap_shows_no_queued_chain(tmp_path):

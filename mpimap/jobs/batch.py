@@ -97,9 +97,9 @@ class BatchSystem:
                 raise MpimapError(f"--priority {resources.priority}: {self.name} takes {low} to {high}")
         if resources.walltime and "walltime" in self.directives \
                 and parse_walltime(resources.walltime) < MIN_BATCH_WALLTIME:
-            raise MpimapError(f"--walltime {resources.walltime}: a {self.name} job needs at least 1 minute: the warning "
-                              f"comes up to a third of it before the end, and the master keeps {MIN_RESERVE:.0f} s "
-                              "or more of it to shut down, so a shorter one stores nothing")
+            raise MpimapError(f"--walltime {resources.walltime}: a {self.name} job needs at least 1 minute: the "
+                              "warning comes up to a third of it before the end, and the master keeps "
+                              f"{MIN_RESERVE:.0f} s or more of it to shut down, so a shorter one stores nothing")
 
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
