@@ -14,8 +14,9 @@ export TMPDIR="${TMPDIR:-$TMP}"
 # status 10 means the job is over already (done, failed or cancelled): end here, running nothing.
 {{python}} -m mpimap.jobs.chain {{job_dir}} || [ $? -ne 10 ] || exit 0
 
-# exec: mpiexec takes the shell's place.  Grid Engine signals the job's whole process group (qdel, the s_rt
-# warning SIGUSR1, qmod -s/-us), so rank 0 hears it and stores everything before the job ends.  mpiexec finds
-# the slots in $PE_HOSTFILE.  Never end this script with status 99 (Grid Engine requeues the job) or
+# exec: mpiexec takes the shell's place.  Grid Engine signals the job's process group, which holds mpiexec but
+# not the ranks (MPICH starts them in sessions of their own): the s_rt warning SIGUSR1 reaches rank 0 because
+# mpiexec passes it on; qmod -s (SIGSTOP) stops mpiexec only; qdel is SIGKILL (use mpimap cancel to stop the
+# job cleanly).  mpiexec finds the slots in $PE_HOSTFILE.  Never end this script with status 99 (Grid Engine requeues the job) or
 # 100 (it holds it in error, and its dependents with it): mpimap's own statuses are 0 to 5.
 exec {{mpiexec}} -n {{ranks}} {{python}} -m mpimap run --job {{job_dir}}

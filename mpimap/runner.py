@@ -292,8 +292,10 @@ class Runner:
         except _Interrupted as why:
             state = "interrupted"
             message = f"{why}: stopped; results so far are kept"
-            print(f"\nmpimap: {why}: stopping; results so far are kept in {self.out}; run the same command to "
-                  "resume", file=sys.stderr, flush=True)
+            resume = "run the same command to resume" if self.spec is None else \
+                f"the chain's queued continuation resumes the job, if it has one; else mpimap resubmit {self.spec.name}"
+            print(f"\nmpimap: {why}: stopping; results so far are kept in {self.out}; {resume}", file=sys.stderr,
+                  flush=True)
         except BaseException as exc:
             message = str(exc) or type(exc).__name__
             raise

@@ -422,3 +422,35 @@ def test_a_run_by_hand_that_holds_the_results_file_speaks_for_the_job_while_the_
         for pid in _processes().get(hand.pid, ()):
             os.kill(pid, signal.SIGKILL)
         hand.wait(timeout=60)
+
+
+@pytest.mark.parametrize("when", ["before the allocation ends", "after it ended"])
+def test_a_continuation_removed_outside_mpimap_leaves_the_job_interrupted_and_resubmit_goes_on(where, monkeypatch,
+                                                                                              when):
+    slow = ("--template", str(_slow_start(where))) if when == "after it ended" else ()
+    job = chain_job(where, monkeypatch, "removed", 120, 0.1, "--resubmit", "2", *slow)
+    first, second = allocation(job, 0), allocation(job, 1)
+
+    def remove_continuation():  # an admin cleans the queue (qdel, scancel): the waiting continuation is gone
+        for pid in session_of(second):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not session_of(second), 30, "the continuation's session ends")
+
+    if not slow:
+        remove_continuation()
+    os.kill(int(first.batch_id.rpartition(":")[2]), signal.SIGUSR1)  # the walltime warning: the allocation ends
+    wait_for(lambda: job.submissions()[0].state == "interrupted", 60, "the first allocation ends")
+    if slow:
+        assert job.state() == "queued"  # the continuation waits (its slow start) to go on
+        remove_continuation()
+    wait_for(lambda: not session_of(first), 30, "the first allocation's session ends")
+    assert job.state() == "interrupted" and job.submissions()[1].started is None
+    text = mpimap(where, "status", "removed").stdout
+    assert text.splitlines()[0] == "job removed: interrupted", text
+    log = open(job.dir.log).read()  # what resumes a job run: not the command the user never typed
+    assert "run the same command" not in log and "mpimap resubmit removed" in log, log
+    if not slow:
+        assert f"{second.batch_id} is queued" not in text, text
+    proc = mpimap(where, "resubmit", "removed")
+    assert proc.returncode == 0, proc.stderr
+    assert_complete(where, job, 120)

@@ -215,3 +215,32 @@ def test_pbs_commands_are_not_taken_for_grid_engine(fake_pbs, tmp_path):
         assert proc.returncode != 0 and len(lines) == 1, proc.stderr
         assert f"qsub is {which}, not sge: use --scheduler pbs or torque" in lines[0]
     assert not (tmp_path / "mpimap-jobs").exists() and not (fake_pbs.state / "qsub.log").exists()
+
+
+BROKEN_JSON_QSTAT = r'''#!/bin/sh
+# PBS Pro's qstat with a Variable_List value its JSON writer does not escape (openpbs#2541, #1255): invalid JSON.
+case "$*" in
+"-f -F json -x 77.pbs01 78.pbs01")
+    printf '%s\n' '{"Jobs":{"77.pbs01":{"job_state":"R","exec_host":"n1/0*2","Resource_List":{"walltime":"01:00:00"},' \
+        '"resources_used":{"walltime":"00:10:00"},"Variable_List":{"PBS_O_PATH":"C:\path"}},' \
+        '"78.pbs01":{"job_state":"Q","comment":"Not Running: Insufficient amount of resource: ncpus"}}}' ;;
+"-f -x 77.pbs01 78.pbs01")
+    printf '%s\n' 'Job Id: 77.pbs01' '    job_state = R' '    exec_host = n1/0*2' \
+        '    Resource_List.walltime = 01:00:00' '    resources_used.walltime = 00:10:00' \
+        '    Variable_List = PBS_O_PATH=C:\path' '' 'Job Id: 78.pbs01' '    job_state = Q' \
+        '    comment = Not Running: Insufficient amount of resource: ncpus' ;;
+*) echo "qstat: unexpected arguments $*" >&2; exit 2 ;;
+esac
+'''
+
+
+def test_a_job_pbs_writes_invalid_json_for_does_not_blind_the_view_of_every_job(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qstat").write_text(BROKEN_JSON_QSTAT)
+    (bin_dir / "qstat").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    ids = ["77.pbs01", "78.pbs01"]
+    views = scheduler("pbs").views([Submission(batch_id=i, scheduler="pbs", submitted=0.0) for i in ids])
+    assert views == {"77.pbs01": BatchView("running", nodes="n1", time_left="00:50:00"),
+                     "78.pbs01": BatchView("pending", reason="Not Running: Insufficient amount of resource: ncpus")}

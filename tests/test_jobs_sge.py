@@ -242,3 +242,14 @@ def test_a_chain_survives_suspension_and_the_s_rt_warning_and_finishes_the_job(u
     assert set(evaluated) == set(range(POINTS)) and len(evaluated) - POINTS <= 2
     text = user("status", "warned").stdout
     assert first in text and second in text
+
+
+def test_the_queued_reason_is_what_the_scheduler_says_in_all_its_lines_bounded(user, sge):
+    batch_id = user.submit("toobig", "--ranks", "200")  # the cell has 4 slots: never runs
+    reason = wait_for(lambda: (r := user.json("status", "toobig")["batch"].get("reason", "")) not in ("", "Priority")
+                      and r, 60, "Grid Engine's scheduler says why the job waits")
+    info = sge.command("qstat", "-j", batch_id).stdout
+    assert "All queues dropped" in info or "only offers" in info, info
+    # Not only the first line (about another queue, disabled): what keeps this job waiting is in the lines after.
+    assert "dropped because it is disabled" not in reason.split(";")[0], reason
+    assert ("All queues dropped" in reason or "only offers" in reason) and len(reason) <= 300, reason

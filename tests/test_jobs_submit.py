@@ -701,3 +701,64 @@ def test_resubmit_waits_until_the_previous_run_has_ended(where):
     proc = mpimap(where, "resubmit", "slowend", "--fresh")
     assert proc.returncode == 0, proc.stderr
     assert wait_state(job, ("done",), 120) == "done"
+
+
+@pytest.mark.parametrize("damage", ["missing field", "not an object"])
+def test_a_damaged_submission_in_batch_json_is_one_line_and_ls_lists_the_others(where, damage):
+    for name in ("good", "hurt"):
+        proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--name", name, "--wait",
+                      timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    batch = job_dir(where, "hurt") / "batch.json"
+    original = batch.read_text()
+    body = json.loads(original)
+    if damage == "missing field":
+        del body["submissions"][0]["submitted"]
+    else:
+        body["submissions"][0] = "x"
+    batch.write_text(json.dumps(body))
+    try:
+        one_line_error(mpimap(where, "status", "hurt"), "batch.json", "damaged", "restore it")
+        proc = mpimap(where, "ls", "--json")
+        one_line_error(proc, "hurt", "batch.json", "damaged")
+        assert [row["name"] for row in json.loads(proc.stdout)] == ["good"]
+    finally:
+        batch.write_text(original)  # the fixture's cleanup reads it
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "torque"])
+def test_a_walltime_under_a_minute_is_refused_for_a_batch_scheduler(where, scheduler):
+    for walltime in ("0:01", "0:10", "0:59"):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              "--walltime", walltime, "--resubmit", "2", "--dry-run"),
+                       f"--walltime {walltime}", "at least 1 minute", "shut down")
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                  "--walltime", "1", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "00:00:00" not in proc.stdout
+    assert not (where / "mpimap-jobs").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge", "pbs", "torque"])
+@pytest.mark.parametrize("option, value", [("--partition", "q1\n#$ -l foo=1"), ("--account", "my acct"),
+                                           ("--qos", "hi\tlo"), ("--mail", "a@b.c -l h_vmem=1G")])
+def test_a_resource_value_with_whitespace_is_one_line_and_creates_nothing(where, scheduler, option, value):
+    if option == "--qos" and scheduler in ("sge", "pbs", "torque"):
+        pytest.skip("--qos means nothing there (refused on its own)")
+    for dry in (("--dry-run",), ()):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              option, value, *dry), option, "whitespace")
+    assert not (where / "mpimap-jobs").exists() and not (where / "home" / "registry.json").exists()
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "sge"])
+def test_a_job_directory_with_a_space_is_refused_where_directives_cannot_carry_it(where, scheduler):
+    spaced = where / "sp ace"
+    spaced.mkdir()
+    for dry in (("--dry-run",), ()):
+        one_line_error(mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", scheduler,
+                              "--dir", str(spaced / "job"), *dry), "sp ace", "whitespace", "without spaces")
+    assert not (spaced / "job").exists() and not (where / "home" / "registry.json").exists()
+    proc = mpimap(where, "submit", "jobfuncs:square", "--points", "points.npy", "--scheduler", "pbs",
+                  "--dir", str(spaced / "job"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr  # PBS's log directive is /dev/null: the script appends to the quoted log

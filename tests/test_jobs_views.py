@@ -695,3 +695,37 @@ def test_attach_says_interrupted_when_the_job_dies_without_a_word(tmp_path, subm
         attach.kill()
     assert attach.returncode == 3, out + err
     assert "job killed interrupted:" in out and job.status().state == "running"
+
+
+def test_an_allocation_that_ended_without_a_word_lasts_until_the_next_link_started(tmp_path):
+    from mpimap.jobs.views import clock, duration
+
+    job = make_job(tmp_path, "c3", np.arange(8.0))
+    status = finished_status(job)
+    first = Submission(batch_id=f"{HOST}:999991", scheduler="local", submitted=status.started - 5,
+                       started=status.started, state="running")  # killed: nothing recorded its end
+    second = Submission(batch_id=f"{HOST}:999992", scheduler="local", submitted=status.started - 4,
+                        after=first.batch_id, started=status.started + 12, ended=status.ended, points=8, state="done")
+    write_json(job.dir.batch, Submission.FORMAT, Submission.VERSION,
+               {"submissions": [first.to_json(), second.to_json()]})
+    write_status(job, **{**status.to_json(), "batch_id": second.batch_id})
+    seen = []
+    for _ in range(2):
+        [line] = [line for line in cli("status", job.dir.path).stdout.splitlines()
+                  if line.startswith(f"    {first.batch_id}:")]
+        seen.append(line)
+        time.sleep(1.5)
+    expected = f"ended without a word, {clock(first.started)} for {duration(12.0)}"
+    assert seen[0] == seen[1] and seen[0].endswith(expected), seen
+
+
+def test_a_job_resubmitted_by_an_older_mpimap_shows_no_queued_chain(tmp_path):
+    job = make_job(tmp_path, "old3", np.arange(8.0))
+    status = finished_status(job)
+    subs = [{"batch_id": f"{HOST}:99999{k}", "scheduler": "local", "submitted": status.started - 300 + 100 * k,
+             "host": HOST} for k in range(3)]  # batch.json before chains: no after, started, state, ...
+    write_json(job.dir.batch, Submission.FORMAT, Submission.VERSION, {"submissions": subs})
+    write_status(job, **{**status.to_json(), "batch_id": subs[-1]["batch_id"]})
+    text = cli("status", job.dir.path).stdout
+    assert text.splitlines()[0] == "job old3: done", text
+    assert "queued" not in text and "0 allocations" not in text, text

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import MpimapError
-from ..walltime import parse_walltime
+from ..walltime import MIN_RESERVE, parse_walltime
 from .records import Resources, Submission
 
 SCHEDULERS = {"slurm": "mpimap.jobs.slurm:Slurm", "local": "mpimap.jobs.local:Local", "pbs": "mpimap.jobs.pbs:Pbs",
@@ -38,6 +38,10 @@ class BatchView:
     reason: str = ""                    # why it is still queued (Slurm: Priority, Resources, ...)
     nodes: str = ""                     # where it runs
     time_left: str = ""                 # of its walltime
+
+
+MIN_BATCH_WALLTIME = 60.0
+"""Seconds: a batch job's shortest --walltime (the warning and the shutdown reserve leave nothing of a shorter one)."""
 
 
 class BatchSystem:
@@ -91,6 +95,11 @@ class BatchSystem:
             low, high = self.priority_range
             if not low <= resources.priority <= high:
                 raise MpimapError(f"--priority {resources.priority}: {self.name} takes {low} to {high}")
+        if resources.walltime and "walltime" in self.directives \
+                and parse_walltime(resources.walltime) < MIN_BATCH_WALLTIME:
+            raise MpimapError(f"--walltime {resources.walltime}: a {self.name} job needs at least 1 minute: the "
+                              "warning comes up to a third of it before the end, and the master keeps "
+                              f"{MIN_RESERVE:.0f} s or more of it to shut down, so a shorter one stores nothing")
 
     def render_directives(self, resources: Resources, name: str, log: str) -> str:
         """The directive lines of the job script for these resources (only the ones given)."""
@@ -98,13 +107,26 @@ class BatchSystem:
         values.update(name=name, log=log, warning=self.warning(resources))
         lines = []
         for field, fmt in self.directives.items():
-            value = self.directive_value(field, values.get(field), resources)
+            formats = fmt if isinstance(fmt, tuple) else (fmt,)
+            given = values.get(field)
+            if given is not None and any("{}" in one for one in formats) and re.search(r"\s", str(given)):
+                raise MpimapError(self._spaced(field, str(given)))
+            value = self.directive_value(field, given, resources)
             if value is None:
                 continue
-            for one in fmt if isinstance(fmt, tuple) else (fmt,):
+            for one in formats:
                 lines.append(f"{self.directive_prefix} {one.format(value)}")
         lines += [f"{self.directive_prefix} {one}" for one in self.fixed_directives]
         return "\n".join(lines)
+
+    def _spaced(self, field: str, value: str) -> str:
+        """Why a directive cannot carry this value: the batch system splits a directive at whitespace (and a newline
+        would start a directive of its own)."""
+        if field == "log":
+            return (f"the job directory {os.path.dirname(value)!r} has whitespace in its path, which {self.name}'s "
+                    f"job script directives cannot carry: submit from (or give --dir) a path without spaces")
+        return (f"--{field.replace('_', '-')} {value!r}: whitespace in a value {self.name}'s job script directives "
+                f"cannot carry: give it without spaces or newlines")
 
     def directive_value(self, field: str, value, resources: Resources):
         """The value a directive carries for a resource (a subclass maps, e.g. priority onto nice)."""

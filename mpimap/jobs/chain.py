@@ -109,6 +109,10 @@ def _end(job_dir: str, state: str, points: int | None) -> str:
         me.ended, me.state = time.time(), state
         me.points = me.points if points is None else (me.points or 0) + points  # (me.points: a requeue's earlier)
         queued = [s for s in subs if s.after == batch_id and s.started is None and s.state != SKIPPED]
+        batch = scheduler(spec.scheduler)
+        for sub in [s for s in queued if batch.views([s])[s.batch_id].state == "gone"]:  # removed: qdel, scancel
+            sub.state, sub.ended = SKIPPED, time.time()
+            queued.remove(sub)
         stalled = state == "interrupted" and spec.until_done and _no_progress(subs, me)
         if stalled:
             note = "; the chain stops: two allocations in a row stored no new point (mpimap resubmit goes on)"
@@ -119,7 +123,7 @@ def _end(job_dir: str, state: str, points: int | None) -> str:
         else:
             note = ""
         if state != "interrupted" or stalled:
-            skip_queued(scheduler(spec.scheduler), subs, queued)
+            skip_queued(batch, subs, queued)
         job.write_submissions(subs)
     return note
 

@@ -56,12 +56,9 @@ class Job:
         if not os.path.exists(self.dir.status):
             return None
         body = files.read_json(self.dir.status, JobStatus.FORMAT, JobStatus.VERSION)
-        try:
+        with _damaged(self.dir.status, JobStatus.FORMAT):
             status = JobStatus.from_json(body)
             status.check()
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:  # JSON, but not a status
-            raise files.DamagedFile(f"{self.dir.status} is damaged (not a {JobStatus.FORMAT} file: {exc}); restore "
-                                    f"it from a copy, or remove it if the job does not matter") from None
         return status
 
     def current_status(self) -> JobStatus | None:
@@ -102,7 +99,11 @@ class Job:
         if not os.path.exists(self.dir.batch):
             return []
         body = files.read_json(self.dir.batch, Submission.FORMAT, Submission.VERSION)
-        return [Submission.from_json(s) for s in body["submissions"]]
+        with _damaged(self.dir.batch, Submission.FORMAT):
+            subs = [Submission.from_json(s) for s in body["submissions"]]
+            for sub in subs:
+                sub.check()
+        return subs
 
     def points_total(self) -> int:
         """How many points the job has (from its copy of them; 0 if that cannot be read)."""
@@ -132,9 +133,14 @@ class Job:
                          {"submissions": [s.to_json() for s in subs]})
 
     def continuation(self, batch_id: str) -> Submission | None:
-        """The continuation queued after batch job ``batch_id`` that has not started, if any."""
-        return next((s for s in self.submissions() if s.after == batch_id and s.started is None
-                     and s.state != SKIPPED), None)
+        """The continuation queued after batch job ``batch_id`` that has not started, if any, and that the batch
+        system still holds: one removed outside mpimap (qdel, scancel) never runs, so the job does not go on."""
+        waiting = next((s for s in self.submissions() if s.after == batch_id and s.started is None
+                        and s.state != SKIPPED), None)
+        if waiting is None or scheduler(waiting.scheduler).views([waiting])[waiting.batch_id].state != "gone":
+            return waiting
+        # Gone: it ran meanwhile (its start is recorded by now), or it was removed.
+        return next((s for s in self.submissions() if s.batch_id == waiting.batch_id and s.started is not None), None)
 
     def batch_id(self) -> str:
         """The id of the job's last submission ('' if it was never submitted)."""
@@ -323,6 +329,16 @@ def batch_views(jobs: list[Job]) -> dict[str, BatchView]:
         answers = scheduler(name).views(list(last.values()))
         views.update({path: answers[sub.batch_id] for path, sub in last.items()})
     return views
+
+
+@contextlib.contextmanager
+def _damaged(path: str, kind: str):
+    """Turn a record that is JSON but not ``kind`` (a field missing, of a wrong type) into one DamagedFile line."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise files.DamagedFile(f"{path} is damaged (not a {kind} file: {exc}); restore it from a copy, "
+                                f"or remove it if the job does not matter") from None
 
 
 def _within(seconds: float, condition) -> bool:

@@ -55,6 +55,9 @@ class Pbs(BatchSystem):
     env_nodelist = "PBS_NODEFILE"            # a host per line, once per rank slot
     nodelist_from_file = True
     query = ("qstat", "-f", "-F", "json", "-x")  # -x: finished jobs too, while the server keeps their history
+    # The same as text, asked when the JSON is invalid: PBS Pro's writer does not escape some environment values
+    # (a Windows path, BASH_FUNC_* of qsub -V, -v foo=005), and one such job would blind the view of all.
+    text_query = ("qstat", "-f", "-x")
 
     def directive_value(self, field, value, resources):
         if value is None:
@@ -74,12 +77,12 @@ class Pbs(BatchSystem):
         batch_ids = [s.batch_id for s in submissions]
         if not batch_ids:
             return {}
-        try:
-            proc = subprocess.run([*self.query, *batch_ids], capture_output=True, text=True,
-                                  timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired):
+        proc = _ask([*self.query, *batch_ids])
+        if proc is None:
             return {i: BatchView("unknown") for i in batch_ids}
         jobs = self.parse(proc.stdout)
+        if jobs is None and self.text_query and (text := _ask([*self.text_query, *batch_ids])) is not None:
+            proc, jobs = text, _parse_text(text.stdout)
         # An id the server does not know (ended, history purged) makes qstat exit non-zero, and still print the others.
         known = jobs is not None and (proc.returncode == 0 or any(m in proc.stderr for m in _ENDED))
         if not known:
@@ -106,23 +109,38 @@ class Torque(Pbs):
     def placement(self, chunks, per_chunk):
         return f"nodes={chunks}:ppn={per_chunk}"
 
+    text_query = ()                          # its query is text already
+
     def parse(self, out):
-        """``qstat -f``'s text: ``Job Id: ID``, then ``    name = value`` lines indented by 4 spaces; a long value
-        goes on in lines indented deeper (a tab, or 8 spaces, depending on the version)."""
-        jobs: dict[str, dict] = {}
-        job = key = None
-        for line in out.splitlines():
-            if line.startswith("Job Id:"):
-                job = jobs.setdefault(line.partition(":")[2].strip(), {})
-                key = None
-            elif job is None or not line.strip():
-                continue
-            elif line.startswith("    ") and not line[4].isspace() and " = " in line:
-                key, _, value = line.strip().partition(" = ")
-                job[key] = value
-            elif key is not None and line[0].isspace():
-                job[key] += line.strip()
-        return jobs
+        return _parse_text(out)
+
+
+def _ask(command: list[str]) -> subprocess.CompletedProcess | None:
+    """Run a qstat; None if it could not run."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _parse_text(out: str) -> dict[str, dict]:
+    """``qstat -f``'s text (Torque, and PBS Pro without ``-F json``): ``Job Id: ID``, then ``    name = value``
+    lines indented by 4 spaces; a long value goes on in lines indented deeper (a tab, or 8 spaces)."""
+    jobs: dict[str, dict] = {}
+    job = key = None
+    for line in out.splitlines():
+        if line.startswith("Job Id:"):
+            job = jobs.setdefault(line.partition(":")[2].strip(), {})
+            key = None
+        elif job is None or not line.strip():
+            continue
+        elif line.startswith("    ") and not line[4].isspace() and " = " in line:
+            key, _, value = line.strip().partition(" = ")
+            job[key] = value
+        elif key is not None and line[0].isspace():
+            job[key] += line.strip()
+    return jobs
 
 
 def _chunks(resources) -> tuple[int, int]:

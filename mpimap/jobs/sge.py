@@ -3,8 +3,10 @@
 The ranks are slots of a parallel environment (``-pe mpi N``; a site whose PE
 has another name sets ``MPIMAP_SGE_PE`` when it submits).  The walltime is
 ``h_rt``, with ``s_rt`` :meth:`~BatchSystem.warning_lead` seconds earlier: at
-``s_rt`` Grid Engine sends SIGUSR1 to the job's whole process group, which is
-the warning the master stops on.  Once ``s_rt`` has fired, Grid Engine holds
+``s_rt`` Grid Engine sends SIGUSR1 to the job's process group: ``mpiexec``,
+which passes it to the ranks (MPICH runs them in sessions of their own, out of
+that group), and rank 0 stops on it.  ``qdel`` of a running job is a SIGKILL:
+``mpimap cancel`` stops it cleanly.  Once ``s_rt`` has fired, Grid Engine holds
 ``h_rt``'s SIGKILL back until at least 90 s later, so a short job may overrun
 its ``h_rt`` by up to that much; the master's own deadline does not.
 """
@@ -108,21 +110,35 @@ def _view(state: str, queue: str) -> BatchView:
     return BatchView("running", nodes=host)  # "d": being deleted, its processes not yet ended
 
 
+def _scheduling_info(text: str, limit: int = 300) -> str:
+    """The scheduler's reasons, one line each, joined: a disabled queue instance (another queue, mostly) last, as it
+    seldom is what holds the job back; cut at ``limit`` characters."""
+    lines = list(dict.fromkeys(line for line in text.splitlines() if line))
+    lines.sort(key=lambda line: "because it is disabled" in line)  # stable: the scheduler's order otherwise
+    joined = "; ".join(lines)
+    return joined if len(joined) <= limit else joined[:limit - 4].rstrip() + " ..."
+
+
 def _reasons(batch_ids: list[str], held: set[str]) -> dict[str, str]:
     """Why each of these queued jobs waits, from ``qstat -j``: another job (-hold_jid), a hold (``held``: their
     state has an "h"), or what the scheduler says."""
     out = _query(["qstat", "-j", ",".join(batch_ids)]) or ""
     reasons = {}
     for block in out.split("=" * 20):
-        fields = {}
+        fields, key = {}, None
         for line in block.splitlines():
-            key, sep, value = line.partition(":")
-            if sep and key.strip() not in fields:
-                fields[key.strip()] = value.strip()
+            if line[:1].isspace() and key is not None:  # a value's next line (scheduling info has one per reason)
+                fields[key].append(line.strip())
+                continue
+            name, sep, value = line.partition(":")
+            key = name.strip() if sep and name.strip() not in fields else None
+            if key is not None:
+                fields[key] = [value.strip()]
+        fields = {name: "\n".join(lines) for name, lines in fields.items()}
         job_id = fields.get("job_number")
         if job_id is None:
             continue
-        info = fields.get("scheduling info", "")
+        info = _scheduling_info(fields.get("scheduling info", ""))
         if fields.get("jid_predecessor_list"):
             reasons[job_id] = f"Dependency (after job {fields['jid_predecessor_list']})"
         elif job_id in held:

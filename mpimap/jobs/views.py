@@ -186,17 +186,22 @@ class StatusReport:
 
     def chain_lines(self) -> list[str]:
         """The chain's batch jobs, one line each (none for a job submitted once without a chain)."""
-        if not self.chain_limit and len(self.chain) < 2:
+        recorded = any(s.started is not None or s.state for s in self.chain)  # none: batch.json before chains
+        if not self.chain_limit and (len(self.chain) < 2 or not recorded):
             return []
         ran = sum(s.started is not None and s.state != SKIPPED for s in self.chain)
         out = [f"  chain      : {ran} allocation{'s' if ran != 1 else ''} of {len(self.chain)} batch jobs"
                + (f" ({self.chain_limit})" if self.chain_limit else "")]
         for i, s in enumerate(self.chain):
-            state = s.state or ("queued" if s.started is None else "running")
+            state = s.state or ("running" if s.started is not None else "queued" if i == len(self.chain) - 1
+                                and self.state not in FINAL_STATES else f"submitted {clock(s.submitted)}")
             if state == "running" and (self.state in FINAL_STATES or any(t.started for t in self.chain[i + 1:])):
                 state = "ended without a word"  # killed (kill -9, node lost): nothing recorded its end
-            when = (f", {clock(s.started)} for {duration((s.ended or self.now) - s.started)}"
-                    if s.started is not None and state != SKIPPED else "")
+            end = s.ended or self.now
+            if state == "ended without a word":  # it lasted until the next link started, if one did
+                end = next((t.started for t in self.chain[i + 1:] if t.started), None)
+            when = "" if s.started is None or state == SKIPPED else f", {clock(s.started)}" + (
+                f" for {duration(end - s.started)}" if end is not None else "")
             points = f", {s.points} points" if s.points is not None else ""
             after = f" after {s.after}" if s.after else ""
             restarts = f", requeued {s.restarts}x" if s.restarts else ""
