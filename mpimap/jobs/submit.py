@@ -54,8 +54,6 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     from ..inputs import FunctionRef, load_points
 
     batch = find_scheduler(scheduler)
-    if not dry_run:
-        batch.check()
     fn = FunctionRef(_function_spec(function))
     source = os.path.abspath(os.fspath(points))
     values = load_points(source)
@@ -80,6 +78,7 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     script = render(template, batch, spec, job_dir)
     if dry_run:
         return script
+    batch.check()  # last: a mistake in the input is said before anything about this machine
     return _create(spec, values, script, job_dir, batch, registry)
 
 
