@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -84,6 +85,7 @@ def attach(job, interval):
     redraw = sys.stdout.isatty()
     click.echo(f"attached to job {the_job.name} ({the_job.dir.path}); Ctrl-C detaches, the job goes on")
     shown = None
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C detaches, also if started with it ignored
     try:
         while True:
             with bounded_read(the_job.dir.results, READ_FIX):
