@@ -72,6 +72,9 @@ def cli():
 @click.option("--walltime", default=None, metavar="TIME",
               help="Time this run may take (MINUTES, HH:MM:SS, D-HH:MM:SS): no point is handed out that would not "
                    "finish in time, then it stops (exit 3). MPIMAP_DEADLINE (unix seconds) too; the earlier wins.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Give row i the random stream mpimap.point_rng(N, i), which the function gets from mpimap.rng(): "
+                   "the same numbers whatever the ranks, chunks, retries or resumes.")
 def run(function, points_spec, out, job, **options):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 
@@ -130,6 +133,8 @@ def show(results, show_errors):
     n = len(r["status"])
     click.echo(f"{results}: {attrs['function']} over {n} points, job {attrs['state']} "
                f"(format {attrs['format_version']}, mpimap {attrs['mpimap_version']}, {attrs['runs']} run(s))")
+    if "seed" in attrs:
+        click.echo(f"  seed {attrs['seed']}: row i's random stream is mpimap.point_rng({attrs['seed']}, i)")
     click.echo("  " + ", ".join(f"{name} {status.get(name, 0)}" for name in ("done", "failed", "pending"))
                + "".join(f", {name} {status[name]}" for name in ("timeout", "crashed") if status.get(name)))
     done = r["status"] == "done"

@@ -27,6 +27,7 @@ from multiprocessing.connection import Pipe
 
 import numpy as np
 
+from . import seeds
 from .failures import Failure, unpicklable_values
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
@@ -70,15 +71,16 @@ class Outcome:
 
 
 def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointLogs | None = None,
-                    timed: bool = True) -> Outcome:
+                    timed: bool = True, seed: int | None = None, keys=None) -> Outcome:
     """Evaluate ``fn`` on every point of ``args`` in this process (the captured log where ``logs`` keeps it).
 
-    Without ``timed`` (and with no scratch or log capture) the points run in
-    one tight loop and each one's duration is the chunk's mean: timing every
-    point costs ~5x a microsecond function.
+    Without ``timed`` (and with no scratch, log capture or seed) the points
+    run in one tight loop and each one's duration is the chunk's mean: timing
+    every point costs ~5x a microsecond function.  With a ``seed``, point
+    ``i`` runs in the random stream of ``keys[i]`` (see :mod:`mpimap.seeds`).
     """
     n = len(args)
-    if not timed and not scratch and not (logs is not None and logs.active):
+    if not timed and not scratch and not (logs is not None and logs.active) and seed is None:
         t0 = time.perf_counter()
         values, failures = _call_all(fn, star, args)
         return Outcome(values, failures, np.full(n, (time.perf_counter() - t0) / max(n, 1)), {})
@@ -91,20 +93,21 @@ def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointL
     level = capture_level() if capture else None
     for i in range(n):
         scratch_dir = _enter_scratch() if scratch else None
+        key = None if seed is None else keys[i]
         if capture:
             with captured(level) as lines:
                 t0 = clock()
-                value, failure = _call(fn, star, args[i])
+                value, failure = _call(fn, star, args[i], seed, key)
                 durations[i] = clock() - t0
             if logs.keep is not None and logs.wanted(args[i], value, durations[i], failure is not None):
                 kept[i] = "\n".join(lines)
-            if failure is not None and logs.debug_rerun:
+            if failure is not None and logs.debug_rerun:  # (in the same random stream: the same failure)
                 with captured(logging.DEBUG) as lines:
-                    _call(fn, star, args[i])
+                    _call(fn, star, args[i], seed, key)
                 kept[i] = (kept.get(i, "") + "\n--- debug re-run ---\n" + "\n".join(lines)).lstrip("\n")
         else:
             t0 = clock()
-            value, failure = _call(fn, star, args[i])
+            value, failure = _call(fn, star, args[i], seed, key)
             durations[i] = clock() - t0
         if failure is None:
             values[i] = value
@@ -115,12 +118,16 @@ def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointL
     return Outcome(values, failures, durations, kept)
 
 
-def _call(fn, star: bool, point):
-    """``(value, None)``, or ``(None, Failure)`` if the function raised."""
+def _call(fn, star: bool, point, seed: int | None = None, key=None):
+    """``(value, None)``, or ``(None, Failure)`` if the function raised; with a ``seed``, in stream ``key``."""
+    saved = None if seed is None else seeds._enter(seed, key)
     try:
         return (fn(*point) if star else fn(point)), None
     except (Exception, SystemExit) as exc:
         return None, Failure.from_exception(exc)
+    finally:
+        if seed is not None:
+            seeds._leave(saved)
 
 
 def _call_all(fn, star: bool, args):
@@ -213,6 +220,7 @@ class ChildChunk:
     map_id: int
     function: bytes | None  # the pickled MapFunction when the child does not hold this map's function yet
     args: object
+    keys: object  # the stream index of each point of ``args`` (a map with a seed), else None
     positions: list
     options: Isolation
     logs: PointLogs
@@ -283,9 +291,9 @@ def _child_main(conn, slot) -> None:
         root.setLevel(chunk.level)
         if chunk.function is not None:
             function = pickle.loads(chunk.function)
-            functions = {chunk.map_id: (function.fn, function.star)}  # only the current map's function is kept
-        fn, star = functions[chunk.map_id]
-        args, options, logs = chunk.args, chunk.options, chunk.logs
+            functions = {chunk.map_id: (function.fn, function.star, function.seed)}  # only the current map's
+        fn, star, seed = functions[chunk.map_id]
+        args, keys, options, logs = chunk.args, chunk.keys, chunk.options, chunk.logs
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0
         plain = not options.scratch and not (logs is not None and logs.active)
@@ -296,10 +304,11 @@ def _child_main(conn, slot) -> None:
             _write_slot(slot, position, started)
             if plain:  # the hot path: no scratch directory, no log capture
                 t0 = perf()
-                value, failure = _call(fn, star, args[k])
+                value, failure = _call(fn, star, args[k], seed, None if seed is None else keys[k])
                 durations.append(perf() - t0)
             else:
-                one = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch, logs=logs)
+                one = evaluate_points(fn, star, args[k:k + 1], scratch=options.scratch, logs=logs, seed=seed,
+                                      keys=None if seed is None else keys[k:k + 1])
                 value, failure = one.values[0], one.failures.get(0)
                 durations.append(one.durations[0])
                 if 0 in one.logs:
@@ -376,8 +385,8 @@ class ChildProcess:
             os.waitpid(pid, 0)
         self._leaving = []
 
-    def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick) -> Outcome | None:
-        """Evaluate a chunk in the child.
+    def evaluate(self, map_id, blob, args, options: Isolation, logs: PointLogs, tick, keys=None) -> Outcome | None:
+        """Evaluate a chunk in the child (``keys``: the points' stream indices, in a map with a seed).
 
         ``tick()`` is called at least every 50 ms while the child works (every
         few ms while it sends); if it returns False the chunk is abandoned (its
@@ -389,10 +398,10 @@ class ChildProcess:
         child_options = _one_point(options) if options.mode == "fresh" else options
         while left.any():
             positions = np.flatnonzero(left)
-            part = args if len(positions) == n else (
-                args[positions] if isinstance(args, np.ndarray) else [args[k] for k in positions])
+            part, part_keys = (args, keys) if len(positions) == n else (
+                _subset(args, positions), None if keys is None else _subset(keys, positions))
             try:
-                self._send_chunk(map_id, blob, part, positions, child_options, logs)
+                self._send_chunk(map_id, blob, part, part_keys, positions, child_options, logs)
             except (Exception, SystemExit) as exc:  # points that cannot be pickled to the child
                 out.failures.update(dict.fromkeys(positions.tolist(), Failure.from_exception(exc)))
                 break
@@ -401,7 +410,7 @@ class ChildProcess:
                 return None
         return out
 
-    def _send_chunk(self, map_id, blob, part, positions, options, logs) -> None:
+    def _send_chunk(self, map_id, blob, part, keys, positions, options, logs) -> None:
         """Send a chunk to the child; a child that died while idle (its pipe is closed) is replaced first."""
         if self.pid is not None:
             try:
@@ -414,8 +423,8 @@ class ChildProcess:
                 self._start()
             _write_slot(self.slot, int(positions[0]), time.monotonic())
             try:
-                self.conn.send(ChildChunk(map_id, blob if self.map_id != map_id else None, part, positions.tolist(),
-                                          options, logs, logging.getLogger().level))
+                self.conn.send(ChildChunk(map_id, blob if self.map_id != map_id else None, part, keys,
+                                          positions.tolist(), options, logs, logging.getLogger().level))
                 break
             except OSError:
                 if attempt:
@@ -500,6 +509,11 @@ class ChildProcess:
         out.failures[position] = Failure(message.split(": ", 1)[0], message.split(": ", 1)[1], "", status=kind)
         out.durations[position] = time.monotonic() - started
         left[position] = False
+
+
+def _subset(items, positions):
+    """``items`` (a list, range or numpy array) at ``positions`` (an int array)."""
+    return items[positions] if isinstance(items, np.ndarray) else [items[k] for k in positions]
 
 
 def _one_point(options: Isolation) -> Isolation:

@@ -77,9 +77,10 @@ class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
-                 policy: Policy = Policy()):
+                 policy: Policy = Policy(), keys=None):
         self.function = function  # the pickled protocol.MapFunction
         self.args = args  # a sequence (list or numpy array) sliced into chunks
+        self.keys = keys  # the stream index of each point (a map with a seed: see mpimap.seeds), else None
         self.size = len(args)
         self.chunksize = chunksize
         self.priority = priority
@@ -106,13 +107,16 @@ class MapHandle:
             self._chunks = deque()
 
     # -- batches of submit() calls ----------------------------------------------
-    def join(self, args, future) -> bool:
-        """Add one call to this batch (caller side); False if the master has taken the batch already."""
+    def join(self, args, future, key=None) -> bool:
+        """Add one call to this batch (caller side; ``key``: its stream index, with a seed); False if the master
+        has taken the batch already."""
         with self._cond:
             if self.sealed:
                 return False
             self.args.append(args)
             self.futures.append(future)
+            if self.keys is not None:
+                self.keys.append(key)
             return True
 
     def seal(self) -> None:

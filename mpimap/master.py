@@ -430,33 +430,36 @@ class Master:
         handle.finish(error=error, cancelled=cancelled)
 
     def _claim(self, chunk):
-        """The handle and the arguments of a chunk as it leaves; a batch's cancelled calls are left out.
+        """The handle, the arguments and their stream indices (a map with a seed; else None) of a chunk as it
+        leaves; a batch's cancelled calls are left out.
 
         Where calls are left out, the chunk's positions are kept in ``_holes``
         so that its results can be put back in place (:func:`_fill_holes`).
         """
         handle = self._handles.get(chunk.map_id)
         if handle is None:
-            return None, None
+            return None, None, None
         args = handle.args[chunk.start:chunk.stop]
+        keys = None if handle.keys is None else handle.keys[chunk.start:chunk.stop]
         if handle.futures is None:
-            return handle, args
+            return handle, args, keys
         live = handle.start_calls(chunk.start, chunk.stop)
         if len(live) < len(args):
             self._holes[chunk.chunk_id] = live
             args = [args[k] for k in live]
-        return handle, args
+            keys = None if keys is None else [keys[k] for k in live]
+        return handle, args, keys
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle, args = self._claim(chunk)
+            handle, args, keys = self._claim(chunk)
             if handle is None:
                 continue
             holders = self._holders[chunk.map_id]
             function = None if rank in holders else handle.function
             holders.add(rank)
             try:
-                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args))
+                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args, keys))
             except Exception as exc:  # points that cannot be pickled: that map fails, the master serves on
                 self._end_map(handle, error=exc)
 
@@ -623,14 +626,15 @@ class InlineMaster(Master):
 
     def _dispatch(self) -> None:
         for rank, chunk in self.scheduler.assign(time.monotonic()):
-            handle, args = self._claim(chunk)
+            handle, args, keys = self._claim(chunk)
             if handle is None:
                 continue
             if chunk.map_id not in self._functions:
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
             try:
-                out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args)
+                out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args,
+                                          keys=keys)
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import itertools
 import logging
 import numbers
 import pickle
@@ -21,6 +22,7 @@ from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
 from .pointlogs import PointLogs
 from .protocol import MapFunction
+from .seeds import check_keys, check_seed
 from .worker import serve
 
 try:  # optional: sends lambdas, closures and functions of __main__ by value
@@ -49,7 +51,9 @@ class Pool(Executor):
     The keyword options set the pool's defaults for isolation, timeouts,
     failure policy and point logs; each map can override them
     (``pool.map(f, xs, isolation="process", point_timeout=60)``).  What each
-    one does: docs/resilience.rst.
+    one does: docs/resilience.rst.  ``seed`` gives every map (and every
+    ``submit`` call) reproducible random streams, one per point, which the
+    function reaches with :func:`mpimap.rng` (docs/random.rst).
     """
 
     def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
@@ -57,7 +61,9 @@ class Pool(Executor):
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
                  verify: float = 0.0,
-                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
+                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False, seed: int | None = None):
+        self._seed = None if seed is None else check_seed(seed)
+        self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
@@ -119,12 +125,16 @@ class Pool(Executor):
         return self._master
 
     def _submit_map(self, fn, args, *, star: bool, pack: bool = False, chunksize=None, priority=0,
-                    ordered=True, futures=None, options=None) -> MapHandle:
+                    ordered=True, futures=None, options=None, seed=None, keys=None) -> MapHandle:
+        """Submit a map; with a seed (the map's, else the pool's) point ``k`` draws from stream ``keys[k]``
+        (default ``k``)."""
         master = self._live_master()
         _check_map_options(chunksize, priority)
         isolation, policy, logs = self._settings(options or {})
-        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
-                           priority=priority, ordered=ordered, futures=futures, policy=policy)
+        seed = self._seed if seed is None else check_seed(seed)
+        keys = None if seed is None else range(len(args)) if keys is None else keys
+        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs, seed), args, chunksize=chunksize,
+                           priority=priority, ordered=ordered, futures=futures, policy=policy, keys=keys)
         master.submit(handle)
         self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
         if policy.verify:
@@ -141,19 +151,21 @@ class Pool(Executor):
 
         Calls of one function submitted while the master is busy join one batch,
         which travels in chunks like a map's points: a submit costs about what a
-        point of a map costs.
+        point of a map costs.  In a pool with a seed, the ``n``-th call (from 0)
+        draws from stream ``n`` of that seed.
         """
         future = _DrivenFuture(self._live_master())
         call = functools.partial(fn, **kwargs) if kwargs else fn
         with self._batch_lock:
+            key = next(self._calls)
             batch = self._batch and self._batch[1]()
-            if batch is not None and self._batch[0] is call and batch.join(args, future):
+            if batch is not None and self._batch[0] is call and batch.join(args, future, key):
                 return future
-            handle = self._submit_map(call, [args], star=True, futures=[future])
+            handle = self._submit_map(call, [args], star=True, futures=[future], keys=[key])
             self._batch = (call, weakref.ref(handle))  # the master holds it while it is open
         return future
 
-    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
+    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, seed=None, **options):
         """Like ``Executor.map``: results in input order, lazily; ``timeout`` bounds the whole iteration.
 
         ``chunksize=None`` sizes chunks from the measured cost of a point.  A
@@ -162,27 +174,35 @@ class Pool(Executor):
         exception is yielded as that point's result instead); closing the
         iterator early cancels the points not yet evaluated.  ``options``
         override the pool's isolation and failure policy for this map.
+        ``seed`` (default: the pool's) gives point ``i`` the random stream
+        :func:`mpimap.rng` returns there, the same as ``mpimap.point_rng(seed, i)``.
         """
-        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True, options=options)
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True, options=options, seed=seed)
         return handle.ordered(_deadline(timeout))
 
-    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, **options):
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, seed=None,
+                       **options):
         """Yield results as they arrive, in no particular order (``(index, value)`` pairs if ``indexed``)."""
-        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False, options=options)
+        handle = self._map_handle(fn, iterables, chunksize, priority, ordered=False, options=options, seed=seed)
         return _unordered(handle, _deadline(timeout), indexed)
 
-    def imap_chunks(self, fn, points, *, timeout=None, chunksize=None, priority=0, **options):
+    def imap_chunks(self, fn, points, *, timeout=None, chunksize=None, priority=0, seed=None, keys=None,
+                    **options):
         """Yield :class:`~mpimap.maps.ChunkResult` objects as chunks finish: the streaming interface.
 
         Values of a chunk come back as one numpy array when they are all
         numbers (or arrays of one shape); failures and per-point durations
         come with them.  This is what ``mpimap run`` writes to its results file.
+        With a ``seed``, ``keys`` (one non-negative integer per point; default
+        0, 1, ...) are the points' stream indices: mapping some rows of a
+        table with ``keys=rows`` gives each the stream it has in the whole table.
         """
+        keys = None if keys is None else check_keys(keys, len(points))
         handle = self._submit_map(fn, points, star=False, pack=True, chunksize=chunksize, priority=priority,
-                                  ordered=False, options=options)
+                                  ordered=False, options=options, seed=seed, keys=keys)
         return handle.chunks(_deadline(timeout))
 
-    def _map_handle(self, fn, iterables, chunksize, priority, ordered, options):
+    def _map_handle(self, fn, iterables, chunksize, priority, ordered, options, seed):
         if not iterables:
             raise TypeError("map() needs at least one iterable of points")
         if len(iterables) == 1:
@@ -192,7 +212,7 @@ class Pool(Executor):
         else:
             args, star = list(zip(*iterables)), True
         return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered,
-                                options=options)
+                                options=options, seed=seed)
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
@@ -354,14 +374,14 @@ def _check_map_options(chunksize, priority) -> None:
         raise TypeError(f"priority must be a number (higher runs first), not {priority!r}")
 
 
-def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
+def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs, seed=None) -> bytes:
     """The map's function and settings, pickled for the workers.
 
     A function plain pickle cannot send (a lambda, a closure), and one the
     workers cannot import (defined under a script's ``if __name__ == "__main__":``
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
-    settings = MapFunction(fn, star, pack, isolation, logs)
+    settings = MapFunction(fn, star, pack, isolation, logs, seed=seed)
     guarded = _guarded(fn)
     picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
     error = "the workers import the script as a module, where its main block does not run"

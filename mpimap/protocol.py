@@ -80,6 +80,7 @@ class MapFunction:
     pack: bool  # return a chunk's values as one numpy array when they are all numbers (or arrays of one shape)
     isolation: object  # an isolation.Isolation: where and under which limits the points run
     logs: object  # a pointlogs.PointLogs: which points keep their captured log
+    seed: object = None  # the map's seed (an int), or None: see mpimap.seeds
 
 
 @record
@@ -95,11 +96,12 @@ class Task:
     map_id: int
     function: bytes | None  # the pickled MapFunction, with the first chunk of a map to a rank; else None
     args: object  # the chunk's points: a list, range or numpy array (UnloadableArgs if they failed to unpickle)
+    keys: object = None  # the stream index of each point (a range, list or int array) in a map with a seed; else None
 
     def __reduce__(self):
         if _always_loads(self.args):
-            return Task, (self.chunk_id, self.map_id, self.function, self.args)
-        return _task, (self.chunk_id, self.map_id, self.function, len(self.args), *_apart(self.args))
+            return Task, (self.chunk_id, self.map_id, self.function, self.args, self.keys)
+        return _task, (self.chunk_id, self.map_id, self.function, self.keys, len(self.args), *_apart(self.args))
 
 
 @record
@@ -113,11 +115,11 @@ class UnloadableArgs:
         return self.size
 
 
-def _task(chunk_id, map_id, function, size, inner, *buffers) -> Task:
+def _task(chunk_id, map_id, function, keys, size, inner, *buffers) -> Task:
     args = _load_apart(inner, buffers)
     if isinstance(args, Failure):
         args = UnloadableArgs(args, size)
-    return Task(chunk_id, map_id, function, args)
+    return Task(chunk_id, map_id, function, args, keys)
 
 
 @record

@@ -53,6 +53,7 @@ class RunOptions:
     stall_timeout: float | None = None
     rank_timeout: float = 60.0
     walltime: str | float | None = None   # the allocation's length from the run's start (MPIMAP_DEADLINE too)
+    seed: int | None = None               # row i's random stream is mpimap.point_rng(seed, i) (None: no seed)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -90,6 +91,8 @@ class RunOptions:
                 bound = "> 0" if low is None else "between 0 and 1" if name == "verify" else f">= {low}"
                 what = "an integer" if kind is int else "a number"
                 return f"run option {name} must be {what} {bound}{' or null' if optional else ''}, not {value!r}"
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            return f"run option seed must be a non-negative integer or null, not {self.seed!r}"
         if self.walltime is not None:
             from .walltime import parse_walltime
 
@@ -237,7 +240,8 @@ class Runner:
         except ValueError as exc:
             raise MpimapError(str(exc)) from None
         with bounded_read(self.out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it
-            store = ResultStore.open(self.out, points, fn.spec, fresh=o.fresh, flush_interval=o.flush_interval)
+            store = ResultStore.open(self.out, points, fn.spec, fresh=o.fresh, flush_interval=o.flush_interval,
+                                     seed=o.seed)
             if o.fresh and self.jobdir is not None:
                 self._fresh_done()
             try:
@@ -265,7 +269,9 @@ class Runner:
                         watcher.poll()  # the commands sent while no run was reading, in order
                         if self._cancel.is_set():
                             raise CancelledError
-                        chunks = pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, **o.map_options())
+                        # A row's random stream is its row number, whichever rows this run maps.
+                        chunks = pool.imap_chunks(fn, points[todo], chunksize=o.chunksize, seed=o.seed, keys=todo,
+                                                  **o.map_options())
                         watcher.start()  # once the map exists: a cancel reaches it
                         if budget is not None:
                             self.guard = _WalltimeGuard(pool, budget, self._report)

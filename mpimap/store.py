@@ -30,6 +30,7 @@ import numpy as np
 from . import __version__
 from .errors import MpimapError
 from .inputs import checksum
+from .seeds import DERIVATION, DERIVATION_VERSION
 
 FORMAT = "mpimap-results"
 FORMAT_VERSION = 1
@@ -114,8 +115,8 @@ class ResultStore:
     # -- opening -----------------------------------------------------------------
     @classmethod
     def open(cls, path: str, points: np.ndarray, function: str, *, fresh: bool = False,
-             flush_interval: float = 1.0) -> "ResultStore":
-        """Create the results file, or reopen it to resume the same job (same function and points).
+             flush_interval: float = 1.0, seed: int | None = None) -> "ResultStore":
+        """Create the results file, or reopen it to resume the same job (same function, points and seed).
 
         ``flush_interval`` may be ``inf``: flush only when the buffer is full and at close.
         """
@@ -125,9 +126,9 @@ class ResultStore:
         try:
             digest = checksum(points)
             if os.path.exists(path) and not fresh:
-                file = _reopen(path, function, digest, len(points))
+                file = _reopen(path, function, digest, len(points), seed)
             else:
-                file = _create(path, points, function, digest)
+                file = _create(path, points, function, digest, seed)
             run = int(file.attrs["runs"])
             file.attrs["runs"] = run + 1
             file.attrs["state"] = "running"
@@ -570,7 +571,7 @@ def _runs(indices: np.ndarray):
         yield slice(int(indices[a]), int(indices[b - 1]) + 1), slice(int(a), int(b))
 
 
-def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.File:
+def _create(path: str, points: np.ndarray, function: str, digest: str, seed: int | None) -> h5py.File:
     tmp = f"{path}.new"
     try:
         file = h5py.File(tmp, "w", libver="latest", locking=False)
@@ -580,6 +581,8 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
     file.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, mpimap_version=__version__,
                       function=function, points_checksum=digest, runs=0, state="created",
                       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), created_on=socket.gethostname())
+    if seed is not None:  # as decimal text: a seed may have more bits than any HDF5 integer (numpy's own have 128)
+        file.attrs.update(seed=str(seed), rng_derivation=DERIVATION, rng_derivation_version=DERIVATION_VERSION)
     file.create_dataset("points", data=points)
     for name, (dtype, fill) in COLUMNS.items():
         file.create_dataset(name, shape=(n,), maxshape=(None,), chunks=(min(n, 16384),), dtype=dtype,
@@ -590,7 +593,7 @@ def _create(path: str, points: np.ndarray, function: str, digest: str) -> h5py.F
     return h5py.File(path, "r+", libver="latest", locking=False)
 
 
-def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
+def _reopen(path: str, function: str, digest: str, n: int, seed: int | None) -> h5py.File:
     _check_header(path, RESUME_FIX)
     if not os.access(path, os.W_OK):  # (root may write anyway: HDF5's own error below says so then)
         raise _unwritable(path)
@@ -617,6 +620,7 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         _check_datasets(file, path, RESUME_FIX)
         if attrs["points_checksum"] != digest or len(file["status"]) != n:
             raise MpimapError(f"{path} was computed for different points; use another --out, or --fresh to start over")
+        _check_seed(path, attrs, seed)
         _finish_replacements(file)
         _repair_texts(file)
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -626,6 +630,18 @@ def _reopen(path: str, function: str, digest: str, n: int) -> h5py.File:
         file.close()
         raise
     return file
+
+
+def _check_seed(path: str, attrs, seed: int | None) -> None:
+    """A resume draws the same random streams as the runs before it, or is refused (one line)."""
+    stored = attrs.get("seed")
+    if stored != (None if seed is None else str(seed)):
+        was = f"with --seed {stored}" if stored is not None else "without --seed"
+        raise MpimapError(f"{path} was computed {was}: resume it {was}, or use another --out, or --fresh to start over")
+    if stored is not None and int(attrs.get("rng_derivation_version", 0)) != DERIVATION_VERSION:
+        raise MpimapError(f"{path} was computed with random streams derived by version "
+                          f"{attrs.get('rng_derivation_version')} ({attrs.get('rng_derivation')}), this mpimap derives "
+                          f"version {DERIVATION_VERSION}: resume it with the mpimap that started it, or --fresh")
 
 
 def _unwritable(path: str) -> MpimapError:

@@ -48,8 +48,10 @@ class Evaluator:
     def __init__(self):
         self.child: ChildProcess | None = None
 
-    def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True) -> Outcome | None:
-        """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops)."""
+    def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True,
+            keys=None) -> Outcome | None:
+        """Evaluate ``args`` (``keys``: their stream indices, in a map with a seed); None if ``tick()`` abandoned
+        the chunk (its map was forgotten, or the rank stops)."""
         n = len(args)
         failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
             else None
@@ -58,11 +60,11 @@ class Evaluator:
         isolation = function.isolation
         if isolation.mode == "rank":
             out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch, logs=function.logs,
-                                  timed=function.pack)
+                                  timed=function.pack, seed=function.seed, keys=keys)
         else:
             if self.child is None:
                 self.child = ChildProcess()
-            out = self.child.evaluate(map_id, blob, args, isolation, function.logs, tick)
+            out = self.child.evaluate(map_id, blob, args, isolation, function.logs, tick, keys)
             if out is None:
                 return None
         if function.pack and not out.failures:
@@ -165,7 +167,7 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        out = self.evaluator.run(map_id, blob, function, task.args, tick)
+        out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
         if out is None:
             return
         result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)
