@@ -120,14 +120,16 @@ def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointL
 
 def _call(fn, star: bool, point, seed: int | None = None, key=None):
     """``(value, None)``, or ``(None, Failure)`` if the function raised; with a ``seed``, in stream ``key``."""
-    saved = None if seed is None else seeds._enter(seed, key)
+    if seed is not None:
+        saved = seeds._enter(seed, key)
+        try:
+            return _call(fn, star, point)
+        finally:
+            seeds._leave(saved)
     try:
         return (fn(*point) if star else fn(point)), None
     except (Exception, SystemExit) as exc:
         return None, Failure.from_exception(exc)
-    finally:
-        if seed is not None:
-            seeds._leave(saved)
 
 
 def _call_all(fn, star: bool, args):
