@@ -189,6 +189,18 @@ def test_keys_give_rows_of_a_larger_table_their_own_streams():
     assert [got[k] for k in range(4)] == seedfuncs.expected(SEED, rows, rows.astype(float))
 
 
+def test_submit_calls_draw_from_their_number_in_the_pool_also_next_to_cancelled_calls():
+    with mpimap.Pool(seed=SEED) as pool:
+        first = pool.submit(seedfuncs.draw, 0).result()
+        pool.pause()  # the next calls wait in one batch; cancelling some leaves holes in its chunks
+        futures = [pool.submit(seedfuncs.draw, i) for i in range(1, 13)]
+        assert all(f.cancel() for f in futures[::3])
+        pool.resume()
+        got = [f.result(timeout=60) for f in futures if not f.cancelled()]
+    want = seedfuncs.expected(SEED, range(13))
+    assert [first] + got == [want[0]] + [want[i] for i in range(1, 13) if (i - 1) % 3]
+
+
 def test_rng_outside_a_seeded_map_says_what_to_do():
     with pytest.raises(RuntimeError, match=r"only in a map with a seed.*point_rng\(seed, index\)"):
         mpimap.rng()
