@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 import mpimap
 import seedfuncs
-from conftest import job_env, kill_job, mpimap_cli
-from mpimap.launch import find_mpiexec
+from conftest import job_env, kill_job, launch, mpimap_cli
 from mpimap.store import read_results
 
 SEED = 20261126
@@ -103,10 +102,10 @@ def test_a_straggler_copy_draws_the_same_numbers(run_script, tmp_path):
 
 
 def _start_run(tmp_path, points, out, sleep):
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "seedfuncs:slow_draw", "--points",
-               points, "--out", out, "--seed", str(SEED), "--flush-interval", "0.2", "--chunksize", "2"]
-    return subprocess.Popen(command, cwd=tmp_path, env=job_env(MPIMAP_TEST_SLEEP=sleep), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch(3, "-m", "mpimap", "run", "seedfuncs:slow_draw", "--points", points, "--out", out,
+                  "--seed", str(SEED), "--flush-interval", "0.2", "--chunksize", "2", cwd=tmp_path,
+                  env=job_env(MPIMAP_TEST_SLEEP=sleep),
+                  start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_run_seed_is_stored_and_a_resume_after_kill_9_gives_every_row_its_stream(tmp_path):
