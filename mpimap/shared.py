@@ -153,7 +153,8 @@ def _path(name: str) -> str:
 
 
 def _write(name: str, size: int, fill) -> tuple[int, mmap.mmap]:
-    """Create the file ``name`` of ``size`` bytes, ``fill`` its mapping, and put it in place atomically.
+    """Create the file ``name`` of ``size`` bytes, ``fill`` its mapping, and put it in place atomically (never
+    over a file of that name: FileExistsError).
 
     The file is locked (shared) from its creation: :func:`sweep` never takes a
     file being written.  Returns the locked descriptor and the mapping.
@@ -166,11 +167,12 @@ def _write(name: str, size: int, fill) -> tuple[int, mmap.mmap]:
         os.ftruncate(fd, max(size, 1))
         mapping = mmap.mmap(fd, max(size, 1))
         fill(mapping)
-        os.rename(tmp, path)
+        os.link(tmp, path)  # FileExistsError if another process of this host put it there first: it stays
     except BaseException:
         os.close(fd)
-        _unlink_path(tmp)
         raise
+    finally:
+        _unlink_path(tmp)
     return fd, mapping
 
 
@@ -207,7 +209,7 @@ def accept(message: ShareMessage) -> None:
     data = memoryview(message.data)
     try:
         fd, mapping = _write(message.name, data.nbytes, lambda m: m.__setitem__(slice(0, data.nbytes), data))
-    except FileExistsError:  # another rank of this host is writing it right now
+    except FileExistsError:  # another rank of this host (or the master) wrote it
         return
     mapping.close()
     _written[message.name] = fd
