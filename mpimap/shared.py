@@ -203,7 +203,7 @@ def _load(name: str):
 def accept(message: ShareMessage) -> None:
     """On a worker (SHARE): if the bytes came with it (another host than the master's), write the host's file
     (once per host: a rank that finds it there already keeps that one)."""
-    if message.data is None or message.name in _written:
+    if message.data is None or message.name in _written or os.path.exists(_path(message.name)):
         return
     sweep()
     data = memoryview(message.data)
