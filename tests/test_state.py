@@ -247,3 +247,26 @@ def test_run_init_that_is_not_module_function_is_one_line(tmp_path):
                       cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "init must be MODULE:FUNCTION" in proc.stderr
+
+
+def test_submit_carries_init_to_the_job_and_a_bad_one_is_one_line(tmp_path):
+    (tmp_path / "initmod.py").write_text(INIT_MODULE)
+    np.save(tmp_path / "points.npy", np.arange(20.0))
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"))
+
+    def submit(*args):
+        return subprocess.run([sys.executable, "-m", "mpimap", "submit", "initmod.py:scaled", "--points",
+                               "points.npy", "--ranks", "3", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=180)
+
+    proc = submit("--name", "bad", "--init", "initmod.py:nosuch")
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "nosuch" in proc.stderr
+    proc = submit("--name", "st", "--init", "initmod.py:setup", "--wait")
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads((tmp_path / "mpimap-jobs" / "st" / "job.json").read_text())
+    assert spec["run_options"]["init"] == f"{tmp_path / 'initmod.py'}:setup"
+    from mpimap.store import read_results
+
+    results = read_results(str(tmp_path / "mpimap-jobs" / "st" / "results.h5"))
+    assert list(results["status"]) == ["done"] * 20
+    assert np.array_equal(results["value"], 10.0 * np.arange(20.0))
