@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import job_env, kill_job, launcher_env, mpimap_cli
-from mpimap.launch import find_mpiexec
+from conftest import job_env, kill_job, launch, mpimap_cli
 from mpimap.shared import PREFIX, _directory
 
 
@@ -25,7 +24,7 @@ def shared_files(tag: str) -> list:
 
 
 INIT_SCRIPT = '''
-import json, os, sys, mpimap
+import json, os, mpimap
 
 CALLS = []
 
@@ -88,8 +87,8 @@ def test_initializer_runs_once_in_every_evaluating_process_and_a_raising_one_fai
 
 
 SHARE_SCRIPT = '''
-import gc, json, os, sys, numpy as np, mpimap
-from mpimap.shared import PREFIX, _directory
+import gc, json, os, time, numpy as np, mpimap
+from mpimap.shared import Shared, _directory
 
 def look(args):
     handle, i = args
@@ -111,9 +110,8 @@ if __name__ == "__main__":
         del handle, rows
         gc.collect()
         pool.map(abs, [1])  # a turn of the master: the release has gone out
-        import time; time.sleep(0.5)
+        time.sleep(0.5)
         out["file_after_release"] = os.path.exists(os.path.join(_directory(), name))
-        from mpimap.shared import Shared
         failed = list(pool.map(look, [(Shared(name), 0)], on_error="record"))[0]
         out["released_value"] = [type(failed).__name__, str(failed)]
         out["pid"] = os.getpid()
@@ -136,7 +134,7 @@ def test_share_gives_every_isolation_a_read_only_view_and_is_released(run_script
 
 
 VERSIONS_SCRIPT = '''
-import json, os, sys, time, mpimap
+import json, os, time, mpimap
 
 def evaluate(args):
     handle, tag, i = args
@@ -180,7 +178,7 @@ def test_interleaved_maps_each_see_their_own_state_version_with_retries_and_stra
 
 
 KILLED_SCRIPT = '''
-import sys, time, numpy as np, mpimap
+import time, numpy as np, mpimap
 
 if __name__ == "__main__":
     with mpimap.Pool() as pool:
@@ -193,9 +191,8 @@ if __name__ == "__main__":
 def test_a_master_killed_with_kill_9_leaves_no_shared_file_behind_after_the_next_start(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_SCRIPT)
-    command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", str(script)]
-    job = subprocess.Popen(command, cwd=tmp_path, env={**job_env(), **launcher_env()}, stdout=subprocess.PIPE,
-                           text=True, start_new_session=True)
+    job = launch(2, "-m", "mpimap", str(script), cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                 start_new_session=True)
     try:
         line = job.stdout.readline()
         assert line.startswith("SHARED "), line
@@ -270,3 +267,25 @@ def test_submit_carries_init_to_the_job_and_a_bad_one_is_one_line(tmp_path):
     results = read_results(str(tmp_path / "mpimap-jobs" / "st" / "results.h5"))
     assert list(results["status"]) == ["done"] * 20
     assert np.array_equal(results["value"], 10.0 * np.arange(20.0))
+
+
+def test_a_rank_of_another_host_writes_its_hosts_file_from_the_bytes_and_removes_it_when_released():
+    """What a rank on another host than the master's does with SHARE and UNSHARE, on real files (no MPI)."""
+    from mpimap import shared
+
+    state = {"array": np.arange(100_000.0), "name": "v"}
+    handle, published = shared.publish(state)
+    data = bytes(published.data)
+    published.release()  # as if the master's file were on another host: this host has none yet
+    assert shared_files(handle.name) == []
+    shared.accept(shared.ShareMessage(handle.name, bytearray(data)))
+    shared.accept(shared.ShareMessage(handle.name, bytearray(data)))  # a second rank of this host: file kept
+    assert shared_files(handle.name) == [handle.name]
+    value = handle.value
+    assert value["name"] == "v" and np.array_equal(value["array"], state["array"])
+    assert not value["array"].flags.writeable
+    shared.release(handle.name)
+    assert shared_files(handle.name) == []
+    with pytest.raises(RuntimeError, match="was released"):
+        handle.value
+    assert np.array_equal(value["array"], state["array"])  # a value still held keeps its pages
