@@ -289,3 +289,29 @@ def test_a_rank_of_another_host_writes_its_hosts_file_from_the_bytes_and_removes
     with pytest.raises(RuntimeError, match="was released"):
         handle.value
     assert np.array_equal(value["array"], state["array"])  # a value still held keeps its pages
+
+
+INLINE_CALLS = []
+
+
+def inline_init(tag):
+    INLINE_CALLS.append((tag, os.getpid()))
+
+
+def inline_look(args):
+    handle, i = args
+    return float(handle.value[i]), [tag for tag, pid in INLINE_CALLS if pid == os.getpid()], os.getpid()
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_the_pool_of_one_process_runs_the_initializer_and_shares_too(isolation):
+    import mpimap
+
+    with mpimap.Pool(initializer=inline_init, initargs=("one",), isolation=isolation) as pool:
+        handle = pool.share(np.arange(10.0) * 2)
+        rows = list(pool.map(inline_look, [(handle, i) for i in range(10)]))
+        name = handle.name
+    assert [value for value, _, _ in rows] == [2.0 * i for i in range(10)]
+    assert all(calls == ["one"] for _, calls, _ in rows)
+    assert all((pid == os.getpid()) == (isolation == "rank") for _, _, pid in rows)
+    assert shared_files(name) == []  # released at shutdown
