@@ -290,9 +290,14 @@ def _child_main(conn, slot) -> None:
             functions = {chunk.map_id: (function.fn, function.star, initialize(function.init))}
         fn, star, broken = functions[chunk.map_id]
         args, options, logs = chunk.args, chunk.options, chunk.logs
-        if broken is not None:
+        if broken is not None:  # the points fail as if evaluated: a fresh child is still replaced after its point
             n = len(chunk.positions)
-            pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), broken), [0.0] * n, {}, "done"))
+            evaluated += n
+            due = bool(options.max_points and evaluated >= options.max_points)
+            end = "recycle" if due else "done"
+            pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), broken), [0.0] * n, {}, end))
+            if due:
+                return
             continue
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0

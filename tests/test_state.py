@@ -24,14 +24,14 @@ def shared_files(tag: str) -> list:
 
 
 INIT_SCRIPT = '''
-import json, os, mpimap
+import json, os, re, mpimap
 
 CALLS = []
 
 def init(tag):
     CALLS.append((tag, os.getpid()))  # a forked child inherits its parent's list: count this process's own
     if tag == "bad":
-        raise ValueError("no licence server")
+        raise ValueError(f"no licence server in {os.getpid()}")
 
 def probe(i):
     if i == 105 and not os.path.exists("crashed"):
@@ -50,11 +50,12 @@ if __name__ == "__main__":
         out["process"] = rows(pool, isolation="process", max_points=3)
         out["fresh"] = rows(pool, isolation="fresh")
         out["crash"] = rows(pool, range(100, 112), isolation="process", quarantine=2)
-    for isolation in ("rank", "process"):
+    for isolation in ("rank", "process", "fresh"):
         with mpimap.Pool(initializer=init, initargs=("bad",), on_error="record", isolation=isolation) as pool:
             failed = list(pool.map(probe, range(6)))
             out["bad_" + isolation] = [[type(e).__name__, str(e), type(e.__cause__).__name__, str(e.__cause__)]
                                        for e in failed]
+            out["bad_pids_" + isolation] = len({re.search(r"no licence server in ([0-9]+)", str(e))[1] for e in failed})
     with mpimap.Pool() as pool:  # the ranks whose initializer raised serve on
         out["after"] = sorted(r[0] for r in pool.map(probe, range(8), chunksize=1))
         out["size"] = pool.size
@@ -77,12 +78,14 @@ def test_initializer_runs_once_in_every_evaluating_process_and_a_raising_one_fai
     # the process that crashed on point 105 is replaced; the new one ran the initializer before its first point
     assert len(out["crash"]) == 12 and all(calls == ["good"] for _, calls in out["crash"])
     assert (tmp_path / "crashed").exists()
-    for isolation in ("rank", "process"):
+    for isolation in ("rank", "process", "fresh"):
         failures = out["bad_" + isolation]
         assert len(failures) == 6
         for kind, message, cause, cause_message in failures:
             assert kind == "InitializerError" and "initializer init raised ValueError: no licence server" in message
             assert cause == "RemoteTraceback" and "no licence server" in cause_message
+    assert out["bad_pids_rank"] <= 2 and out["bad_pids_process"] <= 2  # one try per process (rank, or its child)
+    assert out["bad_pids_fresh"] == 6  # a new process per point, each trying the initializer again
     assert out["size"] == 2 and len(out["after"]) == 8
 
 
