@@ -4,6 +4,7 @@ from .failures import RemoteError
 from .pool import Pool
 from .results import load
 from .seeds import point_rng, rng
+from .shared import InitializerError, Shared
 
 __version__ = "0.1.0"
-__all__ = ["Pool", "RemoteError", "load", "point_rng", "rng", "__version__"]
+__all__ = ["Pool", "RemoteError", "load", "point_rng", "rng", "Shared", "InitializerError", "__version__"]

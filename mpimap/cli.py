@@ -75,6 +75,9 @@ def cli():
 @click.option("--seed", type=click.IntRange(min=0), default=None, metavar="N",
               help="Give row i the random stream mpimap.point_rng(N, i), which the function gets from mpimap.rng(): "
                    "the same numbers whatever the ranks, chunks, retries or resumes.")
+@click.option("--init", default=None, metavar="MODULE:FUNCTION",
+              help="Run FUNCTION() once in every process that evaluates points, before its first point (and again "
+                   "in each new evaluation process); if it raises, the points there fail with its error.")
 def run(function, points_spec, out, job, **options):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 

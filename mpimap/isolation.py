@@ -32,6 +32,7 @@ from .failures import Failure, unpicklable_values
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
+from .shared import drop_released, forget_initialized, initialize
 
 ISOLATIONS = ("rank", "process", "fresh")
 BATCH_SECONDS = 0.01  # the child reports results at least this often while it works
@@ -177,6 +178,7 @@ def _child_setup() -> None:
     import faulthandler
 
     faulthandler.disable()
+    forget_initialized()  # the pool's initializer runs in this process too
 
 
 def _rss_mb() -> float:
@@ -291,11 +293,22 @@ def _child_main(conn, slot) -> None:
         if chunk is None:
             return
         root.setLevel(chunk.level)
+        drop_released()
         if chunk.function is not None:
             function = pickle.loads(chunk.function)
-            functions = {chunk.map_id: (function.fn, function.star, function.seed)}  # only the current map's
-        fn, star, seed = functions[chunk.map_id]
+            # Only the current map's function is kept, with the failure of the pool's initializer, if it raised.
+            functions = {chunk.map_id: (function.fn, function.star, function.seed, initialize(function.init))}
+        fn, star, seed, broken = functions[chunk.map_id]
         args, keys, options, logs = chunk.args, chunk.keys, chunk.options, chunk.logs
+        if broken is not None:  # the points fail as if evaluated: a fresh child is still replaced after its point
+            n = len(chunk.positions)
+            evaluated += n
+            due = bool(options.max_points and evaluated >= options.max_points)
+            end = "recycle" if due else "done"
+            pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), broken), [0.0] * n, {}, end))
+            if due:
+                return
+            continue
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0
         plain = not options.scratch and not (logs is not None and logs.active)

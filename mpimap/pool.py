@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import world
+from . import shared, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -54,6 +54,8 @@ class Pool(Executor):
     one does: docs/resilience.rst.  ``seed`` gives every map (and every
     ``submit`` call) reproducible random streams, one per point, which the
     function reaches with :func:`mpimap.rng` (docs/random.rst).
+    ``initializer(*initargs)`` runs once in every process that evaluates this
+    pool's points, before its first one (docs/state.rst).
     """
 
     def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
@@ -61,9 +63,12 @@ class Pool(Executor):
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
                  verify: float = 0.0,
-                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False, seed: int | None = None):
+                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False, seed: int | None = None,
+                 initializer=None, initargs=()):
         self._seed = None if seed is None else check_seed(seed)
         self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
+        self._init = shared.new_init(initializer, initargs)
+        self._shares: list = []  # weakref.finalize of each handle of share(): run at shutdown at the latest
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
@@ -133,8 +138,9 @@ class Pool(Executor):
         isolation, policy, logs = self._settings(options or {})
         seed = self._seed if seed is None else check_seed(seed)
         keys = None if seed is None else range(len(args)) if keys is None else keys
-        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs, seed), args, chunksize=chunksize,
-                           priority=priority, ordered=ordered, futures=futures, policy=policy, keys=keys)
+        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs, seed, self._init), args,
+                           chunksize=chunksize, priority=priority, ordered=ordered, futures=futures, policy=policy,
+                           keys=keys)
         master.submit(handle)
         self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
         if policy.verify:
@@ -214,6 +220,23 @@ class Pool(Executor):
         return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered,
                                 options=options, seed=seed)
 
+    def share(self, obj) -> shared.Shared:
+        """Send ``obj`` once to every worker; return a small picklable handle whose ``.value`` is ``obj`` there.
+
+        Pass the handle with the points (``pool.map(f, [(handle, x) for x in xs], ...)``
+        or ``functools.partial(f, handle)``); the function reads ``handle.value``.
+        One copy per host, in shared memory: every rank and evaluation process
+        of a host maps it read-only, numpy arrays as views.  The handle is
+        immutable: share again for a new version.  The workers drop the object
+        when the handle is garbage-collected here, or at :meth:`shutdown`.
+        """
+        master = self._live_master()
+        handle, published = shared.publish(obj)
+        master.share(published)
+        self._shares = [f for f in self._shares if f.alive]
+        self._shares.append(weakref.finalize(handle, master.unshare, published.name))
+        return handle
+
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
         map each holds), points done, busy seconds, seconds since last heard, and whether it was lost or retired."""
@@ -292,6 +315,8 @@ class Pool(Executor):
                 with handle._cond:
                     while not handle.finished:
                         handle._cond.wait()
+            for release in self._shares:  # the session's master serves on: it drops this pool's shared objects
+                release()
 
 
 class _DrivenFuture(Future):
@@ -374,14 +399,15 @@ def _check_map_options(chunksize, priority) -> None:
         raise TypeError(f"priority must be a number (higher runs first), not {priority!r}")
 
 
-def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs, seed=None) -> bytes:
+def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs, seed=None,
+                     init=None) -> bytes:
     """The map's function and settings, pickled for the workers.
 
     A function plain pickle cannot send (a lambda, a closure), and one the
     workers cannot import (defined under a script's ``if __name__ == "__main__":``
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
-    settings = MapFunction(fn, star, pack, isolation, logs, seed=seed)
+    settings = MapFunction(fn, star, pack, isolation, logs, seed=seed, init=init)
     guarded = _guarded(fn)
     picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
     error = "the workers import the script as a module, where its main block does not run"

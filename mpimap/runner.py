@@ -54,6 +54,7 @@ class RunOptions:
     rank_timeout: float = 60.0
     walltime: str | float | None = None   # the allocation's length from the run's start (MPIMAP_DEADLINE too)
     seed: int | None = None               # row i's random stream is mpimap.point_rng(seed, i) (None: no seed)
+    init: str | None = None               # MODULE:FUNCTION run once in every evaluating process (Pool initializer)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -93,6 +94,8 @@ class RunOptions:
                 return f"run option {name} must be {what} {bound}{' or null' if optional else ''}, not {value!r}"
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             return f"run option seed must be a non-negative integer or null, not {self.seed!r}"
+        if self.init is not None and (not isinstance(self.init, str) or not all(self.init.rpartition(":")[::2])):
+            return f"run option init must be MODULE:FUNCTION (e.g. mymodel:setup), not {self.init!r}"
         if self.walltime is not None:
             from .walltime import parse_walltime
 
@@ -234,6 +237,7 @@ class Runner:
         watcher = self.watcher = Watcher(self.control, self.apply, offset=self.control_offset)
         paused = self.control_offset is not None and paused_before(self.control, self.control_offset)
         fn = FunctionRef(self.function)
+        init = None if o.init is None else FunctionRef(o.init)
         points = load_points(self.points_spec)
         try:
             map_settings(o.map_options())
@@ -260,7 +264,7 @@ class Runner:
                 raise _Interrupted(budget.why_not(time.time()))
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
-                          host_failures=o.host_failures or None) as pool:
+                          host_failures=o.host_failures or None, initializer=init) as pool:
                     pool.set_log_level(o.log_level, "workers")
                     self.pool = pool
                     if paused:

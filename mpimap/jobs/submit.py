@@ -58,6 +58,8 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     source = os.path.abspath(os.fspath(points))
     values = load_points(source)
     _check_run_options(run_options)
+    if run_options.get("init") is not None:  # checked, and stored as the function is (a file path made absolute)
+        run_options["init"] = FunctionRef(run_options["init"]).spec
     _check_chain(resubmit, until_done)
     resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
     batch.check_resources(resources)
