@@ -238,3 +238,18 @@ def test_the_bumps_command_under_mpimap_fits_like_bumps_serial(tmp_path):
     assert {"1", "2"} <= ranks, ranks  # the worker ranks evaluated the model
     chains = [np.loadtxt(tmp_path / d / "model-chain.mc.gz") for d in ("serial", "parallel")]
     assert np.array_equal(*chains)
+
+
+def test_a_generation_after_the_first_goes_out_as_one_chunk_per_worker(run_script):
+    # A fitter calls its mapper with a few cheap points per generation: once the function's cost is known (from
+    # the map before), each worker gets one chunk, so a call costs one message each way per worker.
+    out = result_of(run_script('''
+import json, numpy as np, mpimap
+from jobfuncs import square
+
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        chunks = [len(list(pool.imap_chunks(square, np.arange(20.0)))) for _ in range(4)]
+    print("RESULT " + json.dumps(chunks))
+''', ranks=3))
+    assert out[1:] == [2, 2, 2], out
