@@ -3,6 +3,7 @@
 from .failures import RemoteError
 from .pool import Pool
 from .results import load
+from .shared import InitializerError, Shared
 
 __version__ = "0.1.0"
-__all__ = ["Pool", "RemoteError", "load", "__version__"]
+__all__ = ["Pool", "RemoteError", "load", "__version__", "Shared", "InitializerError"]

@@ -72,6 +72,9 @@ def cli():
 @click.option("--walltime", default=None, metavar="TIME",
               help="Time this run may take (MINUTES, HH:MM:SS, D-HH:MM:SS): no point is handed out that would not "
                    "finish in time, then it stops (exit 3). MPIMAP_DEADLINE (unix seconds) too; the earlier wins.")
+@click.option("--init", default=None, metavar="MODULE:FUNCTION",
+              help="Run FUNCTION() once in every process that evaluates points, before its first point (and again "
+                   "in each new evaluation process); if it raises, the points there fail with its error.")
 def run(function, points_spec, out, job, **options):
     """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
 

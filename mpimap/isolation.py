@@ -31,6 +31,7 @@ from .failures import Failure, unpicklable_values
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
+from .shared import drop_released, forget_initialized, initialize
 
 ISOLATIONS = ("rank", "process", "fresh")
 BATCH_SECONDS = 0.01  # the child reports results at least this often while it works
@@ -168,6 +169,7 @@ def _child_setup() -> None:
     import faulthandler
 
     faulthandler.disable()
+    forget_initialized()  # the pool's initializer runs in this process too
 
 
 def _rss_mb() -> float:
@@ -281,11 +283,17 @@ def _child_main(conn, slot) -> None:
         if chunk is None:
             return
         root.setLevel(chunk.level)
+        drop_released()
         if chunk.function is not None:
             function = pickle.loads(chunk.function)
-            functions = {chunk.map_id: (function.fn, function.star)}  # only the current map's function is kept
-        fn, star = functions[chunk.map_id]
+            # Only the current map's function is kept, with the failure of the pool's initializer, if it raised.
+            functions = {chunk.map_id: (function.fn, function.star, initialize(function.init))}
+        fn, star, broken = functions[chunk.map_id]
         args, options, logs = chunk.args, chunk.options, chunk.logs
+        if broken is not None:
+            n = len(chunk.positions)
+            pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), broken), [0.0] * n, {}, "done"))
+            continue
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0
         plain = not options.scratch and not (logs is not None and logs.active)

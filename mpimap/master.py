@@ -11,6 +11,7 @@ import atexit
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import shared
 from .maps import ChunkResult, MapHandle
 from .protocol import Kind, Result, Task
 from .scheduler import Scheduler
 from .transport import Transport, Waiter
-from .worker import Evaluator, load_function
+from .worker import Evaluator, host_name, load_function
 
 log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
@@ -87,6 +89,8 @@ class Master:
         self._detached = False  # closed with wait=False: what goes wrong at the end can only be logged
         self.error: BaseException | None = None
         self._handles: dict[int, MapHandle] = {}
+        self._published: dict[str, shared.Published] = {}  # name -> a shared object the workers hold (pool.share)
+        self._to_share: list = []  # (Published, Event) waiting for every rank's host to be known
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
         self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
@@ -105,6 +109,7 @@ class Master:
         self._last_driven = 0.0
         self._stopped = False  # the loop has ended (closed, or failed): nobody drives it any more
         self._waiter = Waiter(window=5e-5, hot_window=5e-3)
+        shared.sweep()  # shared files left behind by a master killed with -9
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
         self._thread.start()
 
@@ -125,6 +130,22 @@ class Master:
 
     def cancel(self, handle: MapHandle) -> None:
         self._command("cancel", handle)
+
+    def share(self, published: shared.Published) -> None:
+        """Send a shared object to every worker rank; return once it is sent (before any point that uses it)."""
+        sent = threading.Event()
+        with self._lock:
+            if self._closing or self.error is not None:
+                published.release()
+                raise RuntimeError("cannot share with a pool that has been shut down")
+            self._command("share", (published, sent))
+        while not sent.wait(IDLE_WAIT):
+            if self._stopped:
+                raise RuntimeError("the mpimap master stopped before the shared object was sent") from self.error
+
+    def unshare(self, name: str) -> None:
+        """Let the workers drop a shared object, and remove its files (from any thread, also a finalizer)."""
+        self._command("unshare", name)
 
     def set_log_level(self, level: int, ranks) -> None:
         """Change the log level of worker ranks (an iterable of ranks, or None for all) while they run."""
@@ -236,6 +257,8 @@ class Master:
     def _turn(self) -> bool:
         """One turn of the loop: commands, dispatch, messages, liveness; True if messages came."""
         self._commands()
+        if self._to_share:
+            self._send_shares()
         if self._draining and not self._handles:
             self._stopped = True
             self._wake.set()
@@ -300,6 +323,9 @@ class Master:
                 self._handles.clear()
                 self.lost |= self.silent  # the last rank, kept in service while silent, never came back
                 self._shutdown_workers()
+                for published in [*self._published.values(), *(p for p, _ in self._to_share)]:
+                    published.release()
+                self._published.clear()
                 if self._free_comm and not self.lost:
                     self.transport.comm.Free()  # collective with the workers, which free it as they return
                 elif self._free_comm and self._detached:  # shutdown(wait=False): nobody is there to raise it to
@@ -322,6 +348,34 @@ class Master:
         while self._inbox:
             command, argument = self._inbox.popleft()
             getattr(self, "_" + command)(argument)
+
+    def _share(self, request) -> None:
+        self._to_share.append(request)
+        self._send_shares()
+
+    def _send_shares(self) -> None:
+        """Send waiting shared objects once every live rank has said which host it is on: ranks of the master's
+        host map the master's file; the others get the bytes (one raw buffer) and write their host's file."""
+        ranks = [r for r in self.ranks if r not in self.lost] if self.transport is not None else []  # inline: none
+        if any(self.ranks[r].host is None for r in ranks):
+            return
+        here = host_name(0)
+        for published, sent in self._to_share:
+            self._published[published.name] = published
+            for rank in ranks:
+                data = None if self.ranks[rank].host == here else pickle.PickleBuffer(published.data)
+                self.transport.send(rank, Kind.SHARE, shared.ShareMessage(published.name, data))
+            sent.set()
+        self._to_share.clear()
+
+    def _unshare(self, name: str) -> None:
+        published = self._published.pop(name, None)
+        if published is None:
+            return
+        for rank in self.ranks if self.transport is not None else ():
+            if rank not in self.lost:
+                self.transport.send(rank, Kind.UNSHARE, name)
+        published.release()
 
     def _close(self, cancel: bool) -> None:
         self._draining = True

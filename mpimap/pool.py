@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import world
+from . import shared, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -49,7 +49,9 @@ class Pool(Executor):
     The keyword options set the pool's defaults for isolation, timeouts,
     failure policy and point logs; each map can override them
     (``pool.map(f, xs, isolation="process", point_timeout=60)``).  What each
-    one does: docs/resilience.rst.
+    one does: docs/resilience.rst.  ``initializer(*initargs)`` runs once in
+    every process that evaluates this pool's points, before its first one
+    (docs/state.rst).
     """
 
     def __init__(self, comm=None, *, heartbeat: float | None = None, rank_timeout=DEFAULT_RANK_TIMEOUT,
@@ -57,7 +59,10 @@ class Pool(Executor):
                  isolation: str = "rank", point_timeout=None, max_points=None, max_memory_mb=None,
                  scratch: bool = False, on_error: str = "raise", retries: int = 0, quarantine: int = 2,
                  verify: float = 0.0,
-                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False):
+                 keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False,
+                 initializer=None, initargs=()):
+        self._init = shared.new_init(initializer, initargs)
+        self._shares: list = []  # weakref.finalize of each handle of share(): run at shutdown at the latest
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
         self._logs = PointLogs(keep_logs, slow_seconds, debug_rerun)
@@ -123,7 +128,7 @@ class Pool(Executor):
         master = self._live_master()
         _check_map_options(chunksize, priority)
         isolation, policy, logs = self._settings(options or {})
-        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
+        handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs, self._init), args, chunksize=chunksize,
                            priority=priority, ordered=ordered, futures=futures, policy=policy)
         master.submit(handle)
         self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
@@ -193,6 +198,23 @@ class Pool(Executor):
             args, star = list(zip(*iterables)), True
         return self._submit_map(fn, args, star=star, chunksize=chunksize, priority=priority, ordered=ordered,
                                 options=options)
+
+    def share(self, obj) -> shared.Shared:
+        """Send ``obj`` once to every worker; return a small picklable handle whose ``.value`` is ``obj`` there.
+
+        Pass the handle with the points (``pool.map(f, [(handle, x) for x in xs], ...)``
+        or ``functools.partial(f, handle)``); the function reads ``handle.value``.
+        One copy per host, in shared memory: every rank and evaluation process
+        of a host maps it read-only, numpy arrays as views.  The handle is
+        immutable: share again for a new version.  The workers drop the object
+        when the handle is garbage-collected here, or at :meth:`shutdown`.
+        """
+        master = self._live_master()
+        handle, published = shared.publish(obj)
+        master.share(published)
+        self._shares = [f for f in self._shares if f.alive]
+        self._shares.append(weakref.finalize(handle, master.unshare, published.name))
+        return handle
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
@@ -272,6 +294,8 @@ class Pool(Executor):
                 with handle._cond:
                     while not handle.finished:
                         handle._cond.wait()
+            for release in self._shares:  # the session's master serves on: it drops this pool's shared objects
+                release()
 
 
 class _DrivenFuture(Future):
@@ -354,14 +378,14 @@ def _check_map_options(chunksize, priority) -> None:
         raise TypeError(f"priority must be a number (higher runs first), not {priority!r}")
 
 
-def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs) -> bytes:
+def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: PointLogs, init=None) -> bytes:
     """The map's function and settings, pickled for the workers.
 
     A function plain pickle cannot send (a lambda, a closure), and one the
     workers cannot import (defined under a script's ``if __name__ == "__main__":``
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
-    settings = MapFunction(fn, star, pack, isolation, logs)
+    settings = MapFunction(fn, star, pack, isolation, logs, init)
     guarded = _guarded(fn)
     picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
     error = "the workers import the script as a module, where its main block does not run"

@@ -21,6 +21,9 @@ STOP        master -> worker    ``None``: leave the serve loop
 LOG         worker -> master    :class:`LogLine`: a log record of the rank (or of its
                                 evaluation process), for the job's log
 LEVEL       master -> worker    ``levelno``: the rank's new log level
+SHARE       master -> worker    :class:`~mpimap.shared.ShareMessage`: an object of ``pool.share``
+                                (its bytes as one raw buffer for a rank on another host)
+UNSHARE     master -> worker    the shared object's name: drop it, remove its file
 OOB         either              a raw buffer belonging to the preceding message
 ==========  ==================  ======================================================
 """
@@ -52,6 +55,8 @@ class Kind(IntEnum):
     OOB = 7
     LOG = 8
     LEVEL = 9
+    SHARE = 10
+    UNSHARE = 11
 
 
 def record(cls):
@@ -80,6 +85,7 @@ class MapFunction:
     pack: bool  # return a chunk's values as one numpy array when they are all numbers (or arrays of one shape)
     isolation: object  # an isolation.Isolation: where and under which limits the points run
     logs: object  # a pointlogs.PointLogs: which points keep their captured log
+    init: object = None  # a shared.Init: the pool's initializer, run once per process before its first point
 
 
 @record

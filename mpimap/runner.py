@@ -53,6 +53,7 @@ class RunOptions:
     stall_timeout: float | None = None
     rank_timeout: float = 60.0
     walltime: str | float | None = None   # the allocation's length from the run's start (MPIMAP_DEADLINE too)
+    init: str | None = None               # MODULE:FUNCTION run once in every evaluating process (Pool initializer)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -90,6 +91,8 @@ class RunOptions:
                 bound = "> 0" if low is None else "between 0 and 1" if name == "verify" else f">= {low}"
                 what = "an integer" if kind is int else "a number"
                 return f"run option {name} must be {what} {bound}{' or null' if optional else ''}, not {value!r}"
+        if self.init is not None and (not isinstance(self.init, str) or not all(self.init.rpartition(":")[::2])):
+            return f"run option init must be MODULE:FUNCTION (e.g. mymodel:setup), not {self.init!r}"
         if self.walltime is not None:
             from .walltime import parse_walltime
 
@@ -231,6 +234,7 @@ class Runner:
         watcher = self.watcher = Watcher(self.control, self.apply, offset=self.control_offset)
         paused = self.control_offset is not None and paused_before(self.control, self.control_offset)
         fn = FunctionRef(self.function)
+        init = None if o.init is None else FunctionRef(o.init)
         points = load_points(self.points_spec)
         try:
             map_settings(o.map_options())
@@ -256,7 +260,7 @@ class Runner:
                 raise _Interrupted(budget.why_not(time.time()))
             if len(todo):
                 with Pool(rank_timeout=o.rank_timeout, stall_timeout=o.stall_timeout,
-                          host_failures=o.host_failures or None) as pool:
+                          host_failures=o.host_failures or None, initializer=init) as pool:
                     pool.set_log_level(o.log_level, "workers")
                     self.pool = pool
                     if paused:

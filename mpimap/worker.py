@@ -13,6 +13,7 @@ from collections import deque
 
 import numpy as np
 
+from . import shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
@@ -53,7 +54,9 @@ class Evaluator:
         n = len(args)
         failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
             else None
-        if failure is not None:  # the function or the points could not be loaded here: every point fails with why
+        if failure is None and function.isolation.mode == "rank":
+            failure = shared.initialize(function.init)  # in a child, the child runs it
+        if failure is not None:  # the function, the points or the initializer failed here: every point fails with why
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank":
@@ -124,6 +127,10 @@ class _Worker:
         elif kind is Kind.FORGET:
             self.functions.pop(body, None)
             self.queue = deque(t for t in self.queue if t.map_id != body)
+        elif kind is Kind.SHARE:
+            shared.accept(body)
+        elif kind is Kind.UNSHARE:
+            shared.release(body)
         elif kind is Kind.LEVEL:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
@@ -150,6 +157,7 @@ class _Worker:
         finally:
             logging.getLogger().removeHandler(self.forward)
             self.evaluator.close()
+            shared.release_all()
             self.beat.stopped.set()
             self.beat.join()
             self.transport.flush(timeout=5.0)

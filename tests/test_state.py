@@ -1,0 +1,249 @@
+"""Worker state under real mpiexec: the pool's initializer, ``pool.share`` and state versions per map."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import job_env, kill_job, launcher_env, mpimap_cli
+from mpimap.launch import find_mpiexec
+from mpimap.shared import PREFIX, _directory
+
+
+def result_of(stdout: str) -> dict:
+    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def shared_files(tag: str) -> list:
+    return [n for n in os.listdir(_directory()) if n.startswith(PREFIX) and tag in n]
+
+
+INIT_SCRIPT = '''
+import json, os, sys, mpimap
+
+CALLS = []
+
+def init(tag):
+    CALLS.append((tag, os.getpid()))  # a forked child inherits its parent's list: count this process's own
+    if tag == "bad":
+        raise ValueError("no licence server")
+
+def probe(i):
+    if i == 105 and not os.path.exists("crashed"):
+        open("crashed", "w").close()
+        os._exit(3)  # the evaluation process dies: the next one runs the initializer again
+    return os.getpid(), [tag for tag, pid in CALLS if pid == os.getpid()]
+
+def rows(pool, points=range(12), **options):
+    return [list(r) if not isinstance(r, Exception) else repr(r) for r in pool.map(probe, points, chunksize=1,
+                                                                                     **options)]
+
+if __name__ == "__main__":
+    out = {}
+    with mpimap.Pool(initializer=init, initargs=("good",), on_error="record") as pool:
+        out["rank"] = rows(pool)
+        out["process"] = rows(pool, isolation="process", max_points=3)
+        out["fresh"] = rows(pool, isolation="fresh")
+        out["crash"] = rows(pool, range(100, 112), isolation="process", quarantine=2)
+    for isolation in ("rank", "process"):
+        with mpimap.Pool(initializer=init, initargs=("bad",), on_error="record", isolation=isolation) as pool:
+            failed = list(pool.map(probe, range(6)))
+            out["bad_" + isolation] = [[type(e).__name__, str(e), type(e.__cause__).__name__, str(e.__cause__)]
+                                       for e in failed]
+    with mpimap.Pool() as pool:  # the ranks whose initializer raised serve on
+        out["after"] = sorted(r[0] for r in pool.map(probe, range(8), chunksize=1))
+        out["size"] = pool.size
+    print("RESULT " + json.dumps(out))
+'''
+
+
+def test_initializer_runs_once_in_every_evaluating_process_and_a_raising_one_fails_only_that_maps_points(
+        run_script, tmp_path):
+    out = result_of(run_script(INIT_SCRIPT, ranks=3, env=job_env(), timeout=240))
+    # rank isolation: the initializer ran once in each worker rank, before its first point
+    for pid, calls in out["rank"]:
+        assert calls == ["good"]
+    assert len({pid for pid, _ in out["rank"]}) <= 2
+    # process isolation, recycled every 3 points: each new evaluation process runs it once
+    pids = {pid for pid, _ in out["process"]}
+    assert len(pids) >= 4 and all(calls == ["good"] for _, calls in out["process"])
+    # fresh: a new process for every point, each with its own initializer run
+    assert len({pid for pid, _ in out["fresh"]}) == 12 and all(calls == ["good"] for _, calls in out["fresh"])
+    # the process that crashed on point 105 is replaced; the new one ran the initializer before its first point
+    assert len(out["crash"]) == 12 and all(calls == ["good"] for _, calls in out["crash"])
+    assert (tmp_path / "crashed").exists()
+    for isolation in ("rank", "process"):
+        failures = out["bad_" + isolation]
+        assert len(failures) == 6
+        for kind, message, cause, cause_message in failures:
+            assert kind == "InitializerError" and "initializer init raised ValueError: no licence server" in message
+            assert cause == "RemoteTraceback" and "no licence server" in cause_message
+    assert out["size"] == 2 and len(out["after"]) == 8
+
+
+SHARE_SCRIPT = '''
+import gc, json, os, sys, numpy as np, mpimap
+from mpimap.shared import PREFIX, _directory
+
+def look(args):
+    handle, i = args
+    value = handle.value
+    a = value["array"]
+    return [float(a[i]), value["name"], bool(a.flags.writeable), os.getpid()]
+
+if __name__ == "__main__":
+    out = {}
+    with mpimap.Pool() as pool:
+        array = np.arange(1_000_000, dtype=np.float64)
+        handle = pool.share({"array": array, "name": "v1"})
+        out["master_value"] = handle.value["array"] is array
+        for isolation in ("rank", "process", "fresh"):
+            rows = list(pool.map(look, [(handle, i) for i in range(0, 1_000_000, 99_999)], isolation=isolation))
+            out[isolation] = [r[:3] for r in rows]
+        name = handle.name
+        out["file"] = os.path.exists(os.path.join(_directory(), name))
+        del handle, rows
+        gc.collect()
+        pool.map(abs, [1])  # a turn of the master: the release has gone out
+        import time; time.sleep(0.5)
+        out["file_after_release"] = os.path.exists(os.path.join(_directory(), name))
+        from mpimap.shared import Shared
+        failed = list(pool.map(look, [(Shared(name), 0)], on_error="record"))[0]
+        out["released_value"] = [type(failed).__name__, str(failed)]
+        out["pid"] = os.getpid()
+    print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("hosts", ["one host", "a host per rank"])
+def test_share_gives_every_isolation_a_read_only_view_and_is_released(run_script, hosts):
+    env = job_env(**({"MPIMAP_HOST": "node{rank}"} if hosts != "one host" else {}))
+    out = result_of(run_script(SHARE_SCRIPT, ranks=3, env=env, timeout=240))
+    assert out["master_value"] is True and out["file"] is True
+    expected = [[float(i), "v1", False] for i in range(0, 1_000_000, 99_999)]
+    for isolation in ("rank", "process", "fresh"):
+        assert out[isolation] == expected, isolation
+    assert out["file_after_release"] is False
+    kind, message = out["released_value"]
+    assert kind == "RuntimeError" and "was released" in message
+    assert shared_files(f"-{out['pid']}-") == []  # nothing left once the job ended
+
+
+VERSIONS_SCRIPT = '''
+import json, os, sys, time, mpimap
+
+def evaluate(args):
+    handle, tag, i = args
+    seen = handle.value["version"]
+    with open(f"evals-{os.getpid()}.txt", "a") as f:
+        f.write(f"{tag} {i} {seen}\\n")
+    marker = f"first-{tag}-{i}"
+    first = not os.path.exists(marker)
+    if first:
+        open(marker, "w").close()
+        if tag == "B" and i == 3:
+            time.sleep(3)  # a straggler: an idle rank gets a copy of it
+        if tag != "B" and i % 4 == 1:
+            raise RuntimeError("fails on its first attempt: retried")
+    return tag, i, seen
+
+if __name__ == "__main__":
+    with mpimap.Pool(retries=1, on_error="record") as pool:
+        state = {"version": "A", "data": list(range(1000))}
+        a = pool.share(state)
+        state["version"] = "B"  # the fitter updates its model: a new share, a new handle
+        b = pool.share(state)
+        first = pool.imap_unordered(evaluate, [(a, "A", i) for i in range(12)], chunksize=1)
+        second = pool.imap_unordered(evaluate, [(b, "B", i) for i in range(12)], chunksize=1)
+        third = pool.imap_unordered(evaluate, [(a, "A2", i) for i in range(12)], chunksize=1)
+        rows = list(first) + list(second) + list(third)
+    print("RESULT " + json.dumps(rows))
+'''
+
+
+def test_interleaved_maps_each_see_their_own_state_version_with_retries_and_straggler_copies(run_script, tmp_path):
+    rows = result_of(run_script(VERSIONS_SCRIPT, ranks=3, timeout=240))
+    assert sorted(map(tuple, rows)) == sorted([(tag, i, tag[0]) for tag in ("A", "B", "A2") for i in range(12)])
+    evaluations = [line.split() for f in tmp_path.glob("evals-*.txt") for line in f.read_text().splitlines()]
+    assert all(seen == tag[0] for tag, i, seen in evaluations)  # every evaluation, also those whose result lost
+    counts = {}
+    for tag, i, _ in evaluations:
+        counts[tag, int(i)] = counts.get((tag, int(i)), 0) + 1
+    assert all(counts[tag, i] >= 2 for tag in ("A", "A2") for i in range(1, 12, 4))  # retried
+    assert counts["B", 3] >= 2  # a straggler copy was evaluated too
+
+
+KILLED_SCRIPT = '''
+import sys, time, numpy as np, mpimap
+
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        handle = pool.share(np.zeros(1000))
+        print("SHARED " + handle.name, flush=True)
+        time.sleep(600)
+'''
+
+
+def test_a_master_killed_with_kill_9_leaves_no_shared_file_behind_after_the_next_start(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_SCRIPT)
+    command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", str(script)]
+    job = subprocess.Popen(command, cwd=tmp_path, env={**job_env(), **launcher_env()}, stdout=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        line = job.stdout.readline()
+        assert line.startswith("SHARED "), line
+        name = line.split()[1]
+        assert os.path.exists(os.path.join(_directory(), name))
+    finally:
+        kill_job(job, signal.SIGKILL)
+        job.wait(timeout=60)
+    time.sleep(0.5)
+    assert os.path.exists(os.path.join(_directory(), name))  # nobody could remove it, until the next master starts
+    subprocess.run([sys.executable, "-c", "import mpimap; mpimap.Pool().shutdown()"], env=job_env(), timeout=120,
+                   check=True)
+    assert not os.path.exists(os.path.join(_directory(), name))
+
+
+INIT_MODULE = '''
+import os
+STATE = {}
+
+def setup():
+    STATE["pid"] = os.getpid()
+    STATE["scale"] = 10.0
+
+def scaled(x):
+    assert STATE["pid"] == os.getpid(), "the initializer did not run in this process"
+    return STATE["scale"] * float(x)
+'''
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_run_init_runs_the_initializer_on_the_workers(tmp_path, isolation):
+    import mpimap
+
+    (tmp_path / "initmod.py").write_text(INIT_MODULE)
+    np.save(tmp_path / "points.npy", np.arange(20.0))
+    args = ["run", "initmod:scaled", "--points", "points.npy", "--out", "out.h5", "--init", "initmod:setup",
+            "--isolation", isolation]
+    if isolation == "process":
+        args += ["--max-points", "3"]
+    mpimap_cli(3, *args, cwd=tmp_path, timeout=180)
+    results = mpimap.load(str(tmp_path / "out.h5"), as_frame=False)
+    assert list(results["status"]) == ["done"] * 20
+    assert np.array_equal(np.asarray(results["values"], dtype=float), 10.0 * np.arange(20.0))
+
+
+def test_run_init_that_is_not_module_function_is_one_line(tmp_path):
+    np.save(tmp_path / "points.npy", np.arange(3.0))
+    proc = mpimap_cli(2, "run", "math:sqrt", "--points", "points.npy", "--out", "out.h5", "--init", "nocolon",
+                      cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "init must be MODULE:FUNCTION" in proc.stderr
