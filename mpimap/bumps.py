@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 
+import cloudpickle  # bumps depends on it
 import numpy as np
 
 from . import world
@@ -24,6 +25,17 @@ from .pool import Pool, map_settings
 log = logging.getLogger("mpimap.bumps")
 
 DEFAULT_OPTIONS = {"isolation": "process"}  # a model that crashes costs its point, not the rank
+
+
+class _ByValue:
+    """The problem, pickled as bumps pickles it for its own workers: with cloudpickle, functions and classes of the
+    model file by value (bumps loads a model file as a module no other process can import)."""
+
+    def __init__(self, problem):
+        self.problem = problem
+
+    def __reduce__(self):
+        return cloudpickle.loads, (cloudpickle.dumps(self.problem, protocol=5),)
 
 
 def _nllf(shared, point) -> float:
@@ -70,7 +82,7 @@ class Mapper:
         ``cpus`` is not used: the worker ranks of the MPI job evaluate the points.
         """
         pool = _pool()
-        return _FitMapper(pool, pool.share(problem))
+        return _FitMapper(pool, pool.share(_ByValue(problem)))
 
     @staticmethod
     def stop_mapper(mapper=None) -> None:
