@@ -11,7 +11,6 @@ so the fit goes on.  docs/bumps.rst says how to switch a script or the
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import threading
@@ -38,9 +37,27 @@ class _ByValue:
         return cloudpickle.loads, (cloudpickle.dumps(self.problem, protocol=5),)
 
 
-def _nllf(shared, point) -> float:
-    """On a worker: the problem's negative log-likelihood at ``point`` (the problem arrived once per fit)."""
-    return float(shared.value.nllf(point))
+class _Nllf:
+    """A fit's function for the workers: the problem's negative log-likelihood at a point."""
+
+    def __init__(self, shared):
+        self.shared = shared
+        self.problem = None
+
+    def __call__(self, point) -> float:
+        return float(self.problem.nllf(point))
+
+    def __reduce__(self):
+        return _arrived, (self.shared,)
+
+
+def _arrived(shared) -> _Nllf:
+    """Where the function arrives (a worker rank, with its first chunk of each call), load the problem: it is read
+    once per process and fit, and an evaluation process forked from the rank later starts with it and the modules
+    it needs (no import of the model's packages after every crash)."""
+    function = _Nllf(shared)
+    function.problem = shared.value
+    return function
 
 
 class Mapper:
@@ -106,7 +123,7 @@ class _FitMapper:
     def __init__(self, pool: Pool, shared):
         self.pool = pool
         self.shared = shared  # the problem on the workers, while this fit lives
-        self.function = functools.partial(_nllf, shared)
+        self.function = _Nllf(shared)
 
     def __call__(self, points) -> list:
         points = np.asarray(points, dtype=np.float64)
