@@ -104,11 +104,23 @@ xp, fp, sp, n = fit(DreamFit, Mapper, make_problem(), **{DREAM})
 xs, fs, ss, n = fit(DreamFit, SerialMapper, make_problem(), **{DREAM})
 out["dream_rank"] = [xs == xp, fs == fp, chains_equal(ss, sp)]
 Mapper.stop_mapper()
+
+# bumps.fitters.fit: install() makes its process-pool mapper (parallel != 1) this one
+import bumps.mapper, mpimap.bumps
+from bumps.fitters import fit as bumps_fit
+mpimap.bumps.install()
+results = []
+for parallel in (1, 0):
+    seed_all(1)
+    r = bumps_fit(make_problem(), method="dream", samples=2000, burn=50, parallel=parallel)
+    results.append([list(r.x), r.fun])
+out["fit"] = [results[0] == results[1], bumps.mapper.MPMapper is Mapper]
 print("RESULT " + json.dumps(out))
 '''), ranks=3, timeout=300))
     assert out["dream"] == [True, True, True, 151]
     assert out["de"][:3] == [True, True, True] and out["de"][3] > 10
     assert out["dream_rank"] == [True, True, True]
+    assert out["fit"] == [True, True]
 
 
 COUNTED = '''
