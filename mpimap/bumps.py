@@ -56,7 +56,8 @@ def _arrived(shared) -> _Nllf:
     once per process and fit, and an evaluation process forked from the rank later starts with it and the modules
     it needs (no import of the model's packages after every crash)."""
     function = _Nllf(shared)
-    function.problem = shared.value
+    value = shared.value  # the wrapper itself in the process that shared it (a pool of one process)
+    function.problem = value.problem if isinstance(value, _ByValue) else value
     return function
 
 

@@ -123,6 +123,23 @@ print("RESULT " + json.dumps(out))
     assert out["fit"] == [True, True]
 
 
+def test_a_fit_in_one_process_equals_the_serial_mapper(run_script):
+    # No worker ranks: the pool evaluates in its own evaluation process (isolation="process"), or in-process.
+    out = result_of(run_script(script(f'''
+import json
+from bumps.fitters import DreamFit
+from bumps.mapper import SerialMapper
+from mpimap.bumps import Mapper
+
+xs, fs, _, _ = fit(DreamFit, SerialMapper, make_problem(), **{DREAM})
+xp, fp, _, _ = fit(DreamFit, Mapper, make_problem(), **{DREAM})
+Mapper.configure(isolation="rank")
+xr, fr, _, _ = fit(DreamFit, Mapper, make_problem(), **{DREAM})
+print("RESULT " + json.dumps([xs == xp == xr, fs == fp == fr]))
+'''), ranks=1, plain=True, timeout=300))
+    assert out == [True, True]
+
+
 COUNTED = '''
 class Counted:
     """Part of the problem: writes a line each time the problem is pickled (here) or unpickled (a worker)."""
