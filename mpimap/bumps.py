@@ -12,6 +12,7 @@ so the fit goes on.  docs/bumps.rst says how to switch a script or the
 from __future__ import annotations
 
 import logging
+import runpy
 import sys
 import threading
 
@@ -95,7 +96,7 @@ class Mapper:
 
     @staticmethod
     def start_mapper(problem, modelargs=None, cpus=0):
-        """A new fit: send ``problem`` to every worker once; return ``mapper(points) -> list of nllf``.
+        """A new fit: send ``problem`` to every worker once; return ``mapper(points) -> nllf values``.
 
         ``cpus`` is not used: the worker ranks of the MPI job evaluate the points.
         """
@@ -126,7 +127,7 @@ class _FitMapper:
         self.shared = shared  # the problem on the workers, while this fit lives
         self.function = _Nllf(shared)
 
-    def __call__(self, points) -> list:
+    def __call__(self, points) -> np.ndarray:
         points = np.asarray(points, dtype=np.float64)
         out = np.empty(len(points))
         for chunk in self.pool.imap_chunks(self.function, points) if len(points) else ():
@@ -156,12 +157,9 @@ def install() -> None:
         bumps.mapper.MPMapper = Mapper
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     """The ``bumps`` command with its fits on mpimap's workers: ``mpimap bumps MODEL.py [bumps options]``."""
     install()
-    from bumps.webview.server.cli import main as bumps_main  # bumps 1.0.x; bumps.cli on its master branch
-
     sys.argv = ["bumps", *(sys.argv[1:] if argv is None else argv)]
-    bumps_main()
-    return 0
+    runpy.run_module("bumps", run_name="__main__")  # what `python -m bumps` runs, whichever bumps version
 
