@@ -1,4 +1,4 @@
-"""The command line: ``mpimap run | show | export | demo``, and the job commands (``mpimap.jobs``)."""
+"""The command line: ``mpimap run | show | export | demo | bumps``, and the job commands (``mpimap.jobs``)."""
 
 from __future__ import annotations
 
@@ -183,6 +183,15 @@ def demo(ranks, npoints, out):
     from .demo import run_demo
 
     sys.exit(run_demo(ranks, npoints, out))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("bumps_args", nargs=-1, type=click.UNPROCESSED)
+def bumps(bumps_args):
+    """Run the bumps command (MODEL.py and bumps' options follow) with its fits on the worker ranks."""
+    from .bumps import main as bumps_main
+
+    bumps_main(list(bumps_args))
 
 
 def _add_job_commands() -> None:

@@ -454,9 +454,9 @@ class Master:
         handle.seal()
         self._handles[handle.map_id] = handle
         self._holders[handle.map_id] = set()
-        # A batch of submit() calls of a function seen before starts with its measured cost: a batch is often
-        # small, and learning the cost again from one-point chunks would send it one call per message.
-        cost = self._costs.get(hash(handle.function)) if handle.futures is not None else None
+        # A map (or batch of submit() calls) of a function seen before starts with its measured cost: maps are often
+        # small (a fitter's generation), and learning the cost again from one-point chunks costs messages.
+        cost = self._costs.get(hash(handle.function))
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
                                    cost=cost)
@@ -472,7 +472,7 @@ class Master:
 
     def _end_map(self, handle: MapHandle, cancelled: bool = False, error: BaseException | None = None) -> None:
         state = self.scheduler.maps.get(handle.map_id)
-        if handle.futures is not None and state is not None and state.cost is not None:
+        if state is not None and state.cost is not None:
             if len(self._costs) > 256:
                 self._costs.clear()
             self._costs[hash(handle.function)] = state.cost  # not the blob: it may hold a closure's big data

@@ -51,6 +51,7 @@ class MapState:
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
+    share: int | None = None  # points per chunk of a map that is less than one chunk's worth of work (0: it is not)
 
     @property
     def unassigned(self) -> int:
@@ -294,6 +295,12 @@ class Scheduler:
         if state.cost is None:
             return 1
         by_cost = int(self.target_seconds / max(state.cost, 1e-9))
+        if state.share is None and state.cursor == 0:
+            # A whole map of less than one chunk's work (a fitter's generation of cheap points) goes out as one
+            # equal share per rank: a guided tail would cost more in messages than it could balance.
+            state.share = math.ceil(state.size / max(1, self.live)) if state.size <= by_cost else 0
+        if state.share:
+            return state.share
         by_tail = math.ceil(state.unassigned / (self.tail_factor * max(1, self.live)))
         return max(1, min(by_cost, by_tail, self.max_chunk))
 

@@ -59,9 +59,10 @@ def test_auto_chunks_grow_for_cheap_points_and_stay_single_for_slow_ones():
     assert len(c2) == 1  # half-second points go one by one
 
 
-def test_tail_chunks_shrink():
-    sched = Scheduler(range(1, 5), prefetch=1)
-    sched.add_map(0, 10_000, cost=1e-6)
+def chunk_sizes(ranks: int, points: int, cost: float, prefetch: int = 1) -> list[int]:
+    """The sizes of the chunks of one map of ``points`` points of known ``cost``, as they are handed out."""
+    sched = Scheduler(range(1, ranks + 1), prefetch=prefetch)
+    sched.add_map(0, points, cost=cost)
     sizes = []
     while True:
         assigned = sched.assign()
@@ -69,9 +70,23 @@ def test_tail_chunks_shrink():
             break
         for rank, chunk in assigned:
             sizes.append(len(chunk))
-            sched.complete(rank, chunk.chunk_id, 1e-6 * len(chunk), 0.0)
-    assert sum(sizes) == 10_000
+            sched.complete(rank, chunk.chunk_id, cost * len(chunk), 0.0)
+    assert sum(sizes) == points
+    return sizes
+
+
+def test_tail_chunks_shrink():
+    sizes = chunk_sizes(4, 10_000, 1e-5)  # 0.1 s of work: more than one chunk's (target_seconds)
     assert sizes[-1] == 1 and max(sizes) > 100
+
+
+def test_a_map_of_less_than_one_chunks_work_goes_out_as_one_share_per_rank():
+    # A fitter's generation: 20 cheap points, one message per rank (a guided tail would send 8 or more).
+    assert chunk_sizes(2, 20, 1e-5, prefetch=2) == [10, 10]
+    assert chunk_sizes(3, 20, 1e-5, prefetch=2) == [7, 7, 6]
+    assert chunk_sizes(4, 10_000, 1e-6) == [2500] * 4
+    assert chunk_sizes(4, 2, 1e-5) == [1, 1]
+    assert chunk_sizes(2, 20, 0.01, prefetch=2)[-1] == 1  # 0.2 s of work: balanced by the guided tail
 
 
 def test_skewed_work_is_balanced():
