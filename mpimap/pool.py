@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import world
+from . import nested, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -68,6 +68,7 @@ class Pool(Executor):
         self._batch_lock = threading.Lock()
         self._own_master = True
         self._comm = None
+        nested.register(self)  # outside a task, mpimap.current_pool() is the latest open pool
         if comm is None and world.active():
             self._master = world.master()
             self._master.rank_timeout = rank_timeout

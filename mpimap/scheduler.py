@@ -73,6 +73,12 @@ class RankState:
     busy_seconds: float = 0.0
     last_result: float = 0.0  # when its last chunk came back
     lost: bool = False  # out of service: silent (lost) or retired for failing
+    parked: set = field(default_factory=set)  # chunk_ids in flight whose task waits for its nested maps
+
+    @property
+    def held(self) -> int:
+        """Chunks that take a prefetch slot: those in flight, less the parked ones (their task waits and serves)."""
+        return len(self.in_flight) - len(self.parked)
 
 
 class Scheduler:
@@ -136,6 +142,7 @@ class Scheduler:
             stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
             for cid in stale:
                 del rank.in_flight[cid]
+                rank.parked.discard(cid)
                 self._sent.pop(cid, None)
                 self._twins.pop(cid, None)
             if stale:
@@ -168,7 +175,7 @@ class Scheduler:
             self._give(rank, chunk, now)
             out.append((rank, chunk))
         for rank in reversed(passed):  # they keep their place in line
-            self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+            self._room[self.ranks[rank].held].appendleft(rank)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
         if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4:
             self._last_scan = now
@@ -188,8 +195,8 @@ class Scheduler:
             rank = self._pop_room()
             if rank is None:
                 return out
-            if self.ranks[rank].in_flight:  # not idle: only idle ranks take copies
-                self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+            if self.ranks[rank].held:  # not idle: only idle ranks take copies
+                self._room[self.ranks[rank].held].appendleft(rank)
                 return out
             straggler = self._straggler(rank, now)
             if straggler is None:
@@ -209,7 +216,8 @@ class Scheduler:
                 continue
             for chunk in other.in_flight.values():
                 state = self.maps.get(chunk.map_id)
-                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
+                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins \
+                        or chunk.chunk_id in other.parked:  # a parked task is slow because it waits: no copy
                     continue
                 if chunk.avoid is not None and rank in chunk.avoid:
                     continue
@@ -227,13 +235,13 @@ class Scheduler:
             while ranks:
                 rank = ranks.popleft()
                 rstate = self.ranks[rank]
-                if not rstate.lost and len(rstate.in_flight) == held:
+                if not rstate.lost and rstate.held == held:
                     return rank
         return None
 
     def _push_room(self, rank: int) -> None:
         rstate = self.ranks[rank]
-        held = len(rstate.in_flight)
+        held = rstate.held
         if not rstate.lost and held < self.prefetch:
             self._room[held].append(rank)
 
@@ -303,6 +311,7 @@ class Scheduler:
         rstate = self.ranks[rank]
         rstate.last_heard = rstate.last_result = now
         chunk = rstate.in_flight.pop(chunk_id, None)
+        rstate.parked.discard(chunk_id)
         self._sent.pop(chunk_id, None)
         if chunk is None:
             return None
@@ -312,6 +321,7 @@ class Scheduler:
             twin_id, twin_rank = twin
             self._twins.pop(twin_id, None)
             self._sent.pop(twin_id, None)
+            self.ranks[twin_rank].parked.discard(twin_id)
             if self.ranks[twin_rank].in_flight.pop(twin_id, None) is not None:
                 self._push_room(twin_rank)
                 if chunk.map_id in self.maps:
@@ -340,6 +350,19 @@ class Scheduler:
             state.done_points -= 1
             self._requeue(state, index, index + 1, avoid)
         heapq.heappush(self._queue, (-state.priority, state.order, map_id))
+
+    def park(self, rank: int, chunk_id: int) -> None:
+        """The task of a chunk in flight waits for nested maps: while it waits, the rank evaluates other chunks
+        (inner ones first), so the chunk gives back its prefetch slot.  Even when every task waits, every
+        rank has room, and no depth of nesting deadlocks."""
+        rstate = self.ranks[rank]
+        if chunk_id in rstate.in_flight and chunk_id not in rstate.parked:
+            rstate.parked.add(chunk_id)
+            self._push_room(rank)
+
+    def unpark(self, rank: int, chunk_id: int) -> None:
+        """The chunk's nested maps have ended: it takes its prefetch slot again (stale room entries are skipped)."""
+        self.ranks[rank].parked.discard(chunk_id)
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now
@@ -370,6 +393,7 @@ class Scheduler:
                                            for start, stop, avoid in state.requeued)
         chunks = list(rstate.in_flight.values())
         rstate.in_flight.clear()
+        rstate.parked.clear()
         for chunk in chunks:
             state = self.maps.get(chunk.map_id)
             twin = self._twins.pop(chunk.chunk_id, None)

@@ -14,6 +14,7 @@ from collections import deque
 import numpy as np
 
 from .failures import Failure, unpicklable_values
+from . import nested
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
 from .transport import Transport, Waiter
@@ -115,6 +116,8 @@ class _Worker:
         self.forward = _Forward(Transport(comm))
         self.stopping = False
         self.evaluated = 0
+        self.nesting = nested.WorkerNesting(self)
+        self.waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
 
     def handle(self, kind, body) -> None:
         if kind is Kind.TASK:
@@ -124,6 +127,8 @@ class _Worker:
         elif kind is Kind.FORGET:
             self.functions.pop(body, None)
             self.queue = deque(t for t in self.queue if t.map_id != body)
+        elif kind is Kind.SUBRESULT:
+            self.nesting.receive(body)
         elif kind is Kind.LEVEL:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
@@ -133,19 +138,9 @@ class _Worker:
         self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
         self.beat.start()
         logging.getLogger().addHandler(self.forward)
-        waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
         try:
             while not self.stopping:
-                message = self.transport.poll()
-                if message is not None:
-                    waiter.activity()
-                    self.handle(message[1], message[2])
-                    continue  # drain everything waiting before evaluating
-                if not self.queue:
-                    waiter.idle()
-                    continue
-                self.run_chunk(self.queue.popleft())
-                waiter.activity()
+                self.step()
             return self.evaluated
         finally:
             logging.getLogger().removeHandler(self.forward)
@@ -153,6 +148,27 @@ class _Worker:
             self.beat.stopped.set()
             self.beat.join()
             self.transport.flush(timeout=5.0)
+
+    def step(self, waiting: bool = False) -> None:
+        """Handle one message, else evaluate one queued chunk, else wait a little.
+
+        Messages are drained before any chunk is evaluated.  A task waiting for
+        its nested maps (``waiting``) calls this too: it takes the chunk of the
+        newest map first (nested maps are newer than their parents).
+        """
+        message = self.transport.poll()
+        if message is not None:
+            self.waiter.activity()
+            self.handle(message[1], message[2])
+        elif not self.queue or (waiting and self.stopping):
+            self.waiter.idle()
+        else:
+            queue = self.queue
+            k = max(range(len(queue)), key=lambda k: queue[k].map_id) if waiting else 0
+            task = queue[k]
+            del queue[k]
+            self.run_chunk(task)
+            self.waiter.activity()
 
     def run_chunk(self, task: Task) -> None:
         map_id = task.map_id
@@ -165,7 +181,9 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        out = self.evaluator.run(map_id, blob, function, task.args, tick)
+        with nested.task(self.nesting.pool(task.chunk_id, function)):
+            out = self.evaluator.run(map_id, blob, function, task.args, tick)
+        self.nesting.chunk_done(task.chunk_id)
         if out is None:
             return
         result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)

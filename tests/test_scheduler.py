@@ -381,3 +381,43 @@ def test_a_paused_scheduler_hands_out_nothing_but_takes_results_and_resumes_wher
         done += range(chunk.start, chunk.stop)
         now += 1.0
     assert sorted(done) == list(range(20))
+
+
+def test_a_parked_chunk_gives_back_its_slot_so_a_waiting_rank_gets_inner_work_first():
+    """Nested maps: a task waiting for its inner map parks its chunk; the rank gets the inner map's chunks."""
+    sched = Scheduler([1], prefetch=2)
+    sched.add_map(0, 2, chunksize=1)  # the outer map: both chunks go to the only rank
+    (_, outer0), (_, outer1) = sched.assign()
+    sched.add_map(1, 3, chunksize=1, priority=1)  # outer0's task asks for an inner map and waits
+    assert sched.assign() == []  # without parking the rank is full: nobody would ever run the inner map
+    sched.park(1, outer0.chunk_id)
+    ((rank, inner),) = sched.assign()
+    assert (rank, inner.map_id) == (1, 1)
+    sched.park(1, outer1.chunk_id)  # every task of the rank waits: it still has room
+    ((_, inner2),) = sched.assign()
+    assert inner2.map_id == 1
+    assert sched.ranks[1].held == 2 and len(sched.ranks[1].in_flight) == 4
+    for chunk in (inner, inner2):
+        sched.complete(1, chunk.chunk_id, 0.01, 0.0)
+    ((_, inner3),) = sched.assign()
+    sched.complete(1, inner3.chunk_id, 0.01, 0.0)
+    assert sched.map_finished(1)
+    sched.remove_map(1)
+    sched.unpark(1, outer0.chunk_id)
+    assert sched.ranks[1].held == 1  # outer1 is still parked, outer0 takes its slot again
+    assert sched.complete(1, outer0.chunk_id, 0.5, 1.0) == outer0
+    assert sched.complete(1, outer1.chunk_id, 0.5, 1.0) == outer1  # a parked chunk completes like any other
+    assert not sched.ranks[1].parked and sched.map_finished(0)
+
+
+def test_a_parked_chunk_is_never_copied_as_a_straggler_and_a_lost_rank_drops_its_parked_chunks():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.1)
+    sched.add_map(0, 2, chunksize=1, cost=0.01)
+    (r1, c1), (r2, c2) = sched.assign(now=0.0)
+    sched.complete(r2, c2.chunk_id, 0.01, now=0.01)
+    sched.park(r1, c1.chunk_id)  # its task waits for its nested maps: long, but not late
+    assert all(rank != r2 for rank, _ in sched.assign(now=5.0))
+    requeued = sched.lose_rank(r1)
+    assert requeued == [c1] and not sched.ranks[r1].parked
+    ((rank, again),) = sched.assign(now=5.1)
+    assert rank == r2 and (again.start, again.stop) == (c1.start, c1.stop)

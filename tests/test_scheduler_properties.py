@@ -95,6 +95,23 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.ghosts[chunk_id] = (r, chunk)
         self.just_assigned = False
 
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data())
+    def park(self, data):
+        """A task waits for its nested maps: its chunk gives back its prefetch slot."""
+        chunk_id = data.draw(st.sampled_from(sorted(self.sent)))
+        self.sched.park(self.sent[chunk_id][0], chunk_id)
+        self.just_assigned = False
+
+    @precondition(lambda self: any(r.parked for r in self.sched.ranks.values()))
+    @rule(data=st.data())
+    def unpark(self, data):
+        """A task's nested maps have ended: its chunk takes its slot again."""
+        rank, chunk_id = data.draw(st.sampled_from(sorted((r.rank, c) for r in self.sched.ranks.values()
+                                                          for c in r.parked)))
+        self.sched.unpark(rank, chunk_id)
+        self.just_assigned = False
+
     @precondition(lambda self: self.open)
     @rule(data=st.data())
     def cancel(self, data):
@@ -166,6 +183,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(self.sched.maps) == set(self.open)
 
     @invariant()
+    def parked_chunks_are_in_flight(self):
+        for r in self.sched.ranks.values():
+            assert r.parked <= set(r.in_flight), f"rank {r.rank} parks chunks it does not hold"
+
+    @invariant()
     def no_point_avoids_every_live_rank(self):
         live = {r for r, s in self.sched.ranks.items() if not s.lost}
         for state in self.sched.maps.values():
@@ -177,7 +199,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not self.just_assigned:
             return  # only right after assign: the master calls it whenever something changed
         for r in self.sched.ranks.values():
-            if r.lost or len(r.in_flight) >= self.sched.prefetch:
+            if r.lost or r.held >= self.sched.prefetch:
                 continue
             for state in self.sched.maps.values():
                 takeable = state.cursor < state.size or any(
