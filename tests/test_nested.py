@@ -1,5 +1,7 @@
 """Nested maps: tasks that map, submit and wait on the pool they run in (``mpimap.current_pool()``)."""
 
+from pathlib import Path
+
 import pytest
 
 import mpimap
@@ -37,6 +39,17 @@ if __name__ == "__main__":
 ''', ranks=ranks, timeout=240)
     assert f"LEAVES {[3 ** depth] * 4}" in stdout
     assert f"OUTER RANKS True {ranks - 1}" in stdout  # top-level tasks ran, and waited, on every worker
+
+
+def test_nested_maps_inside_an_mpi_program_with_pool_comm(run_script):
+    stdout = run_script(TREE + '''
+from mpi4py import MPI
+
+with mpimap.Pool(MPI.COMM_WORLD) as pool:
+    if pool is not None:
+        print("LEAVES", list(pool.map(tree, [2, 3], [2, 2])))
+''', ranks=2, plain=True)
+    assert "LEAVES [4, 8]" in stdout
 
 
 def test_submit_and_imap_unordered_on_the_current_pool(run_script):
@@ -245,3 +258,21 @@ def test_in_a_pool_of_one_process_nested_calls_run_in_place():
         assert pool.submit(count_leaves, 2).result(timeout=60) == 9
     with pytest.raises(RuntimeError, match="no pool here"):
         mpimap.current_pool()
+
+
+def docs_example() -> str:
+    """The runnable example of docs/nested.rst (the literal block after "Save as ``tree.py``")."""
+    text = (Path(__file__).parent.parent / "docs" / "nested.rst").read_text()
+    block = text.split("Save as ``tree.py``", 1)[1].split("::\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("ranks, plain", [(1, True), (3, False)])
+def test_the_example_of_the_docs_runs_as_it_says(run_script, ranks, plain):
+    stdout = run_script(docs_example(), ranks=ranks, plain=plain)
+    assert stdout.splitlines() == ["[27, 27, 27, 27]", "[(2, 3), (4, 9)]"]
