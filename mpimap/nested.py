@@ -205,14 +205,15 @@ class WorkerNesting:
 
     def open(self, chunk_id, blob, args, ordered, chunksize, priority, policy) -> MapHandle:
         handle = MapHandle(blob, args, chunksize=chunksize, priority=priority, ordered=ordered, policy=policy)
+        if not args:  # nothing to ask the master for
+            handle.finish()
+            return handle
         handle.map_id = sub_id = next(self._ids)
         self.worker.transport.send(0, Kind.SUBMAP, SubMap(sub_id, chunk_id, blob, args, ordered, chunksize,
                                                           priority, policy))
         handle.master = self
         self.maps[sub_id] = handle
         self.by_chunk.setdefault(chunk_id, []).append(sub_id)
-        if not args:
-            handle.finish()
         return handle
 
     def cancel(self, handle: MapHandle) -> None:
@@ -239,7 +240,12 @@ class WorkerNesting:
         """Called by a waiting task's handle: one step of serving (a message, or a chunk evaluated here)."""
         cond.release()
         try:
-            self.worker.step(waiting=True)
+            if self.worker.stopping:  # the master said STOP: no result will ever come
+                for handle in self.maps.values():
+                    handle.finish(cancelled=True)
+                self.maps.clear()
+            else:
+                self.worker.step(waiting=True)
         finally:
             cond.acquire()
 
@@ -255,6 +261,8 @@ def _nothing() -> None:
 # -- on the master --------------------------------------------------------------------------------------------------
 class RemoteHandle(MapHandle):
     """A nested map on the master: its results go to the rank whose task asked for it, not to a local reader."""
+
+    nested = True
 
     def __init__(self, master, rank: int, sub: SubMap, parent_map: int):
         super().__init__(sub.function, sub.args, chunksize=sub.chunksize, priority=sub.priority, ordered=False,

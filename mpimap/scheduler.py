@@ -51,6 +51,7 @@ class MapState:
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
+    nested: bool = False  # opened by a task in flight: served during a pause too, so that task can finish
 
     @property
     def unassigned(self) -> int:
@@ -121,15 +122,15 @@ class Scheduler:
         # count changes; _pop_room skips those.
         self._room = [deque() for _ in range(prefetch)]
         self._room[0].extend(self.ranks)
-        self.paused = False  # hand out nothing (not even copies of stragglers); in-flight chunks still complete
+        self.paused = False  # hand out only nested maps (no copies of stragglers); in-flight chunks still complete
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
-                priority: int = 0, cost: float | None = None) -> None:
-        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate."""
+                priority: int = 0, cost: float | None = None, nested: bool = False) -> None:
+        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate; ``nested``: a task's map."""
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be a positive integer")
-        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost)
+        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost, nested=nested)
         self.maps[map_id] = state
         if size:
             heapq.heappush(self._queue, (-priority, state.order, map_id))
@@ -158,10 +159,11 @@ class Scheduler:
     def assign(self, now: float = 0.0) -> list[tuple[int, Chunk]]:
         """Hand out chunks to every rank that has room, while there is work; then copies of stragglers.
 
-        While :attr:`paused`, nothing: chunks in flight finish, and what is
-        queued (retries and requeued points too) waits for the resume.
+        While :attr:`paused`, only chunks of nested maps (the tasks in flight
+        that wait for them must finish): other chunks in flight finish, and what
+        is queued (retries and requeued points too) waits for the resume.
         """
-        if self.paused:
+        if self.paused and not any(state.nested and state.unassigned for state in self.maps.values()):
             return []
         out, passed = [], []
         while self._queue:
@@ -177,7 +179,8 @@ class Scheduler:
         for rank in reversed(passed):  # they keep their place in line
             self._room[self.ranks[rank].held].appendleft(rank)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
-        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4:
+        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4 \
+                and not self.paused:
             self._last_scan = now
             out += self._reissue(now)
         return out
@@ -257,6 +260,9 @@ class Scheduler:
                 state = self.maps.get(self._queue[0][2])
                 if state is None or state.unassigned == 0:
                     heapq.heappop(self._queue)
+                    continue
+                if self.paused and not state.nested:
+                    passed.append(heapq.heappop(self._queue))
                     continue
                 chunk = self._take(state, rank)
                 if chunk is not None:
@@ -362,7 +368,10 @@ class Scheduler:
 
     def unpark(self, rank: int, chunk_id: int) -> None:
         """The chunk's nested maps have ended: it takes its prefetch slot again (stale room entries are skipped)."""
-        self.ranks[rank].parked.discard(chunk_id)
+        rstate = self.ranks[rank]
+        if chunk_id in rstate.parked:
+            rstate.parked.discard(chunk_id)
+            self._push_room(rank)  # its room entry now stands at the new count, if it still has room
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now

@@ -160,7 +160,7 @@ class _Worker:
         if message is not None:
             self.waiter.activity()
             self.handle(message[1], message[2])
-        elif not self.queue or (waiting and self.stopping):
+        elif not self.queue:
             self.waiter.idle()
         else:
             queue = self.queue

@@ -421,3 +421,42 @@ def test_a_parked_chunk_is_never_copied_as_a_straggler_and_a_lost_rank_drops_its
     assert requeued == [c1] and not sched.ranks[r1].parked
     ((rank, again),) = sched.assign(now=5.1)
     assert rank == r2 and (again.start, again.stop) == (c1.start, c1.stop)
+
+
+def test_a_paused_scheduler_still_hands_out_nested_maps_so_the_waiting_tasks_can_finish():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.0)
+    sched.add_map(0, 4, chunksize=1)
+    (r1, outer), (r2, other) = sched.assign(now=0.0)
+    sched.paused = True  # the walltime guard pauses, then waits until every chunk in flight is back
+    sched.add_map(1, 2, chunksize=1, priority=1, nested=True)  # outer's task asks for a nested map and waits
+    sched.park(r1, outer.chunk_id)
+    ((rank, inner),) = sched.assign(now=1.0)
+    assert (rank, inner.map_id) == (r1, 1)
+    sched.complete(r2, other.chunk_id, 0.1, now=1.0)
+    ((rank, inner2),) = sched.assign(now=2.0)
+    assert (rank, inner2.map_id) == (r2, 1)  # a rank freed during the pause takes nested work, nothing else
+    for rank, chunk in ((r1, inner), (r2, inner2)):
+        sched.complete(rank, chunk.chunk_id, 0.1, now=3.0)
+    sched.remove_map(1)
+    sched.unpark(r1, outer.chunk_id)
+    assert sched.assign(now=100.0) == []  # the top-level map waits for the resume, no straggler copy either
+    sched.complete(r1, outer.chunk_id, 3.0, now=100.0)
+    assert not any(r.in_flight for r in sched.ranks.values())  # drained: the pause has taken effect
+    sched.paused = False
+    assert sorted(c.start for _, c in sched.assign(now=101.0)) == [2, 3]
+
+
+def test_a_rank_whose_parked_chunk_takes_its_slot_again_keeps_its_room():
+    """Found by the state machine: after an unpark, a rank with room left must still be served."""
+    sched = Scheduler([1, 2, 3], prefetch=3, straggler_factor=None)
+    sched.add_map(1, 4)
+    sched.add_map(2, 13, chunksize=4, priority=1)
+    sent = {chunk.chunk_id: (rank, chunk) for rank, chunk in sched.assign()}
+    parked_rank, parked = sent[1]
+    sched.park(parked_rank, parked.chunk_id)
+    sched.lose_rank(next(r for r in (1, 2, 3) if r != parked_rank))
+    sched.add_map(3, 1)
+    sched.remove_map(1)  # the parked chunk's rank keeps only that chunk
+    sched.unpark(parked_rank, parked.chunk_id)
+    sched.assign()
+    assert all(state.unassigned == 0 for state in sched.maps.values()), "a rank with room was left out"
