@@ -183,6 +183,39 @@ if __name__ == "__main__":
     assert int(stdout.split("MARKS ")[1].split()[0]) < 10
 
 
+def test_a_pause_lets_the_waiting_tasks_finish_their_nested_maps_and_holds_top_level_work(run_script):
+    """What the walltime guard relies on: after pause(), the points being evaluated finish (their nested maps
+    still run) and drained() comes; a top-level map waits for the resume."""
+    stdout = run_script(MARKS + '''
+def top(x):
+    open(os.path.join("marks", f"top-{x}"), "x").close()
+    return x
+
+if __name__ == "__main__":
+    os.mkdir("marks")
+    with mpimap.Pool() as pool:
+        results = pool.map(outer, [1, 2], chunksize=1)
+        deadline = time.monotonic() + 60
+        while marks() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pool.pause()
+        later = pool.map(top, range(3))
+        while not pool.drained() and time.monotonic() < deadline + 60:
+            time.sleep(0.05)
+        drained = pool.drained()
+        time.sleep(0.5)
+        print("HELD", sum(name.startswith("top-") for name in os.listdir("marks")), flush=True)
+        if not drained:
+            pool.resume()  # to end the script
+        print("DRAINED", drained, list(results) == [sum(range(100, 200)), sum(range(200, 300))])
+        pool.resume()
+        print("LATER", list(later))
+''', ranks=3, timeout=240)
+    assert "DRAINED True True" in stdout
+    assert "HELD 0" in stdout
+    assert "LATER [0, 1, 2]" in stdout
+
+
 def test_a_lost_rank_waiting_on_inner_maps_has_its_outer_task_run_again_elsewhere(run_script):
     """Its outer chunk is requeued, and the inner map its task was waiting on is cancelled, not finished for nobody."""
     proc = run_script('''
