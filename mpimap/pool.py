@@ -203,6 +203,8 @@ class Pool(Executor):
     def pause(self) -> None:
         """Hand out no more points until :meth:`resume`; the points being evaluated finish and are delivered.
 
+        (The nested maps of points being evaluated are still handed out: those points must finish.)
+
         Maps stay open and their iterators keep waiting; worker ranks idle (and
         keep sending heartbeats, so none is judged lost).  Under ``python -m
         mpimap`` the pools of a session share one master: pausing one pauses all.
