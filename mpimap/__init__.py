@@ -1,10 +1,12 @@
 """mpimap: map a function over many points on MPI ranks, and keep going when things misbehave."""
 
 from .failures import RemoteError
+from .nested import current_pool
 from .pool import Pool
 from .results import load
 from .seeds import point_rng, rng
 from .shared import InitializerError, Shared
 
 __version__ = "0.1.0"
-__all__ = ["Pool", "RemoteError", "load", "point_rng", "rng", "Shared", "InitializerError", "__version__"]
+__all__ = ["Pool", "RemoteError", "current_pool", "load", "point_rng", "rng", "Shared", "InitializerError",
+           "__version__"]

@@ -76,6 +76,8 @@ class ChunkResult:
 class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
+    nested = False  # a map opened by a task on a worker (nested.RemoteHandle)
+
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
                  policy: Policy = Policy(), keys=None):
         self.function = function  # the pickled protocol.MapFunction

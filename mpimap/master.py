@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import shared
+from . import nested, shared
 from .maps import ChunkResult, MapHandle
 from .protocol import Kind, Result, Task
 from .scheduler import Scheduler
@@ -110,6 +110,7 @@ class Master:
         self._stopped = False  # the loop has ended (closed, or failed): nobody drives it any more
         self._waiter = Waiter(window=5e-5, hot_window=5e-3)
         shared.sweep()  # shared files left behind by a master killed with -9
+        self.nesting = nested.MasterNesting(self)
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
         self._thread.start()
 
@@ -427,6 +428,7 @@ class Master:
                         rank, info.host, info.pid, silence)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
+            self.nesting.rank_lost(rank)
         if self.stall_timeout:
             stalled = set(self.scheduler.stalled_ranks(now, self.stall_timeout))
             for rank in stalled - self._stalled:
@@ -459,7 +461,7 @@ class Master:
         cost = self._costs.get(hash(handle.function))
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
-                                   cost=cost)
+                                   cost=cost, nested=handle.nested)
         except Exception as exc:  # the map's own fault: it fails, the master serves on
             self._end_map(handle, error=exc)
             return
@@ -482,6 +484,7 @@ class Master:
             if rank not in self.lost:
                 self.transport.send(rank, Kind.FORGET, handle.map_id)
         handle.finish(error=error, cancelled=cancelled)
+        self.nesting.ended(handle.map_id)
 
     def _claim(self, chunk):
         """The handle, the arguments and their stream indices (a map with a seed; else None) of a chunk as it
@@ -532,6 +535,10 @@ class Master:
             if kind is Kind.RESULT:
                 self._result(source, body, now)
                 self._dispatch()  # refill that rank at once
+            elif kind is Kind.SUBMAP:
+                self.nesting.open(source, body)
+            elif kind is Kind.SUBCANCEL:
+                self.nesting.cancel(source, body)
             elif kind is Kind.HELLO:
                 self.ranks[source].host, self.ranks[source].pid = body.host, body.pid
                 self.scheduler.heard(source, now)
@@ -549,6 +556,7 @@ class Master:
         values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
         self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
         chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
+        self.nesting.chunk_done(rank, result.chunk_id)
         live = self._holes.pop(result.chunk_id, None)
         if chunk is None:  # its map was cancelled meanwhile, or another copy came first
             return
@@ -632,6 +640,7 @@ class Master:
         for r in ranks:
             self.scheduler.lose_rank(r)
             self.retired.add(r)
+            self.nesting.rank_lost(r)
 
     def _shutdown_workers(self) -> None:
         if self.stop_workers:
@@ -687,8 +696,9 @@ class InlineMaster(Master):
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
             try:
-                out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args,
-                                          keys=keys)
+                with nested.task(nested.SerialPool()):
+                    out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args,
+                                              keys=keys)
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue

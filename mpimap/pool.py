@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import shared, world
+from . import nested, shared, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -79,6 +79,7 @@ class Pool(Executor):
         self._batch_lock = threading.Lock()
         self._own_master = True
         self._comm = None
+        nested.register(self)  # outside a task, mpimap.current_pool() is the latest open pool
         if comm is None and world.active():
             self._master = world.master()
             self._master.rank_timeout = rank_timeout
@@ -244,6 +245,8 @@ class Pool(Executor):
 
     def pause(self) -> None:
         """Hand out no more points until :meth:`resume`; the points being evaluated finish and are delivered.
+
+        (The nested maps of points being evaluated are still handed out: those points must finish.)
 
         Maps stay open and their iterators keep waiting; worker ranks idle (and
         keep sending heartbeats, so none is judged lost).  Under ``python -m

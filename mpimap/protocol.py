@@ -24,6 +24,10 @@ LEVEL       master -> worker    ``levelno``: the rank's new log level
 SHARE       master -> worker    :class:`~mpimap.shared.ShareMessage`: an object of ``pool.share``
                                 (its bytes as one raw buffer for a rank on another host)
 UNSHARE     master -> worker    the shared object's name: drop it, remove its file
+SUBMAP      worker -> master    :class:`SubMap`: a map asked for by a task running on the worker
+                                (``mpimap.current_pool()``), scheduled like any other map
+SUBRESULT   master -> worker    :class:`SubResult`: a chunk of a nested map's results, or its end
+SUBCANCEL   worker -> master    ``sub_id``: the task dropped one of its nested maps
 OOB         either              a raw buffer belonging to the preceding message
 ==========  ==================  ======================================================
 """
@@ -57,6 +61,9 @@ class Kind(IntEnum):
     LEVEL = 9
     SHARE = 10
     UNSHARE = 11
+    SUBMAP = 12
+    SUBRESULT = 13
+    SUBCANCEL = 14
 
 
 def record(cls):
@@ -187,6 +194,56 @@ def _load_apart(inner, buffers):
 
 _register(_task)
 _register(_result)
+
+
+@record
+class SubMap:
+    """A nested map (SUBMAP): a task on a worker maps ``function`` over ``args`` on the whole pool.
+
+    ``sub_id`` names it on its rank; ``parent`` is the chunk whose task asked
+    for it (its map is the parent map: cancelling that cancels this one).
+    ``args`` travel apart like a :class:`Task`'s: points the master cannot
+    unpickle arrive as :class:`UnloadableArgs` and fail the nested map alone.
+    """
+
+    sub_id: int
+    parent: int  # chunk_id of the task that asked for it
+    function: bytes  # the pickled MapFunction
+    args: object
+    ordered: bool
+    chunksize: int | None
+    priority: int  # added to the parent map's priority + 1: inner work drains first
+    policy: object  # a maps.Policy
+
+    def __reduce__(self):
+        rest = (self.ordered, self.chunksize, self.priority, self.policy)
+        return _submap, (self.sub_id, self.parent, self.function, rest, len(self.args), *_apart(self.args))
+
+
+def _submap(sub_id, parent, function, rest, size, inner, *buffers) -> SubMap:
+    args = _load_apart(inner, buffers)
+    if isinstance(args, Failure):
+        args = UnloadableArgs(args, size)
+    return SubMap(sub_id, parent, function, args, *rest)
+
+
+_register(_submap)
+
+
+@record
+class SubResult:
+    """Results of a nested map for the worker that asked for it (SUBRESULT): one chunk, or the map's end.
+
+    ``chunk`` is a ``maps.ChunkResult`` (None in the last message); the last
+    message says ``end`` and, if the map did not complete, why (``cancelled``,
+    or the :class:`~mpimap.failures.Failure` in ``error``).
+    """
+
+    sub_id: int
+    chunk: object = None
+    end: bool = False
+    cancelled: bool = False
+    error: object = None  # a Failure, or None
 
 
 @record

@@ -52,6 +52,7 @@ class MapState:
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
     share: int | None = None  # points per chunk of a map that is less than one chunk's worth of work (0: it is not)
+    nested: bool = False  # opened by a task in flight: served during a pause too, so that task can finish
 
     @property
     def unassigned(self) -> int:
@@ -74,6 +75,12 @@ class RankState:
     busy_seconds: float = 0.0
     last_result: float = 0.0  # when its last chunk came back
     lost: bool = False  # out of service: silent (lost) or retired for failing
+    parked: set = field(default_factory=set)  # chunk_ids in flight whose task waits for its nested maps
+
+    @property
+    def held(self) -> int:
+        """Chunks that take a prefetch slot: those in flight, less the parked ones (their task waits and serves)."""
+        return len(self.in_flight) - len(self.parked)
 
 
 class Scheduler:
@@ -116,15 +123,15 @@ class Scheduler:
         # count changes; _pop_room skips those.
         self._room = [deque() for _ in range(prefetch)]
         self._room[0].extend(self.ranks)
-        self.paused = False  # hand out nothing (not even copies of stragglers); in-flight chunks still complete
+        self.paused = False  # hand out only nested maps (no copies of stragglers); in-flight chunks still complete
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
-                priority: int = 0, cost: float | None = None) -> None:
-        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate."""
+                priority: int = 0, cost: float | None = None, nested: bool = False) -> None:
+        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate; ``nested``: a task's map."""
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be a positive integer")
-        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost)
+        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost, nested=nested)
         self.maps[map_id] = state
         if size:
             heapq.heappush(self._queue, (-priority, state.order, map_id))
@@ -137,6 +144,7 @@ class Scheduler:
             stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
             for cid in stale:
                 del rank.in_flight[cid]
+                rank.parked.discard(cid)
                 self._sent.pop(cid, None)
                 self._twins.pop(cid, None)
             if stale:
@@ -152,10 +160,11 @@ class Scheduler:
     def assign(self, now: float = 0.0) -> list[tuple[int, Chunk]]:
         """Hand out chunks to every rank that has room, while there is work; then copies of stragglers.
 
-        While :attr:`paused`, nothing: chunks in flight finish, and what is
-        queued (retries and requeued points too) waits for the resume.
+        While :attr:`paused`, only chunks of nested maps (the tasks in flight
+        that wait for them must finish): other chunks in flight finish, and what
+        is queued (retries and requeued points too) waits for the resume.
         """
-        if self.paused:
+        if self.paused and not any(state.nested and state.unassigned for state in self.maps.values()):
             return []
         out, passed = [], []
         while self._queue:
@@ -169,9 +178,10 @@ class Scheduler:
             self._give(rank, chunk, now)
             out.append((rank, chunk))
         for rank in reversed(passed):  # they keep their place in line
-            self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+            self._room[self.ranks[rank].held].appendleft(rank)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
-        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4:
+        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4 \
+                and not self.paused:
             self._last_scan = now
             out += self._reissue(now)
         return out
@@ -189,8 +199,8 @@ class Scheduler:
             rank = self._pop_room()
             if rank is None:
                 return out
-            if self.ranks[rank].in_flight:  # not idle: only idle ranks take copies
-                self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+            if self.ranks[rank].held:  # not idle: only idle ranks take copies
+                self._room[self.ranks[rank].held].appendleft(rank)
                 return out
             straggler = self._straggler(rank, now)
             if straggler is None:
@@ -210,7 +220,8 @@ class Scheduler:
                 continue
             for chunk in other.in_flight.values():
                 state = self.maps.get(chunk.map_id)
-                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
+                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins \
+                        or chunk.chunk_id in other.parked:  # a parked task is slow because it waits: no copy
                     continue
                 if chunk.avoid is not None and rank in chunk.avoid:
                     continue
@@ -228,13 +239,13 @@ class Scheduler:
             while ranks:
                 rank = ranks.popleft()
                 rstate = self.ranks[rank]
-                if not rstate.lost and len(rstate.in_flight) == held:
+                if not rstate.lost and rstate.held == held:
                     return rank
         return None
 
     def _push_room(self, rank: int) -> None:
         rstate = self.ranks[rank]
-        held = len(rstate.in_flight)
+        held = rstate.held
         if not rstate.lost and held < self.prefetch:
             self._room[held].append(rank)
 
@@ -250,6 +261,9 @@ class Scheduler:
                 state = self.maps.get(self._queue[0][2])
                 if state is None or state.unassigned == 0:
                     heapq.heappop(self._queue)
+                    continue
+                if self.paused and not state.nested:
+                    passed.append(heapq.heappop(self._queue))
                     continue
                 chunk = self._take(state, rank)
                 if chunk is not None:
@@ -310,6 +324,7 @@ class Scheduler:
         rstate = self.ranks[rank]
         rstate.last_heard = rstate.last_result = now
         chunk = rstate.in_flight.pop(chunk_id, None)
+        rstate.parked.discard(chunk_id)
         self._sent.pop(chunk_id, None)
         if chunk is None:
             return None
@@ -319,6 +334,7 @@ class Scheduler:
             twin_id, twin_rank = twin
             self._twins.pop(twin_id, None)
             self._sent.pop(twin_id, None)
+            self.ranks[twin_rank].parked.discard(twin_id)
             if self.ranks[twin_rank].in_flight.pop(twin_id, None) is not None:
                 self._push_room(twin_rank)
                 if chunk.map_id in self.maps:
@@ -347,6 +363,22 @@ class Scheduler:
             state.done_points -= 1
             self._requeue(state, index, index + 1, avoid)
         heapq.heappush(self._queue, (-state.priority, state.order, map_id))
+
+    def park(self, rank: int, chunk_id: int) -> None:
+        """The task of a chunk in flight waits for nested maps: while it waits, the rank evaluates other chunks
+        (inner ones first), so the chunk gives back its prefetch slot.  Even when every task waits, every
+        rank has room, and no depth of nesting deadlocks."""
+        rstate = self.ranks[rank]
+        if chunk_id in rstate.in_flight and chunk_id not in rstate.parked:
+            rstate.parked.add(chunk_id)
+            self._push_room(rank)
+
+    def unpark(self, rank: int, chunk_id: int) -> None:
+        """The chunk's nested maps have ended: it takes its prefetch slot again (stale room entries are skipped)."""
+        rstate = self.ranks[rank]
+        if chunk_id in rstate.parked:
+            rstate.parked.discard(chunk_id)
+            self._push_room(rank)  # its room entry now stands at the new count, if it still has room
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now
@@ -377,6 +409,7 @@ class Scheduler:
                                            for start, stop, avoid in state.requeued)
         chunks = list(rstate.in_flight.values())
         rstate.in_flight.clear()
+        rstate.parked.clear()
         for chunk in chunks:
             state = self.maps.get(chunk.map_id)
             twin = self._twins.pop(chunk.chunk_id, None)

@@ -13,7 +13,7 @@ from collections import deque
 
 import numpy as np
 
-from . import shared
+from . import nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
@@ -120,6 +120,8 @@ class _Worker:
         self.forward = _Forward(Transport(comm))
         self.stopping = False
         self.evaluated = 0
+        self.nesting = nested.WorkerNesting(self)
+        self.waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
 
     def handle(self, kind, body) -> None:
         if kind is Kind.TASK:
@@ -133,6 +135,8 @@ class _Worker:
             shared.accept(body)
         elif kind is Kind.UNSHARE:
             shared.release(body)
+        elif kind is Kind.SUBRESULT:
+            self.nesting.receive(body)
         elif kind is Kind.LEVEL:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
@@ -142,19 +146,9 @@ class _Worker:
         self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
         self.beat.start()
         logging.getLogger().addHandler(self.forward)
-        waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
         try:
             while not self.stopping:
-                message = self.transport.poll()
-                if message is not None:
-                    waiter.activity()
-                    self.handle(message[1], message[2])
-                    continue  # drain everything waiting before evaluating
-                if not self.queue:
-                    waiter.idle()
-                    continue
-                self.run_chunk(self.queue.popleft())
-                waiter.activity()
+                self.step()
             return self.evaluated
         finally:
             logging.getLogger().removeHandler(self.forward)
@@ -163,6 +157,27 @@ class _Worker:
             self.beat.stopped.set()
             self.beat.join()
             self.transport.flush(timeout=5.0)
+
+    def step(self, waiting: bool = False) -> None:
+        """Handle one message, else evaluate one queued chunk, else wait a little.
+
+        Messages are drained before any chunk is evaluated.  A task waiting for
+        its nested maps (``waiting``) calls this too: it takes the chunk of the
+        newest map first (nested maps are newer than their parents).
+        """
+        message = self.transport.poll()
+        if message is not None:
+            self.waiter.activity()
+            self.handle(message[1], message[2])
+        elif not self.queue:
+            self.waiter.idle()
+        else:
+            queue = self.queue
+            k = max(range(len(queue)), key=lambda k: queue[k].map_id) if waiting else 0
+            task = queue[k]
+            del queue[k]
+            self.run_chunk(task)
+            self.waiter.activity()
 
     def run_chunk(self, task: Task) -> None:
         map_id = task.map_id
@@ -175,7 +190,9 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
+        with nested.task(self.nesting.pool(task.chunk_id, function)):
+            out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
+        self.nesting.chunk_done(task.chunk_id)
         if out is None:
             return
         result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)

@@ -396,3 +396,82 @@ def test_a_paused_scheduler_hands_out_nothing_but_takes_results_and_resumes_wher
         done += range(chunk.start, chunk.stop)
         now += 1.0
     assert sorted(done) == list(range(20))
+
+
+def test_a_parked_chunk_gives_back_its_slot_so_a_waiting_rank_gets_inner_work_first():
+    """Nested maps: a task waiting for its inner map parks its chunk; the rank gets the inner map's chunks."""
+    sched = Scheduler([1], prefetch=2)
+    sched.add_map(0, 2, chunksize=1)  # the outer map: both chunks go to the only rank
+    (_, outer0), (_, outer1) = sched.assign()
+    sched.add_map(1, 3, chunksize=1, priority=1)  # outer0's task asks for an inner map and waits
+    assert sched.assign() == []  # without parking the rank is full: nobody would ever run the inner map
+    sched.park(1, outer0.chunk_id)
+    ((rank, inner),) = sched.assign()
+    assert (rank, inner.map_id) == (1, 1)
+    sched.park(1, outer1.chunk_id)  # every task of the rank waits: it still has room
+    ((_, inner2),) = sched.assign()
+    assert inner2.map_id == 1
+    assert sched.ranks[1].held == 2 and len(sched.ranks[1].in_flight) == 4
+    for chunk in (inner, inner2):
+        sched.complete(1, chunk.chunk_id, 0.01, 0.0)
+    ((_, inner3),) = sched.assign()
+    sched.complete(1, inner3.chunk_id, 0.01, 0.0)
+    assert sched.map_finished(1)
+    sched.remove_map(1)
+    sched.unpark(1, outer0.chunk_id)
+    assert sched.ranks[1].held == 1  # outer1 is still parked, outer0 takes its slot again
+    assert sched.complete(1, outer0.chunk_id, 0.5, 1.0) == outer0
+    assert sched.complete(1, outer1.chunk_id, 0.5, 1.0) == outer1  # a parked chunk completes like any other
+    assert not sched.ranks[1].parked and sched.map_finished(0)
+
+
+def test_a_parked_chunk_is_never_copied_as_a_straggler_and_a_lost_rank_drops_its_parked_chunks():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.1)
+    sched.add_map(0, 2, chunksize=1, cost=0.01)
+    (r1, c1), (r2, c2) = sched.assign(now=0.0)
+    sched.complete(r2, c2.chunk_id, 0.01, now=0.01)
+    sched.park(r1, c1.chunk_id)  # its task waits for its nested maps: long, but not late
+    assert all(rank != r2 for rank, _ in sched.assign(now=5.0))
+    requeued = sched.lose_rank(r1)
+    assert requeued == [c1] and not sched.ranks[r1].parked
+    ((rank, again),) = sched.assign(now=5.1)
+    assert rank == r2 and (again.start, again.stop) == (c1.start, c1.stop)
+
+
+def test_a_paused_scheduler_still_hands_out_nested_maps_so_the_waiting_tasks_can_finish():
+    sched = Scheduler([1, 2], prefetch=1, straggler_min=0.0)
+    sched.add_map(0, 4, chunksize=1)
+    (r1, outer), (r2, other) = sched.assign(now=0.0)
+    sched.paused = True  # the walltime guard pauses, then waits until every chunk in flight is back
+    sched.add_map(1, 2, chunksize=1, priority=1, nested=True)  # outer's task asks for a nested map and waits
+    sched.park(r1, outer.chunk_id)
+    ((rank, inner),) = sched.assign(now=1.0)
+    assert (rank, inner.map_id) == (r1, 1)
+    sched.complete(r2, other.chunk_id, 0.1, now=1.0)
+    ((rank, inner2),) = sched.assign(now=2.0)
+    assert (rank, inner2.map_id) == (r2, 1)  # a rank freed during the pause takes nested work, nothing else
+    for rank, chunk in ((r1, inner), (r2, inner2)):
+        sched.complete(rank, chunk.chunk_id, 0.1, now=3.0)
+    sched.remove_map(1)
+    sched.unpark(r1, outer.chunk_id)
+    assert sched.assign(now=100.0) == []  # the top-level map waits for the resume, no straggler copy either
+    sched.complete(r1, outer.chunk_id, 3.0, now=100.0)
+    assert not any(r.in_flight for r in sched.ranks.values())  # drained: the pause has taken effect
+    sched.paused = False
+    assert sorted(c.start for _, c in sched.assign(now=101.0)) == [2, 3]
+
+
+def test_a_rank_whose_parked_chunk_takes_its_slot_again_keeps_its_room():
+    """Found by the state machine: after an unpark, a rank with room left must still be served."""
+    sched = Scheduler([1, 2, 3], prefetch=3, straggler_factor=None)
+    sched.add_map(1, 4)
+    sched.add_map(2, 13, chunksize=4, priority=1)
+    sent = {chunk.chunk_id: (rank, chunk) for rank, chunk in sched.assign()}
+    parked_rank, parked = sent[1]
+    sched.park(parked_rank, parked.chunk_id)
+    sched.lose_rank(next(r for r in (1, 2, 3) if r != parked_rank))
+    sched.add_map(3, 1)
+    sched.remove_map(1)  # the parked chunk's rank keeps only that chunk
+    sched.unpark(parked_rank, parked.chunk_id)
+    sched.assign()
+    assert all(state.unassigned == 0 for state in sched.maps.values()), "a rank with room was left out"

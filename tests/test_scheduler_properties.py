@@ -43,11 +43,11 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # -- the master's side ------------------------------------------------------
     @rule(size=st.integers(0, 25), chunksize=st.none() | st.integers(1, 6), priority=st.integers(0, 2),
-          cost=st.none() | st.sampled_from([1e-4, 0.01, 0.3]))
-    def add_map(self, size, chunksize, priority, cost):
+          cost=st.none() | st.sampled_from([1e-4, 0.01, 0.3]), nested=st.booleans())
+    def add_map(self, size, chunksize, priority, cost, nested):
         map_id = self.next_map
         self.next_map += 1
-        self.sched.add_map(map_id, size, chunksize=chunksize, priority=priority, cost=cost)
+        self.sched.add_map(map_id, size, chunksize=chunksize, priority=priority, cost=cost, nested=nested)
         self.open[map_id] = size
         self.delivered[map_id] = Counter()
         self.just_assigned = False
@@ -63,6 +63,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert chunk.map_id in self.open, "a chunk of a map that ended was handed out"
             assert chunk.avoid is None or rank not in chunk.avoid, "a chunk went to a rank it avoids"
             assert chunk.chunk_id not in self.sent
+            assert not self.sched.paused or self.sched.maps[chunk.map_id].nested, "a paused scheduler handed out " \
+                "a map that is not nested"
             self.sent[chunk.chunk_id] = (rank, chunk)
         self.just_assigned = True
 
@@ -93,6 +95,28 @@ class SchedulerMachine(RuleBasedStateMachine):
                 del self.sent[chunk_id]
                 if retire:  # a retired rank is alive and may still send its result
                     self.ghosts[chunk_id] = (r, chunk)
+        self.just_assigned = False
+
+    @rule()
+    def pause_or_resume(self):
+        self.sched.paused = not self.sched.paused
+        self.just_assigned = False
+
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data())
+    def park(self, data):
+        """A task waits for its nested maps: its chunk gives back its prefetch slot."""
+        chunk_id = data.draw(st.sampled_from(sorted(self.sent)))
+        self.sched.park(self.sent[chunk_id][0], chunk_id)
+        self.just_assigned = False
+
+    @precondition(lambda self: any(r.parked for r in self.sched.ranks.values()))
+    @rule(data=st.data())
+    def unpark(self, data):
+        """A task's nested maps have ended: its chunk takes its slot again."""
+        rank, chunk_id = data.draw(st.sampled_from(sorted((r.rank, c) for r in self.sched.ranks.values()
+                                                          for c in r.parked)))
+        self.sched.unpark(rank, chunk_id)
         self.just_assigned = False
 
     @precondition(lambda self: self.open)
@@ -166,6 +190,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(self.sched.maps) == set(self.open)
 
     @invariant()
+    def parked_chunks_are_in_flight(self):
+        for r in self.sched.ranks.values():
+            assert r.parked <= set(r.in_flight), f"rank {r.rank} parks chunks it does not hold"
+
+    @invariant()
     def no_point_avoids_every_live_rank(self):
         live = {r for r, s in self.sched.ranks.items() if not s.lost}
         for state in self.sched.maps.values():
@@ -177,9 +206,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not self.just_assigned:
             return  # only right after assign: the master calls it whenever something changed
         for r in self.sched.ranks.values():
-            if r.lost or len(r.in_flight) >= self.sched.prefetch:
+            if r.lost or r.held >= self.sched.prefetch:
                 continue
             for state in self.sched.maps.values():
+                if self.sched.paused and not state.nested:
+                    continue
                 takeable = state.cursor < state.size or any(
                     avoid is None or r.rank not in avoid for _, _, avoid in state.requeued)
                 assert not takeable, f"rank {r.rank} has room but gets nothing of map {state.map_id}"
@@ -188,6 +219,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "sched"):
             return
         # Drive everything to completion: no more faults.  Every map must end.
+        self.sched.paused = False
         for _ in range(10_000):
             if not self.open:
                 break
