@@ -141,9 +141,9 @@ class WorkerPool:
             star = bool(star)
         else:
             args, star = list(zip(*iterables)), True
-        outer = self._function  # its isolation and point logs are the defaults
+        outer = self._function  # its isolation and point logs are the defaults; its pool's initializer runs too
         isolation, policy, logs = map_settings(options, outer.isolation, Policy(), outer.logs)
-        blob = _pickle_function(fn, star, False, isolation, logs)
+        blob = _pickle_function(fn, star, False, isolation, logs, init=outer.init)
         return self._nesting.open(self._chunk_id, blob, args, ordered, chunksize, priority, policy)
 
 
