@@ -77,7 +77,7 @@ class MapHandle:
     """A map submitted to the master; thread-safe between the master and one reading thread."""
 
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
-                 policy: Policy = Policy()):
+                 policy: Policy = Policy(), group=None):
         self.function = function  # the pickled protocol.MapFunction
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.size = len(args)
@@ -87,6 +87,7 @@ class MapHandle:
         self.futures = futures
         self.sealed = futures is None
         self.policy = policy
+        self.group = group  # a groups.GroupSpec for a map of k-rank tasks, else None
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
         self.verifying: dict[int, tuple] = {}  # point index -> (first value, its host), while re-evaluated

@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import world
+from . import groups, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -122,9 +122,10 @@ class Pool(Executor):
                     ordered=True, futures=None, options=None) -> MapHandle:
         master = self._live_master()
         _check_map_options(chunksize, priority)
-        isolation, policy, logs = self._settings(options or {})
+        options, group = groups.split_options(options or {}, self._isolation, chunksize)
+        isolation, policy, logs = self._settings(options)
         handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs), args, chunksize=chunksize,
-                           priority=priority, ordered=ordered, futures=futures, policy=policy)
+                           priority=priority, ordered=ordered, futures=futures, policy=policy, group=group)
         master.submit(handle)
         self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
         if policy.verify:
@@ -161,7 +162,9 @@ class Pool(Executor):
         worker's traceback as its ``__cause__`` (with ``on_error="record"`` the
         exception is yielded as that point's result instead); closing the
         iterator early cancels the points not yet evaluated.  ``options``
-        override the pool's isolation and failure policy for this map.
+        override the pool's isolation and failure policy for this map;
+        ``ranks_per_task=k`` runs each point on k ranks at once, with
+        ``mpimap.task_comm()`` their communicator (docs/mpi-tasks.rst).
         """
         handle = self._map_handle(fn, iterables, chunksize, priority, ordered=True, options=options)
         return handle.ordered(_deadline(timeout))

@@ -13,7 +13,8 @@ kind        direction           body
 ==========  ==================  ======================================================
 HELLO       worker -> master    :class:`Hello`, once when the worker starts serving
 TASK        master -> worker    :class:`Task`: one chunk of a map; the first chunk of a
-                                map to a rank carries the pickled :class:`MapFunction`
+                                map to a rank carries the pickled :class:`MapFunction`;
+                                a k-rank task goes to each of its ranks (``group``)
 RESULT      worker -> master    :class:`Result`: a chunk's values, failures and timings
 HEARTBEAT   worker -> master    ``None``, every heartbeat period
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
@@ -95,11 +96,12 @@ class Task:
     map_id: int
     function: bytes | None  # the pickled MapFunction, with the first chunk of a map to a rank; else None
     args: object  # the chunk's points: a list, range or numpy array (UnloadableArgs if they failed to unpickle)
+    group: tuple | None = None  # a k-rank task (one point): the pool ranks that run it together, lowest first
 
     def __reduce__(self):
         if _always_loads(self.args):
-            return Task, (self.chunk_id, self.map_id, self.function, self.args)
-        return _task, (self.chunk_id, self.map_id, self.function, len(self.args), *_apart(self.args))
+            return Task, (self.chunk_id, self.map_id, self.function, self.args, self.group)
+        return _task, (self.chunk_id, self.map_id, self.function, self.group, len(self.args), *_apart(self.args))
 
 
 @record
@@ -113,11 +115,11 @@ class UnloadableArgs:
         return self.size
 
 
-def _task(chunk_id, map_id, function, size, inner, *buffers) -> Task:
+def _task(chunk_id, map_id, function, group, size, inner, *buffers) -> Task:
     args = _load_apart(inner, buffers)
     if isinstance(args, Failure):
         args = UnloadableArgs(args, size)
-    return Task(chunk_id, map_id, function, args)
+    return Task(chunk_id, map_id, function, args, group)
 
 
 @record

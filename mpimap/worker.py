@@ -13,6 +13,7 @@ from collections import deque
 
 import numpy as np
 
+from . import groups
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
@@ -48,8 +49,12 @@ class Evaluator:
     def __init__(self):
         self.child: ChildProcess | None = None
 
-    def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True) -> Outcome | None:
-        """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops)."""
+    def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True,
+            comm=None) -> Outcome | None:
+        """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops).
+
+        ``comm``: the communicator of a k-rank task (``mpimap.task_comm()``); None for one rank.
+        """
         n = len(args)
         failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
             else None
@@ -57,8 +62,9 @@ class Evaluator:
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank":
-            out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch, logs=function.logs,
-                                  timed=function.pack)
+            with groups.entered(comm):
+                out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch,
+                                      logs=function.logs, timed=function.pack)
         else:
             if self.child is None:
                 self.child = ChildProcess()
@@ -115,6 +121,7 @@ class _Worker:
         self.forward = _Forward(Transport(comm))
         self.stopping = False
         self.evaluated = 0
+        self.forgotten: set = set()  # maps forgotten while k-rank tasks of theirs were queued: dropped after those
 
     def handle(self, kind, body) -> None:
         if kind is Kind.TASK:
@@ -122,12 +129,25 @@ class _Worker:
                 self.functions[body.map_id] = (body.function, load_function(body.function))
             self.queue.append(body)
         elif kind is Kind.FORGET:
-            self.functions.pop(body, None)
-            self.queue = deque(t for t in self.queue if t.map_id != body)
+            self._forget(body)
         elif kind is Kind.LEVEL:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
             self.stopping = True
+            self.queue = deque(t for t in self.queue if t.group)
+
+    def _forget(self, map_id) -> None:
+        """Drop a map's queued chunks and its function, but not its k-rank tasks.
+
+        Another member of such a task may be inside it already, waiting for
+        this rank in a collective call: each member runs every k-rank task it
+        receives (then the function goes).
+        """
+        self.queue = deque(t for t in self.queue if t.map_id != map_id or t.group)
+        if any(t.map_id == map_id for t in self.queue):
+            self.forgotten.add(map_id)
+        else:
+            self.functions.pop(map_id, None)
 
     def serve(self) -> int:
         self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
@@ -135,7 +155,7 @@ class _Worker:
         logging.getLogger().addHandler(self.forward)
         waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
         try:
-            while not self.stopping:
+            while not self.stopping or self.queue:  # after STOP, only k-rank tasks are left: their peers wait
                 message = self.transport.poll()
                 if message is not None:
                     waiter.activity()
@@ -150,6 +170,7 @@ class _Worker:
         finally:
             logging.getLogger().removeHandler(self.forward)
             self.evaluator.close()
+            self.transport.free_groups()
             self.beat.stopped.set()
             self.beat.join()
             self.transport.flush(timeout=5.0)
@@ -165,7 +186,10 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        out = self.evaluator.run(map_id, blob, function, task.args, tick)
+        if task.group is not None:
+            out = self._run_group(task, blob, function)
+        else:
+            out = self.evaluator.run(map_id, blob, function, task.args, tick)
         if out is None:
             return
         result = Result(task.chunk_id, out.values, out.failures, out.durations, time.perf_counter() - t0, out.logs)
@@ -175,6 +199,20 @@ class _Worker:
             values, failures = unpicklable_values(result.values, result.failures, exc)
             self.transport.send(0, Kind.RESULT, dataclasses.replace(result, values=values, failures=failures))
         self.evaluated += len(task.args)
+
+
+    def _run_group(self, task: Task, blob, function) -> Outcome:
+        """Evaluate this rank's part of a k-rank task, on the communicator of its ranks."""
+        try:
+            comm = self.transport.group_comm(task.group)
+        except Exception as exc:
+            return Outcome([None], {0: Failure.from_exception(exc)}, np.zeros(1), {})
+        try:
+            return self.evaluator.run(task.map_id, blob, function, task.args, comm=comm)
+        finally:
+            if task.map_id in self.forgotten and not any(t.map_id == task.map_id for t in self.queue):
+                self.forgotten.discard(task.map_id)
+                self.functions.pop(task.map_id, None)
 
 
 def host_name(rank: int) -> str:
