@@ -184,7 +184,7 @@ class Scheduler:
         if self.paused:
             return []
         out = self._assign_groups(now) if self._wide or self._reserved else []
-        passed = []
+        handed, passed = len(out), []
         while self._queue:
             rank = self._pop_room()
             if rank is None:
@@ -200,6 +200,8 @@ class Scheduler:
             out.append((rank, chunk))
         for rank in reversed(passed):  # they keep their place in line
             self._room[len(self.ranks[rank].in_flight)].appendleft(rank)
+        if self._wide and len(out) > handed:  # one-rank maps ahead of k-rank maps may have run out: look again
+            out += self._assign_groups(now)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
         if self.straggler_factor is not None and self._room[0] and not self._reserved and now - self._last_scan > self.straggler_min / 4:
             self._last_scan = now
