@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+from conftest import mpimap_cli
 
 import mpimap
 
@@ -152,3 +154,49 @@ def test_task_comm_in_a_single_process_pool_and_outside_a_task():
 
 def _comm_size(x):
     return mpimap.task_comm().Get_size()
+
+
+SOLVER = '''
+from mpi4py import MPI
+import mpimap
+
+def solve(x):
+    """x summed over the task's ranks, each adding its task rank: k x + k (k - 1) / 2."""
+    comm = mpimap.task_comm()
+    return float(comm.allreduce(float(x) + comm.Get_rank(), op=MPI.SUM))
+'''
+
+
+def test_cli_run_with_ranks_per_task_stores_what_a_serial_loop_computes(tmp_path):
+    (tmp_path / "solver.py").write_text(SOLVER)
+    np.save(tmp_path / "p.npy", np.arange(12.0))
+    out = str(tmp_path / "r.h5")
+    proc = mpimap_cli(3, "run", "solver.py:solve", "--points", "p.npy", "--out", out, "--ranks-per-task", "2",
+                      "--isolation", "rank", cwd=tmp_path, timeout=180)
+    assert "12 of 12" in proc.stdout
+    results = mpimap.load(out, as_frame=False)
+    assert np.array_equal(results["values"], 2 * np.arange(12.0) + 1)  # k x + 1 for k = 2
+    assert set(results["status"]) == {"done"}
+
+
+def test_cli_ranks_per_task_without_rank_isolation_is_one_line(tmp_path):
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    proc = mpimap_cli(2, "run", "solver.py:solve", "--points", "p.npy", "--out", "r.h5", "--ranks-per-task", "2",
+                      cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mpimap: error: run option ranks_per_task=2 needs isolation rank (--isolation rank): a point's ranks share an MPI "
+        "communicator, and evaluation processes are not MPI processes"]
+    assert not (tmp_path / "r.h5").exists()
+
+
+def test_cli_ranks_per_task_wider_than_the_pool_is_one_line(tmp_path):
+    (tmp_path / "solver.py").write_text(SOLVER)
+    np.save(tmp_path / "p.npy", np.arange(3.0))
+    proc = mpimap_cli(3, "run", "solver.py:solve", "--points", "p.npy", "--out", "r.h5", "--ranks-per-task", "3",
+                      "--isolation", "rank", cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mpimap: error: run option ranks_per_task=3 asks for more worker ranks than the pool has (2 live): use "
+        "ranks_per_task <= 2, or start more ranks (mpiexec -n 4 or more)"]
+    assert not (tmp_path / "r.h5").exists()
