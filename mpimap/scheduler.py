@@ -203,7 +203,9 @@ class Scheduler:
         if self._wide and len(out) > handed:  # one-rank maps ahead of k-rank maps may have run out: look again
             out += self._assign_groups(now)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
-        if self.straggler_factor is not None and self._room[0] and not self._reserved and now - self._last_scan > self.straggler_min / 4:
+        # No copies while a k-rank map reserves ranks: the idle ranks are the ones it waits for.
+        if (self.straggler_factor is not None and self._room[0] and not self._reserved
+                and now - self._last_scan > self.straggler_min / 4):
             self._last_scan = now
             out += self._reissue(now)
         return out
@@ -242,7 +244,9 @@ class Scheduler:
                 continue
             for chunk in other.in_flight.values():
                 state = self.maps.get(chunk.map_id)
-                if chunk.group is not None or state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
+                if chunk.group is not None:  # k-rank tasks are never copied
+                    continue
+                if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins:
                     continue
                 if chunk.avoid is not None and rank in chunk.avoid:
                     continue

@@ -185,8 +185,8 @@ def test_cli_ranks_per_task_without_rank_isolation_is_one_line(tmp_path):
                       cwd=tmp_path, check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "mpimap: error: run option ranks_per_task=2 needs isolation rank (--isolation rank): a point's ranks share an MPI "
-        "communicator, and evaluation processes are not MPI processes"]
+        "mpimap: error: run option ranks_per_task=2 needs isolation rank (--isolation rank): a point's ranks share "
+        "an MPI communicator, and evaluation processes are not MPI processes"]
     assert not (tmp_path / "r.h5").exists()
 
 
