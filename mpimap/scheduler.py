@@ -556,8 +556,10 @@ class Scheduler:
     def stuck_ranks(self) -> list[int]:
         """Live ranks still inside a k-rank task whose point was settled without them (failed elsewhere,
         timed out): probably blocked in a collective call; they get no work until they report."""
-        return sorted(r for r, cid in self._members.items()
-                      if not self.ranks[r].lost and cid in self.groups and self.groups[cid].decided)
+        groups = self.groups
+        # A copy taken at once: status() asks from the caller's thread while the master thread changes it.
+        return sorted(r for r, cid in list(self._members.items())
+                      if not self.ranks[r].lost and getattr(groups.get(cid), "decided", False))
 
     def too_wide(self) -> list[int]:
         """The k-rank maps that ask for more ranks than are live (after losses): they can never run."""

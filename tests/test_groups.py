@@ -200,3 +200,30 @@ def test_cli_ranks_per_task_wider_than_the_pool_is_one_line(tmp_path):
         "mpimap: error: run option ranks_per_task=3 asks for more worker ranks than the pool has (2 live): use "
         "ranks_per_task <= 2, or start more ranks (mpiexec -n 4 or more)"]
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_a_member_that_raises_before_a_collective_leaves_its_partner_stuck_and_out_of_work(run_script):
+    """The documented limit: MPI cannot interrupt the partner's Allreduce.  The point fails at once with the
+    exception, the partner is shown as stuck and gets no work (one-rank points go to the other rank); the
+    program then ends with Abort, as docs/mpi-tasks.rst says it must."""
+    proc = run_script(FUNCTIONS + '''
+def raises_before_the_collective(x):
+    comm = mpimap.task_comm()
+    if x == 1 and comm.Get_rank() == 1:
+        raise ValueError("task rank 1 gave up")
+    return comm.allreduce(x, op=MPI.SUM)
+
+def where(x):
+    return MPI.COMM_WORLD.Get_rank()
+
+if __name__ == "__main__":
+    pool = mpimap.Pool()
+    out = list(pool.map(raises_before_the_collective, range(2), ranks_per_task=2, on_error="record"))
+    stuck = [r["rank"] for r in pool.status() if r["stuck"]]
+    ranks = sorted(set(pool.map(where, range(20))))
+    print("RESULT " + json.dumps(dict(out=[repr(v) for v in out], stuck=stuck, ranks=ranks)), flush=True)
+    MPI.COMM_WORLD.Abort(0)
+''', full=True, check=False, timeout=120)
+    out = result_of(proc.stdout)
+    assert out == {"out": ["0", "ValueError('task rank 1 gave up')"], "stuck": [1], "ranks": [2]}
+    assert "point 1 failed on rank 2 of its 2-rank task; ranks [1] are still inside it" in proc.stderr
