@@ -2,6 +2,7 @@
 
 from .failures import RemoteError
 from .nested import current_pool
+from .groups import task_comm
 from .pool import Pool
 from .results import load
 from .seeds import point_rng, rng
@@ -9,4 +10,4 @@ from .shared import InitializerError, Shared
 
 __version__ = "0.1.0"
 __all__ = ["Pool", "RemoteError", "current_pool", "load", "point_rng", "rng", "Shared", "InitializerError",
-           "__version__"]
+           "task_comm", "__version__"]

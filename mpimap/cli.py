@@ -69,6 +69,9 @@ def cli():
               help="Warn when a live rank returns nothing for this long.")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SECONDS", help="Declare a silent worker rank lost after this long; its points run elsewhere.")
+@click.option("--ranks-per-task", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="Run each point on K worker ranks at once, the function using mpimap.task_comm() "
+                   "(needs --isolation rank).")
 @click.option("--walltime", default=None, metavar="TIME",
               help="Time this run may take (MINUTES, HH:MM:SS, D-HH:MM:SS): no point is handed out that would not "
                    "finish in time, then it stops (exit 3). MPIMAP_DEADLINE (unix seconds) too; the earlier wins.")

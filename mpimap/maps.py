@@ -79,7 +79,7 @@ class MapHandle:
     nested = False  # a map opened by a task on a worker (nested.RemoteHandle)
 
     def __init__(self, function: bytes, args, *, chunksize=None, priority=0, ordered=True, futures=None,
-                 policy: Policy = Policy(), keys=None):
+                 policy: Policy = Policy(), keys=None, group=None):
         self.function = function  # the pickled protocol.MapFunction
         self.args = args  # a sequence (list or numpy array) sliced into chunks
         self.keys = keys  # the stream index of each point (a map with a seed: see mpimap.seeds), else None
@@ -90,6 +90,7 @@ class MapHandle:
         self.futures = futures
         self.sealed = futures is None
         self.policy = policy
+        self.group = group  # a groups.GroupSpec for a map of k-rank tasks, else None
         self.attempts: dict[int, int] = {}  # point index -> attempts made so far, where more than one
         self.failed_on: dict[int, str] = {}  # point index -> host of its last failed attempt, while retried
         self.verifying: dict[int, tuple] = {}  # point index -> (first value, its host), while re-evaluated

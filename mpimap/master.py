@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import nested, shared
+from .groups import timeout_failure
 from .maps import ChunkResult, MapHandle
 from .protocol import Kind, Result, Task
-from .scheduler import Scheduler
+from .scheduler import Scheduler, too_wide_message
 from .transport import Transport, Waiter
 from .worker import Evaluator, host_name, load_function
 
@@ -95,6 +96,7 @@ class Master:
         self._inbox: deque = deque()
         self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
         self._costs: dict[int, float] = {}  # hash of a pickled function -> seconds per point, from its last map
+        self._leaders: dict[int, Result] = {}  # chunk_id -> task rank 0's result of a k-rank task not yet settled
         self._map_ids = itertools.count()
         self._closing = False
         self._draining = False  # close was asked for: finish the open maps, accept no new ones, then end
@@ -190,10 +192,11 @@ class Master:
         """One row per worker rank: host, pid, chunks in flight (``chunks``: the scheduler's Chunk records),
         points done, busy time, seconds since last heard.  Safe to call from any thread."""
         now = time.monotonic()
+        stuck = set(self.scheduler.stuck_ranks())
         return [
             dict(rank=r, host=info.host, pid=info.pid, in_flight=len(chunks), chunks=chunks,
                  points_done=s.points_done, busy_seconds=s.busy_seconds, last_heard=now - s.last_heard,
-                 lost=r in self.lost, retired=r in self.retired)
+                 lost=r in self.lost, retired=r in self.retired, stuck=r in stuck)
             for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
             for chunks in [list(s.in_flight.values())]  # one copy, taken at once: the master thread changes it
         ]
@@ -265,6 +268,8 @@ class Master:
             self._wake.set()
             return False
         self._dispatch()
+        if self.scheduler.groups:
+            self._group_timeouts()
         received = self._receive()
         if self.rank_timeout is not None or self.stall_timeout is not None:
             # Silence is judged only once every message waiting has been read.
@@ -429,6 +434,7 @@ class Master:
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
             self.nesting.rank_lost(rank)
+        self._fail_too_wide()
         if self.stall_timeout:
             stalled = set(self.scheduler.stalled_ranks(now, self.stall_timeout))
             for rank in stalled - self._stalled:
@@ -461,7 +467,8 @@ class Master:
         cost = self._costs.get(hash(handle.function))
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
-                                   cost=cost, nested=handle.nested)
+                                   cost=cost, nested=handle.nested,
+                                   ranks_per_task=handle.group.ranks_per_task if handle.group else 1)
         except Exception as exc:  # the map's own fault: it fails, the master serves on
             self._end_map(handle, error=exc)
             return
@@ -516,7 +523,8 @@ class Master:
             function = None if rank in holders else handle.function
             holders.add(rank)
             try:
-                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args, keys))
+                self.transport.send(rank, Kind.TASK, Task(chunk.chunk_id, chunk.map_id, function, args, keys,
+                                                          chunk.group))
             except Exception as exc:  # points that cannot be pickled: that map fails, the master serves on
                 self._end_map(handle, error=exc)
 
@@ -555,6 +563,9 @@ class Master:
     def _result(self, rank: int, result: Result, now: float) -> None:
         values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
         self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
+        if result.chunk_id in self.scheduler.groups:
+            self._group_result(rank, result, now)
+            return
         chunk = self.scheduler.complete(rank, result.chunk_id, result.seconds, now)
         self.nesting.chunk_done(rank, result.chunk_id)
         live = self._holes.pop(result.chunk_id, None)
@@ -562,6 +573,10 @@ class Master:
             return
         if live is not None:
             values, failures, durations, logs = _fill_holes(live, len(chunk), values, failures, durations, logs)
+        self._chunk_done(chunk, rank, values, failures, durations, logs)
+
+    def _chunk_done(self, chunk, rank, values, failures, durations, logs) -> None:
+        """Hand a chunk's results to its map (or to the verification it was for); end the map when it is done."""
         handle = self._handles[chunk.map_id]
         if chunk.start in handle.verifying and len(chunk) == 1:
             self._verified(handle, chunk.start, values, failures, rank)
@@ -569,6 +584,50 @@ class Master:
             self._deliver(handle, chunk, values, failures, durations, rank, logs)
         if self.scheduler.map_finished(chunk.map_id):
             self._end_map(handle)
+
+    # -- k-rank tasks (mpimap/groups.py) -----------------------------------------
+    def _group_result(self, rank: int, result: Result, now: float) -> None:
+        """A member of a k-rank task reported.  Its point's result: the first member's failure, else the value of
+        task rank 0 once every member is back."""
+        cid = result.chunk_id
+        group = self.scheduler.groups[cid].chunk.group
+        if rank == group[0] and not result.failures:
+            self._leaders[cid] = result
+        chunk = self.scheduler.complete_member(rank, cid, result.seconds, now, bool(result.failures))
+        leader = self._leaders.get(cid) if cid in self.scheduler.groups else self._leaders.pop(cid, None)
+        if chunk is None:
+            return
+        if not result.failures:
+            result = leader
+        else:
+            self._leaders.pop(cid, None)
+            inside = sorted(self.scheduler.groups[cid].waiting) if cid in self.scheduler.groups else []
+            if inside:
+                log.warning("point %d failed on rank %d of its %d-rank task; ranks %s are still inside it (perhaps "
+                            "blocked in a collective call): they get no work until they return", chunk.start, rank,
+                            len(group), inside)
+        self._chunk_done(chunk, rank, result.values, result.failures, result.durations, result.logs)
+
+    def _group_timeouts(self) -> None:
+        """Fail the k-rank points that ran past their map's ``point_timeout``; their ranks stay reserved."""
+        for chunk in self.scheduler.overdue_groups(time.monotonic(), self._group_timeout):
+            self._leaders.pop(chunk.chunk_id, None)
+            timeout = self._handles[chunk.map_id].group.timeout
+            inside = sorted(self.scheduler.groups[chunk.chunk_id].waiting)
+            log.warning("point %d of a %d-rank map timed out after %g s: ranks %s get no work until they return",
+                        chunk.start, len(chunk.group), timeout, inside)
+            self._chunk_done(chunk, chunk.group[0], [None], {0: timeout_failure(timeout, inside)}, np.zeros(1), {})
+
+    def _group_timeout(self, map_id: int) -> float | None:
+        handle = self._handles.get(map_id)
+        return handle.group.timeout if handle is not None and handle.group is not None else None
+
+    def _fail_too_wide(self) -> None:
+        """After ranks were lost: the k-rank maps that need more ranks than are left fail (they could never run)."""
+        for map_id in self.scheduler.too_wide():
+            handle = self._handles[map_id]
+            self._end_map(handle, error=RuntimeError(too_wide_message(handle.group.ranks_per_task,
+                                                                      self.scheduler.live)))
 
     def _deliver(self, handle, chunk, values, failures, durations, rank, logs) -> None:
         """Hand a chunk's results to its map: retry what deserves another attempt, sample points to verify."""
@@ -641,6 +700,7 @@ class Master:
             self.scheduler.lose_rank(r)
             self.retired.add(r)
             self.nesting.rank_lost(r)
+        self._fail_too_wide()
 
     def _shutdown_workers(self) -> None:
         if self.stop_workers:

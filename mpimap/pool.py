@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 
 import numpy as np
 
-from . import nested, shared, world
+from . import groups, nested, shared, world
 from .isolation import Isolation
 from .maps import MapHandle, Policy
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
@@ -136,12 +136,13 @@ class Pool(Executor):
         (default ``k``)."""
         master = self._live_master()
         _check_map_options(chunksize, priority)
-        isolation, policy, logs = self._settings(options or {})
+        options, group = groups.split_options(options or {}, self._isolation, chunksize)
+        isolation, policy, logs = self._settings(options)
         seed = self._seed if seed is None else check_seed(seed)
         keys = None if seed is None else range(len(args)) if keys is None else keys
         handle = MapHandle(_pickle_function(fn, star, pack, isolation, logs, seed, self._init), args,
                            chunksize=chunksize, priority=priority, ordered=ordered, futures=futures, policy=policy,
-                           keys=keys)
+                           keys=keys, group=group)
         master.submit(handle)
         self._handles.add(handle)  # only once submitted: shutdown waits for what the master holds
         if policy.verify:
@@ -180,7 +181,9 @@ class Pool(Executor):
         worker's traceback as its ``__cause__`` (with ``on_error="record"`` the
         exception is yielded as that point's result instead); closing the
         iterator early cancels the points not yet evaluated.  ``options``
-        override the pool's isolation and failure policy for this map.
+        override the pool's isolation and failure policy for this map;
+        ``ranks_per_task=k`` runs each point on k ranks at once, with
+        ``mpimap.task_comm()`` their communicator (docs/mpi-tasks.rst).
         ``seed`` (default: the pool's) gives point ``i`` the random stream
         :func:`mpimap.rng` returns there, the same as ``mpimap.point_rng(seed, i)``.
         """
@@ -240,7 +243,8 @@ class Pool(Executor):
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
-        map each holds), points done, busy seconds, seconds since last heard, and whether it was lost or retired."""
+        map each holds), points done, busy seconds, seconds since last heard, and whether it was lost or retired,
+        or is stuck inside a k-rank task whose point was settled without it (docs/mpi-tasks.rst)."""
         return self._live_master().status()
 
     def pause(self) -> None:

@@ -13,7 +13,8 @@ kind        direction           body
 ==========  ==================  ======================================================
 HELLO       worker -> master    :class:`Hello`, once when the worker starts serving
 TASK        master -> worker    :class:`Task`: one chunk of a map; the first chunk of a
-                                map to a rank carries the pickled :class:`MapFunction`
+                                map to a rank carries the pickled :class:`MapFunction`;
+                                a k-rank task goes to each of its ranks (``group``)
 RESULT      worker -> master    :class:`Result`: a chunk's values, failures and timings
 HEARTBEAT   worker -> master    ``None``, every heartbeat period
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
@@ -110,11 +111,13 @@ class Task:
     function: bytes | None  # the pickled MapFunction, with the first chunk of a map to a rank; else None
     args: object  # the chunk's points: a list, range or numpy array (UnloadableArgs if they failed to unpickle)
     keys: object = None  # the stream index of each point (a range, list or int array) in a map with a seed; else None
+    group: tuple | None = None  # a k-rank task (one point): the pool ranks that run it together, lowest first
 
     def __reduce__(self):
         if _always_loads(self.args):
-            return Task, (self.chunk_id, self.map_id, self.function, self.args, self.keys)
-        return _task, (self.chunk_id, self.map_id, self.function, self.keys, len(self.args), *_apart(self.args))
+            return Task, (self.chunk_id, self.map_id, self.function, self.args, self.keys, self.group)
+        return _task, (self.chunk_id, self.map_id, self.function, self.keys, self.group, len(self.args),
+                       *_apart(self.args))
 
 
 @record
@@ -128,11 +131,11 @@ class UnloadableArgs:
         return self.size
 
 
-def _task(chunk_id, map_id, function, keys, size, inner, *buffers) -> Task:
+def _task(chunk_id, map_id, function, keys, group, size, inner, *buffers) -> Task:
     args = _load_apart(inner, buffers)
     if isinstance(args, Failure):
         args = UnloadableArgs(args, size)
-    return Task(chunk_id, map_id, function, args, keys)
+    return Task(chunk_id, map_id, function, args, keys, group)
 
 
 @record

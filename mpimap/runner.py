@@ -55,6 +55,7 @@ class RunOptions:
     walltime: str | float | None = None   # the allocation's length from the run's start (MPIMAP_DEADLINE too)
     seed: int | None = None               # row i's random stream is mpimap.point_rng(seed, i) (None: no seed)
     init: str | None = None               # MODULE:FUNCTION run once in every evaluating process (Pool initializer)
+    ranks_per_task: int = 1               # k > 1: each point runs on k ranks with mpimap.task_comm() (isolation rank)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -82,7 +83,7 @@ class RunOptions:
                   ("flush_interval", float, 0, False), ("slow_seconds", float, 0, False),
                   ("point_timeout", float, None, True), ("max_memory_mb", float, None, True),
                   ("stall_timeout", float, None, True), ("rank_timeout", float, None, False),
-                  ("verify", float, 0, False)]
+                  ("verify", float, 0, False), ("ranks_per_task", int, 1, False)]
         for name, kind, low, optional in checks:
             value = getattr(self, name)
             if value is None and optional:
@@ -103,6 +104,11 @@ class RunOptions:
                 parse_walltime(self.walltime)
             except MpimapError as exc:
                 return f"run option {exc}"
+        if self.ranks_per_task > 1 and self.isolation != "rank":
+            return (f"run option ranks_per_task={self.ranks_per_task} needs isolation rank (--isolation rank): a "
+                    "point's ranks share an MPI communicator, and evaluation processes are not MPI processes")
+        if self.ranks_per_task > 1 and self.chunksize not in (None, 1):
+            return f"run option chunksize cannot be used with ranks_per_task={self.ranks_per_task}: leave it out"
         for name in ("fresh", "retry_failed", "scratch", "debug_rerun", "progress"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "progress" and value is None):
@@ -114,7 +120,7 @@ class RunOptions:
         return dict(isolation=self.isolation, point_timeout=self.point_timeout, max_points=self.max_points,
                     max_memory_mb=self.max_memory_mb, scratch=self.scratch, on_error="record", retries=self.retries,
                     quarantine=self.quarantine, keep_logs=self.keep_logs, slow_seconds=self.slow_seconds,
-                    debug_rerun=self.debug_rerun, verify=self.verify)
+                    debug_rerun=self.debug_rerun, verify=self.verify, ranks_per_task=self.ranks_per_task)
 
 
 RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))  # what run_options of a job spec may hold
@@ -219,7 +225,11 @@ class Runner:
     def run(self) -> Outcome:
         from .control import Watcher, paused_before
         from .inputs import FunctionRef, load_points
+        from . import world
+        from .groups import split_options
+        from .isolation import Isolation
         from .pool import Pool, map_settings
+        from .scheduler import too_wide_message
         from .progress import Progress
         from .store import RESUME_FIX, ResultStore
         from .walltime import DEADLINE_ENV, Budget, deadline, reserve
@@ -229,6 +239,8 @@ class Runner:
         problem = o.problem()
         if problem:
             raise MpimapError(problem)
+        if o.ranks_per_task > world.workers():
+            raise MpimapError(f"run option {too_wide_message(o.ranks_per_task, world.workers())}")
         end = deadline(os.environ.get(DEADLINE_ENV), o.walltime, started=time.time())
         budget = None if end is None else Budget(end, reserve(o.flush_interval), o.chunksize)
         logging.basicConfig(level=o.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -240,7 +252,7 @@ class Runner:
         init = None if o.init is None else FunctionRef(o.init)
         points = load_points(self.points_spec)
         try:
-            map_settings(o.map_options())
+            map_settings(split_options(o.map_options(), Isolation(), o.chunksize)[0])
         except ValueError as exc:
             raise MpimapError(str(exc)) from None
         with bounded_read(self.out, RESUME_FIX):  # a damaged file can make HDF5 loop for ever while resuming it

@@ -31,6 +31,7 @@ class Chunk:
     start: int
     stop: int
     avoid: frozenset | None = None
+    group: tuple | None = None  # the ranks of a k-rank task, lowest first (it holds one point); None: one rank
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -53,6 +54,7 @@ class MapState:
     cost: float | None = None  # seconds per point, moving average over completed chunks
     share: int | None = None  # points per chunk of a map that is less than one chunk's worth of work (0: it is not)
     nested: bool = False  # opened by a task in flight: served during a pause too, so that task can finish
+    ranks_per_task: int = 1  # k > 1: each point runs on k ranks at once (a group)
 
     @property
     def unassigned(self) -> int:
@@ -61,6 +63,16 @@ class MapState:
     @property
     def finished(self) -> bool:
         return self.done_points >= self.size
+
+
+@dataclass
+class GroupTask:
+    """A k-rank task in flight: its chunk sits on every member; it is decided once, members free as they report."""
+
+    chunk: Chunk
+    sent: float
+    waiting: set  # members that have not reported yet
+    decided: bool = False  # its point is settled (all reported, a member failed, timed out, a member lost)
 
 
 @dataclass
@@ -124,24 +136,39 @@ class Scheduler:
         self._room = [deque() for _ in range(prefetch)]
         self._room[0].extend(self.ranks)
         self.paused = False  # hand out only nested maps (no copies of stragglers); in-flight chunks still complete
+        self.groups: dict[int, GroupTask] = {}  # chunk_id -> a k-rank task whose members have not all reported
+        self._members: dict[int, int] = {}  # rank -> chunk_id of the k-rank task it holds: it gets nothing else
+        self._reserved: set = set()  # ranks a waiting k-rank map waits for: no one-rank chunks meanwhile
+        self._wide: set = set()  # map_ids of k-rank maps
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
-                priority: int = 0, cost: float | None = None, nested: bool = False) -> None:
-        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate; ``nested``: a task's map."""
+                priority: int = 0, cost: float | None = None, nested: bool = False, ranks_per_task: int = 1) -> None:
+        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate; ``nested``: a task's map.
+
+        With ``ranks_per_task`` k > 1 each point runs on k ranks at once (see :meth:`_assign_groups`); a map
+        asking for more ranks than are live raises ValueError.
+        """
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be a positive integer")
-        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost, nested=nested)
+        if ranks_per_task > self.live:
+            raise ValueError(too_wide_message(ranks_per_task, self.live))
+        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost, nested=nested,
+                         ranks_per_task=ranks_per_task)
         self.maps[map_id] = state
+        if ranks_per_task > 1:
+            self._wide.add(map_id)
         if size:
             heapq.heappush(self._queue, (-priority, state.order, map_id))
 
     def remove_map(self, map_id: int) -> list[int]:
         """Forget a map (finished or cancelled); return the ranks that still hold chunks of it."""
         self.maps.pop(map_id, None)
+        self._wide.discard(map_id)
         holders = []
         for rank in self.ranks.values():
-            stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id]
+            # A k-rank task stays on its members until each reports: they may be inside it still.
+            stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id and c.group is None]
             for cid in stale:
                 del rank.in_flight[cid]
                 rank.parked.discard(cid)
@@ -166,11 +193,15 @@ class Scheduler:
         """
         if self.paused and not any(state.nested and state.unassigned for state in self.maps.values()):
             return []
-        out, passed = [], []
+        out = self._assign_groups(now) if self._wide or self._reserved else []
+        handed, passed = len(out), []
         while self._queue:
             rank = self._pop_room()
             if rank is None:
                 break
+            if rank in self._reserved:
+                passed.append(rank)
+                continue
             chunk = self._next_chunk(rank)
             if chunk is None:
                 passed.append(rank)
@@ -179,9 +210,12 @@ class Scheduler:
             out.append((rank, chunk))
         for rank in reversed(passed):  # they keep their place in line
             self._room[self.ranks[rank].held].appendleft(rank)
+        if self._wide and len(out) > handed:  # one-rank maps ahead of k-rank maps may have run out: look again
+            out += self._assign_groups(now)
         # Looking for stragglers scans every chunk in flight: at most every straggler_min / 4 seconds.
-        if self.straggler_factor is not None and self._room[0] and now - self._last_scan > self.straggler_min / 4 \
-                and not self.paused:
+        # No copies while a k-rank map reserves ranks: the idle ranks are the ones it waits for.
+        if (self.straggler_factor is not None and self._room[0] and not self._reserved and not self.paused
+                and now - self._last_scan > self.straggler_min / 4):
             self._last_scan = now
             out += self._reissue(now)
         return out
@@ -220,6 +254,8 @@ class Scheduler:
                 continue
             for chunk in other.in_flight.values():
                 state = self.maps.get(chunk.map_id)
+                if chunk.group is not None:  # k-rank tasks are never copied
+                    continue
                 if state is None or state.cost is None or state.unassigned or chunk.chunk_id in self._twins \
                         or chunk.chunk_id in other.parked:  # a parked task is slow because it waits: no copy
                     continue
@@ -239,14 +275,14 @@ class Scheduler:
             while ranks:
                 rank = ranks.popleft()
                 rstate = self.ranks[rank]
-                if not rstate.lost and rstate.held == held:
+                if not rstate.lost and rstate.held == held and rank not in self._members:
                     return rank
         return None
 
     def _push_room(self, rank: int) -> None:
         rstate = self.ranks[rank]
         held = rstate.held
-        if not rstate.lost and held < self.prefetch:
+        if not rstate.lost and held < self.prefetch and rank not in self._members:
             self._room[held].append(rank)
 
     def _next_chunk(self, rank: int) -> Chunk | None:
@@ -261,6 +297,8 @@ class Scheduler:
                 state = self.maps.get(self._queue[0][2])
                 if state is None or state.unassigned == 0:
                     heapq.heappop(self._queue)
+                    continue
+                if state.ranks_per_task > 1:  # served by _assign_groups
                     continue
                 if self.paused and not state.nested:
                     passed.append(heapq.heappop(self._queue))
@@ -347,11 +385,16 @@ class Scheduler:
             return None
         state.in_flight -= 1
         state.done_points += len(chunk)
-        per_point = seconds / len(chunk)
-        # Weight a measurement by its share of the map, so one tiny chunk cannot swing a big estimate.
-        weight = 1.0 if state.cost is None else max(0.25, min(1.0, len(chunk) / max(1, state.done_points)))
-        state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
+        self._measure(state, len(chunk), seconds)
         return chunk
+
+    @staticmethod
+    def _measure(state: MapState, points: int, seconds: float) -> None:
+        """Fold a chunk's time into its map's cost per point."""
+        per_point = seconds / points
+        # Weight a measurement by its share of the map, so one tiny chunk cannot swing a big estimate.
+        weight = 1.0 if state.cost is None else max(0.25, min(1.0, points / max(1, state.done_points)))
+        state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point
 
     def retry(self, map_id: int, indices, avoid=None) -> None:
         """Hand these points of a map out again, to a rank not in ``avoid`` (a rank or a set) while there is one."""
@@ -411,6 +454,9 @@ class Scheduler:
         rstate.in_flight.clear()
         rstate.parked.clear()
         for chunk in chunks:
+            if chunk.group is not None:
+                self._lose_member(rank, chunk)
+                continue
             state = self.maps.get(chunk.map_id)
             twin = self._twins.pop(chunk.chunk_id, None)
             if state is None:
@@ -423,8 +469,148 @@ class Scheduler:
             heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
         return chunks
 
+    # -- k-rank tasks (groups) -----------------------------------------------------
+    def _assign_groups(self, now: float) -> list[tuple[int, Chunk]]:
+        """Form groups of idle ranks for the k-rank maps, in priority order; one pair (rank, chunk) per member.
+
+        A group is the k lowest idle ranks (so the same rank sets come back and their communicators are
+        reused).  A k-rank map that cannot form a group reserves the ranks it waits for: the idle ones, then
+        those with the least work queued.  Reserved ranks get no one-rank chunks until k of them are idle, so
+        one-rank maps below a k-rank map never starve it; one-rank maps above it keep every rank.
+        """
+        self._reserved = set()
+        out = []
+        free = sorted(r for r, s in self.ranks.items() if not s.lost and not s.in_flight)
+        for _, _, map_id in sorted(self._queue):
+            state = self.maps.get(map_id)
+            if state is None or not state.unassigned or (self.paused and not state.nested):
+                continue
+            if state.ranks_per_task == 1:
+                break  # a one-rank map with points comes first: the k-rank maps below it wait
+            k = state.ranks_per_task
+            while state.unassigned and len(free) >= k:
+                group, free = tuple(free[:k]), free[k:]
+                chunk = self._take_group(state, group)
+                for rank in group:
+                    self._members[rank] = chunk.chunk_id
+                    self.ranks[rank].in_flight[chunk.chunk_id] = chunk
+                state.in_flight += 1
+                self._sent[chunk.chunk_id] = now
+                self.groups[chunk.chunk_id] = GroupTask(chunk, now, set(group))
+                out += [(rank, chunk) for rank in group]
+            if state.unassigned:
+                busy = sorted((len(s.in_flight), r) for r, s in self.ranks.items()
+                              if not s.lost and s.in_flight and r not in self._members and r not in self._reserved)
+                need = k - len(free)
+                if need <= len(busy):
+                    self._reserved.update(free)
+                    self._reserved.update(r for _, r in busy[:need])
+                    free = []
+        return out
+
+    def _take_group(self, state: MapState, group: tuple) -> Chunk:
+        """The next point of a k-rank map, as a chunk for ``group``: requeued points first (their ranks to
+        avoid are not kept: any k ranks may run it)."""
+        if state.requeued:
+            start, stop, avoid = state.requeued.popleft()
+            if start + 1 < stop:
+                state.requeued.appendleft((start + 1, stop, avoid))
+            state.requeued_points -= 1
+        else:
+            start = state.cursor
+            state.cursor += 1
+        return Chunk(next(self._chunk_ids), state.map_id, start, start + 1, None, group)
+
+    def complete_member(self, rank: int, chunk_id: int, seconds: float, now: float, failed: bool) -> Chunk | None:
+        """A member of a k-rank task reported; return the chunk if this report settles its point.
+
+        The point is settled by the first member that reports a failure, or by
+        the last member to report; the member itself is free at once.
+        """
+        rstate = self.ranks[rank]
+        rstate.last_heard = rstate.last_result = now
+        task = self.groups.get(chunk_id)
+        if task is None or rank not in task.waiting:
+            return None
+        rstate.in_flight.pop(chunk_id, None)
+        self._members.pop(rank, None)
+        task.waiting.discard(rank)
+        self._push_room(rank)
+        rstate.chunks_done += 1
+        rstate.points_done += 1
+        rstate.busy_seconds += seconds
+        if not task.waiting:
+            del self.groups[chunk_id]
+            self._sent.pop(chunk_id, None)
+        if task.decided or (task.waiting and not failed):
+            return None
+        return self._decide(task, seconds)
+
+    def _decide(self, task: GroupTask, seconds: float | None = None) -> Chunk | None:
+        """Settle a k-rank task's point (once); None if its map is gone."""
+        task.decided = True
+        state = self.maps.get(task.chunk.map_id)
+        if state is None:
+            return None
+        state.in_flight -= 1
+        state.done_points += 1
+        if seconds is not None:
+            self._measure(state, 1, seconds)
+        return task.chunk
+
+    def overdue_groups(self, now: float, timeout_of) -> list[Chunk]:
+        """Settle and return the k-rank tasks running longer than ``timeout_of(map_id)`` seconds (None: no limit).
+
+        Their members stay reserved until each reports (MPI cannot interrupt them): :meth:`stuck_ranks`.
+        """
+        out = []
+        for task in list(self.groups.values()):
+            timeout = None if task.decided else timeout_of(task.chunk.map_id)
+            if timeout is not None and now - task.sent > timeout:
+                chunk = self._decide(task)
+                if chunk is not None:
+                    out.append(chunk)
+        return out
+
+    def _lose_member(self, rank: int, chunk: Chunk) -> None:
+        """A member of a k-rank task is out of service: its point goes back to the queue (once)."""
+        self._members.pop(rank, None)
+        task = self.groups.get(chunk.chunk_id)
+        if task is None:
+            return
+        task.waiting.discard(rank)
+        if not task.waiting:
+            del self.groups[chunk.chunk_id]
+            self._sent.pop(chunk.chunk_id, None)
+        if task.decided:
+            return
+        task.decided = True
+        state = self.maps.get(chunk.map_id)
+        if state is not None:
+            state.in_flight -= 1
+            self._requeue(state, chunk.start, chunk.stop, None)
+            heapq.heappush(self._queue, (-state.priority, state.order, state.map_id))
+
+    def stuck_ranks(self) -> list[int]:
+        """Live ranks still inside a k-rank task whose point was settled without them (failed elsewhere,
+        timed out): probably blocked in a collective call; they get no work until they report."""
+        groups = self.groups
+        # A copy taken at once: status() asks from the caller's thread while the master thread changes it.
+        return sorted(r for r, cid in list(self._members.items())
+                      if not self.ranks[r].lost and getattr(groups.get(cid), "decided", False))
+
+    def too_wide(self) -> list[int]:
+        """The k-rank maps that ask for more ranks than are live (after losses): they can never run."""
+        return [m for m in self._wide if m in self.maps and self.maps[m].ranks_per_task > self.live]
+
     @property
     def idle(self) -> bool:
         """True when no map has points to hand out and nothing is in flight."""
         return (not any(state.unassigned for state in self.maps.values())
                 and not any(r.in_flight for r in self.ranks.values()))
+
+
+def too_wide_message(k: int, live: int) -> str:
+    """Why a k-rank map cannot run on ``live`` worker ranks, and what to do."""
+    return (f"ranks_per_task={k} asks for more worker ranks than the pool has ({live} live): use "
+            f"ranks_per_task <= {live}, or start more ranks (mpiexec -n {k + 1} or more)")

@@ -15,6 +15,8 @@ from mpi4py import MPI
 
 from .protocol import Kind, decode, encode, oob_count
 
+GROUP_TAG = 13  # the tag of MPI_Comm_create_group for k-rank tasks' communicators
+
 
 class Transport:
     """Protocol messages over one communicator."""
@@ -25,6 +27,7 @@ class Transport:
         self.size = comm.Get_size()
         self._sending: deque = deque()  # (requests, buffers kept alive until sent)
         self._status = MPI.Status()
+        self._groups: dict = {}  # tuple of ranks -> the communicator of a k-rank task over them
 
     def send(self, dest: int, kind: Kind, obj=None) -> None:
         body, oob = encode(obj)
@@ -48,6 +51,31 @@ class Transport:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             waiter.idle()
+
+    def group_comm(self, ranks: tuple):
+        """The communicator of the ranks ``ranks`` (this one among them), created on their first task together.
+
+        ``MPI_Comm_create_group`` is collective over those ranks only, so the
+        other ranks (and the master) go on serving.  Its tag cannot collide with
+        the protocol's messages (MPI keeps it apart from point-to-point tags).
+        Cached per rank set: every member of a set took part in the same tasks,
+        so all of them find it in their cache, or none does.
+        """
+        comm = self._groups.get(ranks)
+        if comm is None:
+            group = self.comm.Get_group().Incl(list(ranks))
+            try:
+                comm = self.comm.Create_group(group, GROUP_TAG)
+            finally:
+                group.Free()
+            self._groups[ranks] = comm
+        return comm
+
+    def free_groups(self) -> None:
+        """Free the communicators of k-rank tasks (when serving ends)."""
+        for comm in self._groups.values():
+            comm.Free()
+        self._groups.clear()
 
     def poll(self):
         """Return the next message as ``(source, kind, obj)``, or None if none is waiting."""

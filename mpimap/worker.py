@@ -13,7 +13,7 @@ from collections import deque
 
 import numpy as np
 
-from . import nested, shared
+from . import groups, nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
@@ -50,9 +50,12 @@ class Evaluator:
         self.child: ChildProcess | None = None
 
     def run(self, map_id, blob: bytes, function: MapFunction | Failure, args, tick=lambda: True,
-            keys=None) -> Outcome | None:
-        """Evaluate ``args`` (``keys``: their stream indices, in a map with a seed); None if ``tick()`` abandoned
-        the chunk (its map was forgotten, or the rank stops)."""
+            keys=None, comm=None) -> Outcome | None:
+        """Evaluate ``args``; None if ``tick()`` abandoned the chunk (its map was forgotten, or the rank stops).
+
+        ``keys``: the points' stream indices, in a map with a seed; ``comm``: the communicator of a k-rank task
+        (``mpimap.task_comm()``), None for one rank.
+        """
         n = len(args)
         failure = function if isinstance(function, Failure) else args.failure if isinstance(args, UnloadableArgs) \
             else None
@@ -62,8 +65,9 @@ class Evaluator:
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank":
-            out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch, logs=function.logs,
-                                  timed=function.pack, seed=function.seed, keys=keys)
+            with groups.entered(comm):
+                out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch,
+                                      logs=function.logs, timed=function.pack, seed=function.seed, keys=keys)
         else:
             if self.child is None:
                 self.child = ChildProcess()
@@ -122,6 +126,7 @@ class _Worker:
         self.evaluated = 0
         self.nesting = nested.WorkerNesting(self)
         self.waiter = Waiter(window=5e-3, spin=5e-5)  # a chunk's successor is usually on its way: look again at once
+        self.forgotten: set = set()  # maps forgotten while k-rank tasks of theirs were queued: dropped after those
 
     def handle(self, kind, body) -> None:
         if kind is Kind.TASK:
@@ -129,8 +134,7 @@ class _Worker:
                 self.functions[body.map_id] = (body.function, load_function(body.function))
             self.queue.append(body)
         elif kind is Kind.FORGET:
-            self.functions.pop(body, None)
-            self.queue = deque(t for t in self.queue if t.map_id != body)
+            self._forget(body)
         elif kind is Kind.SHARE:
             shared.accept(body)
         elif kind is Kind.UNSHARE:
@@ -141,19 +145,34 @@ class _Worker:
             logging.getLogger().setLevel(body)
         elif kind is Kind.STOP:
             self.stopping = True
+            self.queue = deque(t for t in self.queue if t.group)
+
+    def _forget(self, map_id) -> None:
+        """Drop a map's queued chunks and its function, but not its k-rank tasks.
+
+        Another member of such a task may be inside it already, waiting for
+        this rank in a collective call: each member runs every k-rank task it
+        receives (then the function goes).
+        """
+        self.queue = deque(t for t in self.queue if t.map_id != map_id or t.group)
+        if any(t.map_id == map_id for t in self.queue):
+            self.forgotten.add(map_id)
+        else:
+            self.functions.pop(map_id, None)
 
     def serve(self) -> int:
         self.transport.send(0, Kind.HELLO, Hello(host_name(self.transport.rank), os.getpid()))
         self.beat.start()
         logging.getLogger().addHandler(self.forward)
         try:
-            while not self.stopping:
+            while not self.stopping or self.queue:  # after STOP, only k-rank tasks are left: their peers wait
                 self.step()
             return self.evaluated
         finally:
             logging.getLogger().removeHandler(self.forward)
             self.evaluator.close()
             shared.release_all()
+            self.transport.free_groups()
             self.beat.stopped.set()
             self.beat.join()
             self.transport.flush(timeout=5.0)
@@ -191,7 +210,10 @@ class _Worker:
 
         t0 = time.perf_counter()
         with nested.task(self.nesting.pool(task.chunk_id, function)):
-            out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
+            if task.group is not None:
+                out = self._run_group(task, blob, function)
+            else:
+                out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
         self.nesting.chunk_done(task.chunk_id)
         if out is None:
             return
@@ -202,6 +224,19 @@ class _Worker:
             values, failures = unpicklable_values(result.values, result.failures, exc)
             self.transport.send(0, Kind.RESULT, dataclasses.replace(result, values=values, failures=failures))
         self.evaluated += len(task.args)
+
+    def _run_group(self, task: Task, blob, function) -> Outcome:
+        """Evaluate this rank's part of a k-rank task, on the communicator of its ranks."""
+        try:
+            comm = self.transport.group_comm(task.group)
+        except Exception as exc:
+            return Outcome([None], {0: Failure.from_exception(exc)}, np.zeros(1), {})
+        try:
+            return self.evaluator.run(task.map_id, blob, function, task.args, keys=task.keys, comm=comm)
+        finally:
+            if task.map_id in self.forgotten and not any(t.map_id == task.map_id for t in self.queue):
+                self.forgotten.discard(task.map_id)
+                self.functions.pop(task.map_id, None)
 
 
 def host_name(rank: int) -> str:

@@ -17,6 +17,11 @@ def active() -> bool:
     return _comm is not None
 
 
+def workers() -> int:
+    """How many processes evaluate points in this session: the worker ranks, or 1 outside ``python -m mpimap``."""
+    return _comm.Get_size() - 1 if _comm is not None else 1
+
+
 def master():
     """The session's master, started on first use."""
     global _master

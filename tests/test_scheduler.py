@@ -475,3 +475,106 @@ def test_a_rank_whose_parked_chunk_takes_its_slot_again_keeps_its_room():
     sched.unpark(parked_rank, parked.chunk_id)
     sched.assign()
     assert all(state.unassigned == 0 for state in sched.maps.values()), "a rank with room was left out"
+# -- k-rank tasks (groups) ----------------------------------------------------------
+
+
+def test_groups_form_from_the_lowest_idle_ranks_one_point_each():
+    sched = Scheduler(range(1, 6))
+    sched.add_map(0, 5, ranks_per_task=2)
+    handed = sched.assign()
+    assert [(rank, chunk.group, len(chunk)) for rank, chunk in handed] == \
+        [(1, (1, 2), 1), (2, (1, 2), 1), (3, (3, 4), 1), (4, (3, 4), 1)]
+    assert sched.assign() == []  # rank 5 alone cannot form a group; the members get nothing else
+
+
+def test_a_k_rank_point_settles_on_its_last_report_or_its_first_failure():
+    sched = Scheduler(range(1, 5))
+    sched.add_map(0, 2, ranks_per_task=2)
+    (_, a), _, (_, b), _ = sched.assign()
+    assert sched.complete_member(1, a.chunk_id, 0.1, 0.0, failed=False) is None  # rank 2 is still in it
+    assert sched.complete_member(2, a.chunk_id, 0.1, 0.0, failed=False) == a
+    assert sched.complete_member(4, b.chunk_id, 0.1, 0.0, failed=True) == b  # settled at once
+    assert sched.stuck_ranks() == [3]  # still inside the failed task: no work for it
+    assert sched.complete_member(3, b.chunk_id, 0.1, 0.0, failed=False) is None  # late: ignored, rank 3 free
+    assert sched.map_finished(0) and sched.stuck_ranks() == [] and sched.idle
+
+
+def test_a_waiting_k_rank_map_reserves_ranks_and_is_not_starved_by_a_one_rank_map():
+    sched = Scheduler(range(1, 4), prefetch=2)
+    sched.add_map(0, 10_000, chunksize=1)  # a long one-rank map keeps every rank busy
+    sched.assign()
+    sched.add_map(1, 3, priority=1, ranks_per_task=2)  # more urgent, but no rank is idle
+    sent = []
+    now = 0.0
+    for _ in range(20):  # ranks return chunks one at a time; the k-rank map must form its groups meanwhile
+        now += 1.0
+        chunk_id, rank, chunk = min((cid, r, c) for r, s in sched.ranks.items() for cid, c in s.in_flight.items())
+        if chunk.group is None:
+            sched.complete(rank, chunk_id, 0.01, now)
+        else:
+            sched.complete_member(rank, chunk_id, 0.01, now, failed=False)
+        sent += sched.assign(now)
+    assert sched.map_finished(1)
+    assert sched.maps[0].unassigned > 0  # the one-rank map was still running: the k-rank map did not wait for it
+    one_rank = [rank for rank, chunk in sent if chunk.group is None]
+    assert set(one_rank) <= {1, 2, 3} and one_rank  # the rank left over kept serving the one-rank map
+
+
+def test_too_wide_a_map_is_refused_and_found_again_after_a_loss():
+    sched = Scheduler(range(1, 4))
+    with pytest.raises(ValueError, match="ranks_per_task=4 asks for more worker ranks than the pool has"):
+        sched.add_map(0, 3, ranks_per_task=4)
+    sched.add_map(1, 3, ranks_per_task=3)
+    assert sched.too_wide() == []
+    sched.lose_rank(2)
+    assert sched.too_wide() == [1]
+
+
+def test_a_lost_member_requeues_its_point_once_and_a_timeout_settles_it():
+    sched = Scheduler(range(1, 4))
+    sched.add_map(0, 2, ranks_per_task=2)
+    (_, a), _ = sched.assign(0.0)
+    sched.lose_rank(1)
+    assert sched.maps[0].unassigned == 2  # point 0 is back in the queue
+    assert sched.complete_member(2, a.chunk_id, 0.1, 1.0, failed=False) is None  # rank 2 freed, no delivery
+    handed = sched.assign(2.0)
+    assert [(r, c.start) for r, c in handed] == [(2, 0), (3, 0)]  # the requeued point first
+    chunk = handed[0][1]
+    assert sched.overdue_groups(3.0, lambda map_id: 5.0) == []
+    assert sched.overdue_groups(8.0, lambda map_id: 5.0) == [chunk]
+    assert sched.stuck_ranks() == [2, 3]
+    assert sched.assign(8.0) == []  # the stuck ranks get nothing
+
+
+def simulate_mixed(workers: int, maps, seed: int = 0):
+    """Event-driven simulation of one-rank and k-rank maps together; returns deliveries per (map, point)."""
+    rng = random.Random(seed)
+    sched = Scheduler(range(1, workers + 1))
+    for map_id, (size, k, priority) in enumerate(maps):
+        sched.add_map(map_id, size, ranks_per_task=k, priority=priority)
+    seen = {(m, i): 0 for m, (size, _, _) in enumerate(maps) for i in range(size)}
+    events, now = [], 0.0
+
+    def dispatch(now):
+        for rank, chunk in sched.assign(now):
+            heapq.heappush(events, (now + rng.uniform(0.001, 0.1), rank, chunk.chunk_id, chunk))
+
+    dispatch(now)
+    while events:
+        now, rank, chunk_id, chunk = heapq.heappop(events)
+        if chunk.group is None:
+            done = sched.complete(rank, chunk_id, 0.01, now)
+        else:
+            done = sched.complete_member(rank, chunk_id, 0.01, now, failed=False)
+        if done is not None:
+            for i in range(done.start, done.stop):
+                seen[done.map_id, i] += 1
+        dispatch(now)
+    assert all(sched.map_finished(m) for m in range(len(maps)))
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_one_rank_and_k_rank_maps_deliver_every_point_once(seed):
+    seen = simulate_mixed(7, [(300, 1, 0), (40, 3, 0), (50, 2, 1), (200, 1, 2), (10, 7, 0)], seed)
+    assert set(seen.values()) == {1}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -283,3 +285,193 @@ def test_randomized_simulation_at_scale(seed=0):
     assert sched.idle and not sched.maps
     for m, counts in delivered.items():
         assert counts == bytearray([1]) * sizes[m], f"map {m}: a point was lost or delivered twice"
+
+
+class GroupMachine(RuleBasedStateMachine):
+    """One-rank and k-rank maps together, as the master drives them: members report one by one (a failure
+    settles a point at once), k-rank points time out, ranks are lost, maps are cancelled."""
+
+    @initialize(workers=st.integers(2, 6), prefetch=st.integers(1, 3))
+    def start(self, workers, prefetch):
+        self.sched = Scheduler(list(range(1, workers + 1)), prefetch=prefetch, straggler_factor=None)
+        self.now = 0.0
+        self.next_map = 0
+        self.open: dict[int, int] = {}  # map_id -> size
+        self.delivered: dict[int, Counter] = {}
+        self.attempts: Counter = Counter()
+        self.sent: dict[int, tuple] = {}  # one-rank chunk_id -> (rank, chunk)
+        self.tasks: dict[int, list] = {}  # k-rank chunk_id -> [chunk, members still to report, settled]
+        self.just_assigned = False
+
+    @rule(size=st.integers(0, 12), k=st.sampled_from([1, 2, 2, 3]), priority=st.integers(0, 2))
+    def add_map(self, size, k, priority):
+        if k > self.sched.live:
+            with pytest.raises(ValueError):
+                self.sched.add_map(self.next_map, size, ranks_per_task=k)
+            return
+        map_id = self.next_map
+        self.next_map += 1
+        self.sched.add_map(map_id, size, priority=priority, ranks_per_task=k)
+        self.open[map_id], self.delivered[map_id] = size, Counter()
+        self.just_assigned = False
+        if size == 0:
+            self._end(map_id)
+
+    @rule(dt=st.sampled_from([0.0, 0.3, 2.0]))
+    def assign(self, dt):
+        self.now += dt
+        self.fed = set()  # ranks given one-rank chunks by this assign
+        self.head_before = self._head()
+        for rank, chunk in self.sched.assign(self.now):
+            assert not self.sched.ranks[rank].lost and chunk.map_id in self.open
+            if chunk.group is None:
+                self.fed.add(rank)
+                assert all(rank not in members for _, members, _ in self.tasks.values()), \
+                    "a rank inside a k-rank task got other work"
+                self.sent[chunk.chunk_id] = (rank, chunk)
+                continue
+            assert len(chunk) == 1 and len(chunk.group) == self.sched.maps[chunk.map_id].ranks_per_task
+            task = self.tasks.setdefault(chunk.chunk_id, [chunk, set(), False])
+            assert rank in chunk.group and rank not in task[1]
+            assert not self.sched.ranks[rank].in_flight.keys() - {chunk.chunk_id}, "a member holds other work"
+            task[1].add(rank)
+        self.just_assigned = True
+
+    @precondition(lambda self: self.sent)
+    @rule(data=st.data(), fail=st.booleans())
+    def complete(self, data, fail):
+        chunk_id = data.draw(st.sampled_from(sorted(self.sent)))
+        rank, chunk = self.sent.pop(chunk_id)
+        assert self.sched.complete(rank, chunk_id, 0.01, self.now) == chunk
+        self._settled(chunk, fail, rank)
+        self.just_assigned = False
+
+    @precondition(lambda self: any(members for _, members, _ in self.tasks.values()))
+    @rule(data=st.data(), fail=st.booleans())
+    def member_reports(self, data, fail):
+        chunk_id = data.draw(st.sampled_from(sorted(c for c, (_, m, _) in self.tasks.items() if m)))
+        chunk, members, settled = self.tasks[chunk_id]
+        rank = data.draw(st.sampled_from(sorted(members)))
+        members.discard(rank)
+        done = self.sched.complete_member(rank, chunk_id, 0.01, self.now, fail)
+        expected = not settled and chunk.map_id in self.open and (fail or not members)
+        assert (done == chunk) if expected else done is None
+        if not settled and (fail or not members):
+            self.tasks[chunk_id][2] = True
+        if expected:
+            self._settled(chunk, fail, rank)
+        if not members:
+            del self.tasks[chunk_id]
+        self.just_assigned = False
+
+    @rule(dt=st.sampled_from([0.5, 2.0]))
+    def timeouts(self, dt):
+        self.now += dt
+        for chunk in self.sched.overdue_groups(self.now, lambda map_id: 1.0):
+            task = self.tasks[chunk.chunk_id]
+            assert not task[2] and chunk.map_id in self.open
+            task[2] = True
+            assert set(self.sched.stuck_ranks()) >= task[1] - {r for r, s in self.sched.ranks.items() if s.lost}
+            self._settled(chunk, True, chunk.group[0])
+        self.just_assigned = False
+
+    @precondition(lambda self: self.sched.live > 1)
+    @rule(data=st.data())
+    def lose_rank(self, data):
+        rank = data.draw(st.sampled_from([r for r, s in self.sched.ranks.items() if not s.lost]))
+        self.sched.lose_rank(rank)
+        self.sent = {c: (r, chunk) for c, (r, chunk) in self.sent.items() if r != rank}
+        for chunk_id, task in list(self.tasks.items()):
+            if rank in task[1]:
+                task[1].discard(rank)
+                task[2] = True  # requeued (if not settled before): not a delivery
+                if not task[1]:
+                    del self.tasks[chunk_id]
+        for map_id in self.sched.too_wide():  # the master fails them
+            self.sched.remove_map(map_id)
+            del self.open[map_id]
+        self.just_assigned = False
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def cancel(self, data):
+        map_id = data.draw(st.sampled_from(sorted(self.open)))
+        self.sched.remove_map(map_id)
+        self.sent = {c: (r, chunk) for c, (r, chunk) in self.sent.items() if chunk.map_id != map_id}
+        del self.open[map_id]  # its k-rank tasks stay on their members until they report
+        self.just_assigned = False
+
+    def _settled(self, chunk, fail, rank):
+        map_id = chunk.map_id
+        for index in range(chunk.start, chunk.stop):
+            if fail and self.attempts[map_id, index] < MAX_ATTEMPTS:
+                self.attempts[map_id, index] += 1
+                self.sched.retry(map_id, [index], avoid=rank)
+                continue
+            self.delivered[map_id][index] += 1
+            assert self.delivered[map_id][index] == 1, f"point {index} of map {map_id} delivered twice"
+        if self.sched.map_finished(map_id):
+            self._end(map_id)
+
+    def _end(self, map_id):
+        assert self.delivered[map_id] == Counter(range(self.open[map_id]))
+        self.sched.remove_map(map_id)
+        del self.open[map_id]
+
+    @invariant()
+    def books_agree(self):
+        if not hasattr(self, "sched"):
+            return
+        held = {(r.rank, cid) for r in self.sched.ranks.values() for cid in r.in_flight}
+        model = {(r, c) for c, (r, _) in self.sent.items()} | {(r, c) for c, (_, m, _) in self.tasks.items() for r in m}
+        assert held == model
+        for map_id, state in self.sched.maps.items():
+            live_tasks = sum(1 for chunk, _, settled in self.tasks.values() if chunk.map_id == map_id and not settled)
+            assert state.in_flight == live_tasks + sum(1 for _, c in self.sent.values() if c.map_id == map_id)
+
+    def _head(self):
+        """The first map by priority with points to hand out, or None."""
+        waiting = sorted((-s.priority, s.order, s.map_id) for s in self.sched.maps.values() if s.unassigned)
+        return self.sched.maps[waiting[0][2]] if waiting else None
+
+    @invariant()
+    def a_waiting_k_rank_map_at_the_head_never_waits_with_k_idle_ranks(self):
+        if not getattr(self, "just_assigned", False):
+            return
+        head = self._head()
+        if head is None or head.ranks_per_task == 1:
+            return
+        idle = [r for r, s in self.sched.ranks.items() if not s.lost and not s.in_flight]
+        assert len(idle) < head.ranks_per_task, "a k-rank map starves beside idle ranks"
+        # It waits for k ranks outside k-rank tasks: those get no one-rank work meanwhile (no starvation).
+        outside = {r for r, s in self.sched.ranks.items() if not s.lost and r not in self.sched._members}
+        if len(outside) >= head.ranks_per_task and head is self.head_before:
+            assert len(outside - self.fed) >= head.ranks_per_task, "one-rank maps took the ranks a k-rank map waits for"
+
+    def teardown(self):
+        if not hasattr(self, "sched"):
+            return
+        for _ in range(10_000):  # no more faults: every member reports, every map must end
+            if not self.open and not self.tasks:
+                break
+            self.assign(0.0)
+            for chunk_id in sorted(self.sent):
+                rank, chunk = self.sent.pop(chunk_id)
+                assert self.sched.complete(rank, chunk_id, 0.01, self.now) == chunk
+                self._settled(chunk, False, rank)
+            for chunk_id, (chunk, members, settled) in list(self.tasks.items()):
+                for rank in sorted(members):
+                    members.discard(rank)
+                    done = self.sched.complete_member(rank, chunk_id, 0.01, self.now, False)
+                    if done is not None:
+                        self.tasks[chunk_id][2] = True
+                        self._settled(chunk, False, rank)
+                del self.tasks[chunk_id]
+        assert not self.open, f"maps {sorted(self.open)} never ended"
+        assert self.sched.idle and not self.sched.stuck_ranks()
+
+
+GroupMachine.TestCase.settings = settings(
+    max_examples=400, stateful_step_count=50, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+test_group_state_machine = GroupMachine.TestCase
