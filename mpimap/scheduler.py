@@ -298,9 +298,7 @@ class Scheduler:
                 if state is None or state.unassigned == 0:
                     heapq.heappop(self._queue)
                     continue
-                if state.ranks_per_task > 1:  # served by _assign_groups
-                    continue
-                if self.paused and not state.nested:
+                if state.ranks_per_task > 1 or (self.paused and not state.nested):  # k-rank: _assign_groups
                     passed.append(heapq.heappop(self._queue))
                     continue
                 chunk = self._take(state, rank)
