@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -204,8 +203,8 @@ def test_a_master_killed_with_kill_9_leaves_no_shared_file_behind_after_the_next
     finally:
         kill_job(job, signal.SIGKILL)
         job.wait(timeout=60)
-    time.sleep(0.5)
-    assert os.path.exists(os.path.join(_directory(), name))  # nobody could remove it, until the next master starts
+    # Nothing removes it now but the next mpimap master of this user on this host (on a shared machine, another
+    # job's may come first: then it is gone already).
     subprocess.run([sys.executable, "-c", "import mpimap; mpimap.Pool().shutdown()"], env=job_env(), timeout=120,
                    check=True)
     assert not os.path.exists(os.path.join(_directory(), name))
