@@ -459,7 +459,7 @@ class Master:
         cost = self._costs.get(hash(handle.function))
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
-                                   cost=cost)
+                                   cost=cost, shares=handle.futures is None)
         except Exception as exc:  # the map's own fault: it fails, the master serves on
             self._end_map(handle, error=exc)
             return

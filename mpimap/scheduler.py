@@ -120,11 +120,16 @@ class Scheduler:
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
-                priority: int = 0, cost: float | None = None) -> None:
-        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate."""
+                priority: int = 0, cost: float | None = None, shares: bool = True) -> None:
+        """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate.
+
+        ``shares=False``: even a map of less than one chunk's work goes out in
+        guided-tail chunks (a batch of submit calls: a call still queued can be cancelled).
+        """
         if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be a positive integer")
-        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost)
+        state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost,
+                         share=None if shares else 0)
         self.maps[map_id] = state
         if size:
             heapq.heappush(self._queue, (-priority, state.order, map_id))
