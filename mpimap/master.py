@@ -467,7 +467,7 @@ class Master:
         cost = self._costs.get(hash(handle.function))
         try:
             self.scheduler.add_map(handle.map_id, handle.size, chunksize=handle.chunksize, priority=handle.priority,
-                                   cost=cost, nested=handle.nested,
+                                   cost=cost, nested=handle.nested, shares=handle.futures is None,
                                    ranks_per_task=handle.group.ranks_per_task if handle.group else 1)
         except Exception as exc:  # the map's own fault: it fails, the master serves on
             self._end_map(handle, error=exc)

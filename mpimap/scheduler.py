@@ -143,9 +143,12 @@ class Scheduler:
 
     # -- maps ------------------------------------------------------------------
     def add_map(self, map_id: int, size: int, *, chunksize: int | None = None,
-                priority: int = 0, cost: float | None = None, nested: bool = False, ranks_per_task: int = 1) -> None:
+                priority: int = 0, cost: float | None = None, nested: bool = False, shares: bool = True,
+                ranks_per_task: int = 1) -> None:
         """Queue a map of ``size`` points; ``cost`` seeds the seconds-per-point estimate; ``nested``: a task's map.
 
+        ``shares=False``: even a map of less than one chunk's work goes out in
+        guided-tail chunks (a batch of submit calls: a call still queued can be cancelled).
         With ``ranks_per_task`` k > 1 each point runs on k ranks at once (see :meth:`_assign_groups`); a map
         asking for more ranks than are live raises ValueError.
         """
@@ -154,7 +157,7 @@ class Scheduler:
         if ranks_per_task > self.live:
             raise ValueError(too_wide_message(ranks_per_task, self.live))
         state = MapState(map_id, size, chunksize, priority, next(self._order), cost=cost, nested=nested,
-                         ranks_per_task=ranks_per_task)
+                         share=None if shares else 0, ranks_per_task=ranks_per_task)
         self.maps[map_id] = state
         if ranks_per_task > 1:
             self._wide.add(map_id)

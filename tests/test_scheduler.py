@@ -59,10 +59,10 @@ def test_auto_chunks_grow_for_cheap_points_and_stay_single_for_slow_ones():
     assert len(c2) == 1  # half-second points go one by one
 
 
-def chunk_sizes(ranks: int, points: int, cost: float, prefetch: int = 1) -> list[int]:
+def chunk_sizes(ranks: int, points: int, cost: float, prefetch: int = 1, shares: bool = True) -> list[int]:
     """The sizes of the chunks of one map of ``points`` points of known ``cost``, as they are handed out."""
     sched = Scheduler(range(1, ranks + 1), prefetch=prefetch)
-    sched.add_map(0, points, cost=cost)
+    sched.add_map(0, points, cost=cost, shares=shares)
     sizes = []
     while True:
         assigned = sched.assign()
@@ -87,6 +87,8 @@ def test_a_map_of_less_than_one_chunks_work_goes_out_as_one_share_per_rank():
     assert chunk_sizes(4, 10_000, 1e-6) == [2500] * 4
     assert chunk_sizes(4, 2, 1e-5) == [1, 1]
     assert chunk_sizes(2, 20, 0.01, prefetch=2)[-1] == 1  # 0.2 s of work: balanced by the guided tail
+    # A batch of submit calls keeps the guided tail: calls still queued on the master can be cancelled.
+    assert chunk_sizes(2, 20, 1e-5, prefetch=2, shares=False)[:4] == [5, 4, 3, 2]
 
 
 def test_skewed_work_is_balanced():
