@@ -155,20 +155,30 @@ class _NestedFuture(Future):
         self._handle = handle
 
     def _settle(self, timeout) -> None:
+        """Wait (serving) for the call's result and set it; a timeout leaves the call running."""
         from .pool import _deadline
 
         if self.done():
             return
+        handle = self._handle
         try:
-            value = next(self._handle.ordered(_deadline(timeout)))
-        except TimeoutError:
-            raise
+            with handle._cond:
+                handle._wait(lambda: handle._ready[0], _deadline(timeout))
+                if not handle._ready[0]:  # ended without its result
+                    raise handle.error or CancelledError("the call was cancelled")
+                failure = handle._failures.get(0)
+                value = handle._values[0]
         except CancelledError:
             super().cancel()
+        except TimeoutError:
+            raise
         except Exception as exc:
             self.set_exception(exc)
         else:
-            self.set_result(value)
+            if failure is None:
+                self.set_result(value)
+            else:
+                self.set_exception(failure.exception())
 
     def result(self, timeout=None):
         self._settle(timeout)
