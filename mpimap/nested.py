@@ -42,7 +42,7 @@ class _Context:
     pid: int
 
 
-_current: _Context | None = None  # the task running in this process (set by the evaluating loop)
+_local = threading.local()  # .context: the task this thread evaluates (set by the evaluating loop), if any
 _pools: weakref.WeakSet = weakref.WeakSet()  # pools created in this process (rank 0): the latest open one is current
 
 
@@ -58,7 +58,7 @@ def current_pool():
     * Elsewhere (rank 0, outside a task): the most recently created open ``Pool``
       of this process; under ``python -m mpimap`` a new ``Pool()`` on the session if none is open.
     """
-    context = _current
+    context = getattr(_local, "context", None)
     if context is not None:
         if context.pid != os.getpid():  # inherited across the fork of an evaluation process
             raise RuntimeError(_PROCESS_ERROR)
@@ -71,8 +71,8 @@ def current_pool():
         return max(pools, key=lambda p: p._created)
     if world.active():
         return Pool()
-    raise RuntimeError("mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool, "
-                       "or on the rank that created an open Pool")
+    raise RuntimeError("mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool (in the "
+                       "thread that evaluates the point), or on the rank that created an open Pool")
 
 
 def register(pool) -> None:
@@ -83,13 +83,13 @@ def register(pool) -> None:
 
 @contextmanager
 def task(pool):
-    """Around the evaluation of a chunk in this process: ``current_pool()`` returns ``pool``."""
-    global _current
-    saved, _current = _current, _Context(pool, os.getpid())
+    """Around the evaluation of a chunk in this thread: ``current_pool()`` returns ``pool``."""
+    saved = getattr(_local, "context", None)
+    _local.context = _Context(pool, os.getpid())
     try:
         yield
     finally:
-        _current = saved
+        _local.context = saved
 
 
 # -- on a worker rank ----------------------------------------------------------------------------------------------

@@ -276,6 +276,21 @@ from jobfuncs import square
 def outer(n):
     return sum(mpimap.current_pool().map(square, range(n)))
 
+def from_a_thread(n):
+    import threading
+    errors = []
+
+    def ask():
+        try:
+            mpimap.current_pool()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    thread.join()
+    return errors
+
 def outer_with_isolated_inner(n):
     values = mpimap.current_pool().map(square, range(n), isolation="process", point_timeout=30)
     return sum(values)
@@ -287,9 +302,12 @@ if __name__ == "__main__":
         except RuntimeError as exc:
             print("ERROR", exc)
         print("INNER", list(pool.map(outer_with_isolated_inner, [3, 4])))
+        print("THREAD", pool.map(from_a_thread, [1]).__next__())
 ''', ranks=3)
     assert "ERROR mpimap.current_pool(): nested maps need isolation='rank'" in stdout
     assert "INNER [5, 14]" in stdout
+    assert "THREAD ['mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool (in the " \
+        "thread that evaluates the point)" in stdout
 
 
 def count_leaves(depth):
