@@ -21,8 +21,6 @@ import time
 import weakref
 from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
-from dataclasses import dataclass
-
 import numpy as np
 
 from .failures import Failure
@@ -32,14 +30,6 @@ from .protocol import Kind, SubMap, SubResult, UnloadableArgs
 _PROCESS_ERROR = ("mpimap.current_pool(): nested maps need isolation='rank'; this point runs in an evaluation "
                   "process (isolation='process' or 'fresh'), which is not an MPI rank: map with isolation='rank' "
                   "for the outer map (its inner maps may still use isolation='process')")
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What a running task may ask for: the pool its nested maps go to, in the process that set it."""
-
-    pool: object
-    pid: int
 
 
 _local = threading.local()  # .context: the task this thread evaluates (set by the evaluating loop), if any
@@ -60,9 +50,10 @@ def current_pool():
     """
     context = getattr(_local, "context", None)
     if context is not None:
-        if context.pid != os.getpid():  # inherited across the fork of an evaluation process
+        source, chunk_id, function, pid = context
+        if pid != os.getpid():  # inherited across the fork of an evaluation process
             raise RuntimeError(_PROCESS_ERROR)
-        return context.pool
+        return source.pool(chunk_id, function)
     from . import world
     from .pool import Pool
 
@@ -81,15 +72,19 @@ def register(pool) -> None:
     _pools.add(pool)
 
 
-@contextmanager
-def task(pool):
-    """Around the evaluation of a chunk in this thread: ``current_pool()`` returns ``pool``."""
+def _enter(source, chunk_id=None, function=None):
+    """Before this thread evaluates a chunk: ``current_pool()`` is then ``source.pool(chunk_id, function)``.
+
+    Returns what :func:`_leave` restores (chunks nest while a task waits).  A
+    plain tuple, and the pool built only when asked for: this runs for every chunk.
+    """
     saved = getattr(_local, "context", None)
-    _local.context = _Context(pool, os.getpid())
-    try:
-        yield
-    finally:
-        _local.context = saved
+    _local.context = (source, chunk_id, function, os.getpid())
+    return saved
+
+
+def _leave(saved) -> None:
+    _local.context = saved
 
 
 # -- on a worker rank ----------------------------------------------------------------------------------------------
@@ -350,6 +345,9 @@ class MasterNesting:
 # -- in a pool of one process -------------------------------------------------------------------------------------
 class SerialPool:
     """Nested calls in a pool of one process: evaluated in place, in the calling task (options are checked)."""
+
+    def pool(self, chunk_id, function) -> "SerialPool":
+        return self
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
         return (fn(*point) for point in self._points(iterables, chunksize, priority, options))

@@ -13,8 +13,8 @@ from collections import deque
 
 import numpy as np
 
-from .failures import Failure, unpicklable_values
 from . import nested
+from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
 from .transport import Transport, Waiter
@@ -181,8 +181,11 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        with nested.task(self.nesting.pool(task.chunk_id, function)):
+        saved = nested._enter(self.nesting, task.chunk_id, function)
+        try:
             out = self.evaluator.run(map_id, blob, function, task.args, tick)
+        finally:
+            nested._leave(saved)
         self.nesting.chunk_done(task.chunk_id)
         if out is None:
             return
