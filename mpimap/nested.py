@@ -14,6 +14,7 @@ cancelled.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -21,6 +22,7 @@ import time
 import weakref
 from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
+
 import numpy as np
 
 from .failures import Failure
@@ -101,7 +103,7 @@ class WorkerPool:
     def __init__(self, nesting: "WorkerNesting", chunk_id: int, function):
         self._nesting = nesting
         self._chunk_id = chunk_id
-        self._function = function  # the outer map's MapFunction (or the Failure of loading it)
+        self._function = function  # the outer map's MapFunction
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
         """Like ``Pool.map``: results in input order; a point's exception raises at its turn."""
@@ -119,8 +121,6 @@ class WorkerPool:
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Evaluate ``fn(*args, **kwargs)`` on some rank; the Future completes when the task waits on it."""
-        import functools
-
         call = functools.partial(fn, **kwargs) if kwargs else fn
         return _NestedFuture(self._open(call, ([args],), None, 0, True, {}, star=True))
 
