@@ -756,9 +756,12 @@ class InlineMaster(Master):
                 self._functions = {chunk.map_id: load_function(handle.function)}
             t0 = time.perf_counter()
             try:
-                with nested.task(nested.SerialPool()):
+                saved = nested._enter(nested.SerialPool())
+                try:
                     out = self._evaluator.run(chunk.map_id, handle.function, self._functions[chunk.map_id], args,
                                               keys=keys)
+                finally:
+                    nested._leave(saved)
             except Exception as exc:  # points that cannot be pickled to the child: that map fails, not the pool
                 self._end_map(handle, error=exc)
                 continue

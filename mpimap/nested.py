@@ -14,6 +14,7 @@ cancelled.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -21,7 +22,6 @@ import time
 import weakref
 from concurrent.futures import CancelledError, Future
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,15 +34,7 @@ _PROCESS_ERROR = ("mpimap.current_pool(): nested maps need isolation='rank'; thi
                   "for the outer map (its inner maps may still use isolation='process')")
 
 
-@dataclass(frozen=True)
-class _Context:
-    """What a running task may ask for: the pool its nested maps go to, in the process that set it."""
-
-    pool: object
-    pid: int
-
-
-_current: _Context | None = None  # the task running in this process (set by the evaluating loop)
+_local = threading.local()  # .context: the task this thread evaluates (set by the evaluating loop), if any
 _pools: weakref.WeakSet = weakref.WeakSet()  # pools created in this process (rank 0): the latest open one is current
 
 
@@ -58,11 +50,12 @@ def current_pool():
     * Elsewhere (rank 0, outside a task): the most recently created open ``Pool``
       of this process; under ``python -m mpimap`` a new ``Pool()`` on the session if none is open.
     """
-    context = _current
+    context = getattr(_local, "context", None)
     if context is not None:
-        if context.pid != os.getpid():  # inherited across the fork of an evaluation process
+        source, chunk_id, function, pid = context
+        if pid != os.getpid():  # inherited across the fork of an evaluation process
             raise RuntimeError(_PROCESS_ERROR)
-        return context.pool
+        return source.pool(chunk_id, function)
     from . import world
     from .pool import Pool
 
@@ -71,8 +64,8 @@ def current_pool():
         return max(pools, key=lambda p: p._created)
     if world.active():
         return Pool()
-    raise RuntimeError("mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool, "
-                       "or on the rank that created an open Pool")
+    raise RuntimeError("mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool (in the "
+                       "thread that evaluates the point), or on the rank that created an open Pool")
 
 
 def register(pool) -> None:
@@ -81,15 +74,19 @@ def register(pool) -> None:
     _pools.add(pool)
 
 
-@contextmanager
-def task(pool):
-    """Around the evaluation of a chunk in this process: ``current_pool()`` returns ``pool``."""
-    global _current
-    saved, _current = _current, _Context(pool, os.getpid())
-    try:
-        yield
-    finally:
-        _current = saved
+def _enter(source, chunk_id=None, function=None):
+    """Before this thread evaluates a chunk: ``current_pool()`` is then ``source.pool(chunk_id, function)``.
+
+    Returns what :func:`_leave` restores (chunks nest while a task waits).  A
+    plain tuple, and the pool built only when asked for: this runs for every chunk.
+    """
+    saved = getattr(_local, "context", None)
+    _local.context = (source, chunk_id, function, os.getpid())
+    return saved
+
+
+def _leave(saved) -> None:
+    _local.context = saved
 
 
 # -- on a worker rank ----------------------------------------------------------------------------------------------
@@ -106,7 +103,7 @@ class WorkerPool:
     def __init__(self, nesting: "WorkerNesting", chunk_id: int, function):
         self._nesting = nesting
         self._chunk_id = chunk_id
-        self._function = function  # the outer map's MapFunction (or the Failure of loading it)
+        self._function = function  # the outer map's MapFunction
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
         """Like ``Pool.map``: results in input order; a point's exception raises at its turn."""
@@ -124,8 +121,6 @@ class WorkerPool:
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         """Evaluate ``fn(*args, **kwargs)`` on some rank; the Future completes when the task waits on it."""
-        import functools
-
         call = functools.partial(fn, **kwargs) if kwargs else fn
         return _NestedFuture(self._open(call, ([args],), None, 0, True, {}, star=True))
 
@@ -155,20 +150,30 @@ class _NestedFuture(Future):
         self._handle = handle
 
     def _settle(self, timeout) -> None:
+        """Wait (serving) for the call's result and set it; a timeout leaves the call running."""
         from .pool import _deadline
 
         if self.done():
             return
+        handle = self._handle
         try:
-            value = next(self._handle.ordered(_deadline(timeout)))
-        except TimeoutError:
-            raise
+            with handle._cond:
+                handle._wait(lambda: handle._ready[0], _deadline(timeout))
+                if not handle._ready[0]:  # ended without its result
+                    raise handle.error or CancelledError("the call was cancelled")
+                failure = handle._failures.get(0)
+                value = handle._values[0]
         except CancelledError:
             super().cancel()
+        except TimeoutError:
+            raise
         except Exception as exc:
             self.set_exception(exc)
         else:
-            self.set_result(value)
+            if failure is None:
+                self.set_result(value)
+            else:
+                self.set_exception(failure.exception())
 
     def result(self, timeout=None):
         self._settle(timeout)
@@ -340,6 +345,9 @@ class MasterNesting:
 # -- in a pool of one process -------------------------------------------------------------------------------------
 class SerialPool:
     """Nested calls in a pool of one process: evaluated in place, in the calling task (options are checked)."""
+
+    def pool(self, chunk_id, function) -> "SerialPool":
+        return self
 
     def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
         return (fn(*point) for point in self._points(iterables, chunksize, priority, options))

@@ -209,11 +209,14 @@ class _Worker:
             return map_id in self.functions and not self.stopping
 
         t0 = time.perf_counter()
-        with nested.task(self.nesting.pool(task.chunk_id, function)):
+        saved = nested._enter(self.nesting, task.chunk_id, function)
+        try:
             if task.group is not None:
                 out = self._run_group(task, blob, function)
             else:
                 out = self.evaluator.run(map_id, blob, function, task.args, tick, task.keys)
+        finally:
+            nested._leave(saved)
         self.nesting.chunk_done(task.chunk_id)
         if out is None:
             return

@@ -61,12 +61,26 @@ def fan_out(n):
     indexed = sorted(pool.imap_unordered(square, range(n), indexed=True))
     return [f.result() for f in futures], unordered, indexed[-1], list(pool.map(square, []))
 
+def patient(x):
+    """A timeout on a nested future leaves the call running, as concurrent.futures does."""
+    future = mpimap.current_pool().submit(slow_square, x)
+    try:
+        future.result(timeout=0.01)
+    except TimeoutError:
+        return "timeout", future.result(timeout=60), future.done()
+
+def slow_square(x):
+    time.sleep(0.5)
+    return x * x
+
 if __name__ == "__main__":
     with mpimap.Pool() as pool:
         assert mpimap.current_pool() is pool  # on rank 0: the pool itself
         print("FAN", list(pool.map(fan_out, [4, 2])))
+        print("PATIENT", list(pool.map(patient, [3])))
 ''', ranks=3)
     assert "FAN [([1, 2, 4, 8], [0, 1, 4, 9], (3, 9), []), ([1, 2], [0, 1], (1, 1), [])]" in stdout
+    assert "PATIENT [('timeout', 9, True)]" in stdout
 
 
 def test_an_inner_point_exception_reaches_the_outer_task_and_the_caller(run_script):
@@ -262,6 +276,21 @@ from jobfuncs import square
 def outer(n):
     return sum(mpimap.current_pool().map(square, range(n)))
 
+def from_a_thread(n):
+    import threading
+    errors = []
+
+    def ask():
+        try:
+            mpimap.current_pool()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    thread.join()
+    return errors
+
 def outer_with_isolated_inner(n):
     values = mpimap.current_pool().map(square, range(n), isolation="process", point_timeout=30)
     return sum(values)
@@ -273,9 +302,12 @@ if __name__ == "__main__":
         except RuntimeError as exc:
             print("ERROR", exc)
         print("INNER", list(pool.map(outer_with_isolated_inner, [3, 4])))
+        print("THREAD", pool.map(from_a_thread, [1]).__next__())
 ''', ranks=3)
     assert "ERROR mpimap.current_pool(): nested maps need isolation='rank'" in stdout
     assert "INNER [5, 14]" in stdout
+    assert "THREAD ['mpimap.current_pool(): no pool here: call it inside a function mapped by a Pool (in the " \
+        "thread that evaluates the point)" in stdout
 
 
 def count_leaves(depth):
