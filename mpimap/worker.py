@@ -200,7 +200,6 @@ class _Worker:
             self.transport.send(0, Kind.RESULT, dataclasses.replace(result, values=values, failures=failures))
         self.evaluated += len(task.args)
 
-
     def _run_group(self, task: Task, blob, function) -> Outcome:
         """Evaluate this rank's part of a k-rank task, on the communicator of its ranks."""
         try:
