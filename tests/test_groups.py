@@ -132,11 +132,14 @@ if __name__ == "__main__":
             pool.map(weighted_sum, range(3), ranks_per_task=2, isolation="process")
         except ValueError as exc:
             isolation = str(exc)
-        report(error=error, isolation=isolation, after=[t for t, _, _ in pool.map(weighted_sum, [5], ranks_per_task=2)])
+        child = pool.map(square, [1], isolation="process", on_error="record")  # not an MPI process: no task_comm
+        report(error=error, isolation=isolation, after=[t for t, _, _ in pool.map(weighted_sum, [5], ranks_per_task=2)],
+               child=repr(next(child)))
 '''))
     assert out["error"].startswith("ValueError: ranks_per_task=3 asks for more worker ranks than the pool has (2 live)")
     assert "needs isolation='rank'" in out["isolation"]
     assert out["after"] == [15]
+    assert out["child"].startswith("RuntimeError(\"mpimap.task_comm() is only available inside a point's function")
 
 
 def test_task_comm_in_a_single_process_pool_and_outside_a_task():
