@@ -230,5 +230,4 @@ if __name__ == "__main__":
     assert out == {"out": ["0", "ValueError('task rank 1 gave up')"], "stuck": [1], "ranks": [2]}
     assert "point 1 failed on rank 2 of its 2-rank task; ranks [1] are still inside it" in proc.stderr
     assert "ranks [1] are still inside k-rank tasks that ended without them" in proc.stderr
-    assert "mpimap: ranks [1] were lost during the run; ending the MPI job with exit status 4" in proc.stderr
-    assert proc.returncode == 4
+    assert proc.returncode == 4  # MPI_Abort (its line may be cut off by the launcher ending the job)
