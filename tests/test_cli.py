@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, kill_job, mpimap_cli, open_mpi
+from conftest import job_env, kill_job, launch, mpimap_cli, open_mpi
 from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
 
@@ -82,11 +82,9 @@ def test_csv_and_hdf5_points(tmp_path):
 
 
 def _start_job(tmp_path, path, out, log, sleep):
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:record", "--points", path,
-               "--out", out, "--flush-interval", "0.2"]
-    env = job_env(MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=sleep)
-    return subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return launch(3, "-m", "mpimap", "run", "jobfuncs:record", "--points", path, "--out", out, "--flush-interval", "0.2",
+                  cwd=tmp_path, env=job_env(MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=sleep), start_new_session=True,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_kill_9_then_resume_loses_nothing_and_recomputes_nothing(tmp_path):
@@ -295,10 +293,9 @@ def test_flush_interval_bounds_what_a_kill_loses_even_when_no_other_result_arriv
                                         "    return float(x)\n")
     np.save(tmp_path / "p.npy", np.arange(4.0))
     out = str(tmp_path / "r.h5")
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "model9.py:f", "--points", "p.npy",
-               "--out", out, "--isolation", "rank", "--flush-interval", "0.5", "--chunksize", "1", "--no-progress"]
-    job = subprocess.Popen(command, cwd=tmp_path, env=job_env(), start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = launch(3, "-m", "mpimap", "run", "model9.py:f", "--points", "p.npy", "--out", out, "--isolation", "rank",
+                 "--flush-interval", "0.5", "--chunksize", "1", "--no-progress", cwd=tmp_path, start_new_session=True,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         done = 0

@@ -1,6 +1,5 @@
 """Launches the pytest-mpi suite in tests/inside_mpi under a real ``mpiexec -n 3``."""
 
-import sys
 
 from conftest import TESTS, mpiexec
 

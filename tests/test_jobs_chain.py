@@ -387,7 +387,7 @@ def test_cancel_between_two_allocations_that_never_reported_says_cancelled(where
                   "--template", str(_slow_start(where)))
     assert proc.returncode == 0, proc.stderr
     job = Job(where / "mpimap-jobs" / "mute")
-    first, second = allocation(job, 0), allocation(job, 1)
+    first, _ = allocation(job, 0), allocation(job, 1)
     wait_for(lambda: not session_of(first), 60, "the first allocation dies without a word")
     assert job.status() is None and job.state() == "queued"  # its continuation waits (its slow start) to go on
     proc = mpimap(where, "cancel", "mute")

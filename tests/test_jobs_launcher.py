@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 
-from conftest import job_env, kill_job, launcher_env
+from conftest import job_env, kill_job, launch, launcher_env
 from mpimap.jobs.job import Job
-from mpimap.launch import find_mpiexec
 
 
 def processes() -> dict[int, dict]:
@@ -73,10 +72,10 @@ def test_ranks_die_when_their_launcher_is_killed(tmp_path):
     worker evaluates a long point in the rank: no rank of the job may run on, orphaned."""
     np.save(tmp_path / "p.npy", np.column_stack([np.arange(4.0), np.zeros(4)]))
     out = str(tmp_path / "r.h5")
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:record", "--points",
-               "p.npy", "--out", out, "--isolation", "rank", "--chunksize", "1", "--no-progress"]
-    job = subprocess.Popen(command, cwd=tmp_path, env=job_env(MPIMAP_TEST_LOG=tmp_path / "log", MPIMAP_TEST_SLEEP=300),
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = launch(3, "-m", "mpimap", "run", "jobfuncs:record", "--points", "p.npy", "--out", out, "--isolation", "rank",
+                 "--chunksize", "1", "--no-progress", cwd=tmp_path,
+                 env=job_env(MPIMAP_TEST_LOG=tmp_path / "log", MPIMAP_TEST_SLEEP=300),
+                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ranks = set()
     try:
         wait_lines(tmp_path / "log", 2)  # both workers are in their 300 s evaluations, not in MPI

@@ -16,13 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import job_env, kill_job, launcher_env, mpimap_cli, without_launcher_report
+from conftest import job_env, kill_job, launch, mpimap_cli, without_launcher_report
 from mpimap.control import Watcher, send
 from mpimap.jobs import files
 from mpimap.jobs.job import Job
 from mpimap.jobs.records import JobSpec, Resources
 from mpimap.jobs.status import HISTORY_LIMIT, StatusWriter, Tally
-from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
 
 
@@ -41,9 +40,8 @@ def make_job(tmp_path, function: str, points, name="t", **spec) -> files.JobDir:
 
 def start(job: files.JobDir, ranks=3, **env) -> subprocess.Popen:
     """``mpiexec -n ranks python -m mpimap run --job DIR`` in the background, in a session of its own."""
-    return subprocess.Popen([find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpimap", "run", "--job", job.path],
-                            cwd=os.path.dirname(job.path), env={**job_env(**env), **launcher_env()},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return launch(ranks, "-m", "mpimap", "run", "--job", job.path, cwd=os.path.dirname(job.path), env=job_env(**env),
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.fixture

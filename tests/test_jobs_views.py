@@ -20,11 +20,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import job_env, kill_job, launcher_env, mpimap_cli
+from conftest import job_env, kill_job, launch, mpimap_cli
 from mpimap.jobs.files import JobDir, write_json
 from mpimap.jobs.job import Job
 from mpimap.jobs.records import JobSpec, JobStatus, RankRow, Resources, Submission
-from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
 
 HOST = socket.gethostname()
@@ -177,10 +176,9 @@ def test_results_and_load_while_the_job_runs(tmp_path):
     pts = np.arange(40.0)
     job = make_job(tmp_path, "w1", pts, run=False)
     (tmp_path / "slow.py").write_text("import time\ndef f(x):\n    time.sleep(0.2)\n    return 2 * x\n")
-    proc = subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, "-m", "mpimap", "run",
-                             f"{tmp_path / 'slow.py'}:f", "--points", job.dir.points, "--out", job.dir.results,
-                             "--flush-interval", "0"], env={**job_env(), **launcher_env()}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = launch(2, "-m", "mpimap", "run", f"{tmp_path / 'slow.py'}:f", "--points", job.dir.points,
+                  "--out", job.dir.results, "--flush-interval", "0", start_new_session=True,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -5,7 +5,6 @@ import gc
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -15,9 +14,8 @@ import numpy as np
 import pytest
 
 import mpimap
-from conftest import freed, job_env
+from conftest import freed, job_env, launch
 from jobfuncs import exits_on_2, square
-from mpimap.launch import find_mpiexec
 from mpimap.store import read_results
 
 
@@ -364,9 +362,9 @@ def test_suspension_longer_than_rank_timeout_loses_no_rank(tmp_path, stopped):
     log = tmp_path / "evaluated.txt"
     marker = uuid.uuid4().hex
     env = job_env(MPIMAP_TEST_JOB=marker, MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=0.05, MPIMAP_HEARTBEAT=0.3)
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:record", "--points",
-               "p.npy", "--out", "r.h5", "--isolation", "rank", "--rank-timeout", "2", "--no-progress"]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = launch(3, "-m", "mpimap", "run", "jobfuncs:record", "--points", "p.npy", "--out", "r.h5",
+                  "--isolation", "rank", "--rank-timeout", "2", "--no-progress", cwd=tmp_path, env=env,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (log.exists() and len(log.read_text().split()) >= 10):  # the job is under way

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import job_env, mpimap_cli
+from conftest import job_env, launch, mpimap_cli
 from mpimap.store import read_results
 
 
@@ -209,13 +209,10 @@ if __name__ == "__main__":
 def test_cli_changes_the_log_level_of_a_running_job(tmp_path):
     import time
 
-    from mpimap.launch import find_mpiexec
-
     np.save(tmp_path / "p.npy", np.arange(200.0))
     out = str(tmp_path / "r.h5")
-    job = subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:slow_chatty",
-                            "--points", "p.npy", "--out", out, "--chunksize", "1"], cwd=tmp_path, env=job_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = launch(3, "-m", "mpimap", "run", "jobfuncs:slow_chatty", "--points", "p.npy", "--out", out, "--chunksize", "1",
+                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not os.path.exists(out + ".lock") and time.monotonic() < deadline:
         time.sleep(0.1)

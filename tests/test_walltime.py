@@ -18,10 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import job_env, kill_job, launcher_env, mpimap_cli, without_launcher_report
+from conftest import job_env, kill_job, launch, mpimap_cli, without_launcher_report
 from mpimap.errors import MpimapError
 from mpimap.jobs.job import Job
-from mpimap.launch import find_mpiexec
 from mpimap.runner import RunOptions
 from mpimap.store import read_results
 from mpimap.walltime import AHEAD, MARGIN, MIN_RESERVE, Budget, Deadline, deadline, fits, reserve
@@ -237,10 +236,9 @@ def running(proc, log, points: int = 10, timeout: float = 60.0) -> None:
 
 def background(tmp_path, log, *args, isolation="process"):
     """``mpiexec -n 3 python -m mpimap run jobfuncs:record ...`` in a session of its own."""
-    return subprocess.Popen([find_mpiexec(), "-n", "3", sys.executable, "-m", "mpimap", "run", "jobfuncs:record",
-                             "--points", "p.npy", "--out", "r.h5", "--isolation", isolation, *args],
-                            cwd=tmp_path, env={**job_env(MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=SLEEP), **launcher_env()},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return launch(3, "-m", "mpimap", "run", "jobfuncs:record", "--points", "p.npy", "--out", "r.h5",
+                  "--isolation", isolation, *args, cwd=tmp_path, env=job_env(MPIMAP_TEST_LOG=log, MPIMAP_TEST_SLEEP=SLEEP),
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def job_tree(proc) -> dict[int, str]:
