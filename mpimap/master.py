@@ -328,6 +328,7 @@ class Master:
                     handle.finish(error=self.error, cancelled=self.error is None)
                 self._handles.clear()
                 self.lost |= self.silent  # the last rank, kept in service while silent, never came back
+                self._give_up_stuck()
                 self._shutdown_workers()
                 for published in [*self._published.values(), *(p for p, _ in self._to_share)]:
                     published.release()
@@ -621,6 +622,14 @@ class Master:
     def _group_timeout(self, map_id: int) -> float | None:
         handle = self._handles.get(map_id)
         return handle.group.timeout if handle is not None and handle.group is not None else None
+
+    def _give_up_stuck(self) -> None:
+        """At the end: ranks still inside a settled k-rank task would never see STOP, nor end MPI_Finalize."""
+        stuck = set(self.scheduler.stuck_ranks())
+        if stuck:
+            log.error("ranks %s are still inside k-rank tasks that ended without them (blocked in a collective "
+                      "call): they count as lost", sorted(stuck))
+            self.lost |= stuck
 
     def _fail_too_wide(self) -> None:
         """After ranks were lost: the k-rank maps that need more ranks than are left fail (they could never run)."""

@@ -72,10 +72,13 @@ class Transport:
         return comm
 
     def free_groups(self) -> None:
-        """Free the communicators of k-rank tasks (when serving ends)."""
-        for comm in self._groups.values():
-            comm.Free()
-        self._groups.clear()
+        """Free the communicators of k-rank tasks (when serving ends).
+
+        In one order on every rank (by rank set): were a library's free to wait
+        for the other members, no two ranks could wait for each other.
+        """
+        for ranks in sorted(self._groups):
+            self._groups.pop(ranks).Free()
 
     def poll(self):
         """Return the next message as ``(source, kind, obj)``, or None if none is waiting."""

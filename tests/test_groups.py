@@ -132,11 +132,14 @@ if __name__ == "__main__":
             pool.map(weighted_sum, range(3), ranks_per_task=2, isolation="process")
         except ValueError as exc:
             isolation = str(exc)
-        report(error=error, isolation=isolation, after=[t for t, _, _ in pool.map(weighted_sum, [5], ranks_per_task=2)])
+        child = pool.map(square, [1], isolation="process", on_error="record")  # not an MPI process: no task_comm
+        report(error=error, isolation=isolation, after=[t for t, _, _ in pool.map(weighted_sum, [5], ranks_per_task=2)],
+               child=repr(next(child)))
 '''))
     assert out["error"].startswith("ValueError: ranks_per_task=3 asks for more worker ranks than the pool has (2 live)")
     assert "needs isolation='rank'" in out["isolation"]
     assert out["after"] == [15]
+    assert out["child"].startswith("RuntimeError(\"mpimap.task_comm() is only available inside a point's function")
 
 
 def test_task_comm_in_a_single_process_pool_and_outside_a_task():
@@ -204,8 +207,8 @@ def test_cli_ranks_per_task_wider_than_the_pool_is_one_line(tmp_path):
 
 def test_a_member_that_raises_before_a_collective_leaves_its_partner_stuck_and_out_of_work(run_script):
     """The documented limit: MPI cannot interrupt the partner's Allreduce.  The point fails at once with the
-    exception, the partner is shown as stuck and gets no work (one-rank points go to the other rank); the
-    program then ends with Abort, as docs/mpi-tasks.rst says it must."""
+    exception, the partner is shown as stuck and gets no work (one-rank points go to the other rank); at the
+    end it counts as lost: the job ends with exit status 4 instead of waiting for it for ever."""
     proc = run_script(FUNCTIONS + '''
 def raises_before_the_collective(x):
     comm = mpimap.task_comm()
@@ -222,8 +225,9 @@ if __name__ == "__main__":
     stuck = [r["rank"] for r in pool.status() if r["stuck"]]
     ranks = sorted(set(pool.map(where, range(20))))
     print("RESULT " + json.dumps(dict(out=[repr(v) for v in out], stuck=stuck, ranks=ranks)), flush=True)
-    MPI.COMM_WORLD.Abort(0)
 ''', full=True, check=False, timeout=120)
     out = result_of(proc.stdout)
     assert out == {"out": ["0", "ValueError('task rank 1 gave up')"], "stuck": [1], "ranks": [2]}
     assert "point 1 failed on rank 2 of its 2-rank task; ranks [1] are still inside it" in proc.stderr
+    assert "ranks [1] are still inside k-rank tasks that ended without them" in proc.stderr
+    assert proc.returncode == 4  # MPI_Abort (its line may be cut off by the launcher ending the job)
