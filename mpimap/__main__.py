@@ -14,6 +14,7 @@ import runpy
 import signal
 import sys
 import time
+import traceback
 import types
 
 
@@ -82,14 +83,20 @@ def main(argv=None) -> int:
         # then stops the workers.  A worker that died of it would take the job down before the flush.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
-        if script is not None:
-            _serve_script(script, comm)
-        else:
-            from .worker import serve
+        status = 0
+        try:
+            if script is not None:
+                _serve_script(script, comm)
+            else:
+                from .worker import serve
 
-            serve(comm)
+                serve(comm)
+        except Exception:  # the script failed to load here (rank 0 usually fails the same way): say why, end
+            traceback.print_exc()
+            sys.stderr.flush()
+            status = 1
         MPI.COMM_WORLD.Ibarrier().Wait()  # rank 0 learns that the workers have stopped (see _workers_stopped)
-        return 0
+        return status
     if script is None:
         # SIGUSR1 would end rank 0 by default: `mpimap run` handles it while its map runs, and a warning that
         # comes before or after that must not kill the master (its deadline, if known, still stops it in time).

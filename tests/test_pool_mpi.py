@@ -67,6 +67,13 @@ def test_script_mode_equals_serial_at_2_and_3_ranks(run_script):
                        "error": ["bad point 7", True], "unordered": True, "hosts": [True], "second_pool": True}
 
 
+def test_a_script_that_fails_to_import_ends_the_job_with_its_error_and_never_hangs(run_script):
+    # Every rank imports the script (workers as module __worker__): all of them fail before a pool exists.
+    proc = run_script("import numpy\nimport no_such_module_here\n", ranks=3, full=True, check=False, timeout=60)
+    assert proc.returncode != 0
+    assert "No module named 'no_such_module_here'" in proc.stderr
+
+
 def test_fitting_libraries_under_mpiexec(run_script):
     out = run_script('''
 import emcee, mpimap
