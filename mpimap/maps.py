@@ -245,9 +245,13 @@ class MapHandle:
             wait(timeout)
 
     def ordered(self, deadline: float | None = None):
-        """Yield values in input order; raise a point's exception when its turn comes."""
+        """An iterator of the values in input order; it raises a point's exception when its turn comes."""
+        return primed(self._in_order(deadline))
+
+    def _in_order(self, deadline):
         i, n = 0, self.size
         try:
+            yield  # where primed leaves it
             while i < n:
                 with self._cond:
                     self._wait(lambda: self._ready[i], deadline)
@@ -277,9 +281,13 @@ class MapHandle:
                 self.cancel()
 
     def chunks(self, deadline: float | None = None):
-        """Yield :class:`ChunkResult` objects in the order they arrive."""
+        """An iterator of :class:`ChunkResult` objects in the order they arrive."""
+        return primed(self._chunks_as_they_come(deadline))
+
+    def _chunks_as_they_come(self, deadline):
         taken = 0
         try:
+            yield  # where primed leaves it
             while taken < self.size:
                 with self._cond:
                     self._wait(lambda: self._chunks, deadline)
@@ -291,6 +299,13 @@ class MapHandle:
         finally:
             if taken < self.size:
                 self.cancel()
+
+
+def primed(generator):
+    """``generator`` run to its first ``yield``, inside its ``try``: closing or dropping it before its first item
+    then runs its ``finally`` (which cancels the rest of the map), as it does after any item."""
+    next(generator)
+    return generator
 
 
 def _take(values: list, j: int):

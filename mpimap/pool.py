@@ -18,7 +18,7 @@ import numpy as np
 
 from . import groups, nested, shared, world
 from .isolation import Isolation
-from .maps import MapHandle, Policy
+from .maps import MapHandle, Policy, primed
 from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, Master, RanksLostError
 from .pointlogs import PointLogs
 from .protocol import MapFunction
@@ -384,8 +384,13 @@ def _deadline(timeout):
 
 
 def _unordered(handle: MapHandle, deadline, indexed: bool):
-    record = handle.policy.on_error == "record"
-    for result in handle.chunks(deadline):
+    """The values of ``handle`` as they arrive (``(index, value)`` pairs if ``indexed``)."""
+    return primed(_values_of(handle.chunks(deadline), handle.policy.on_error == "record", indexed))
+
+
+def _values_of(chunks, record: bool, indexed: bool):
+    yield  # where primed leaves it: dropping or closing this iterator drops ``chunks``, which cancels the map
+    for result in chunks:
         for offset in result.offsets():
             if offset in result.failures:
                 if not record:

@@ -87,3 +87,28 @@ def test_emcee_and_scipy_take_the_pool_unchanged():
 
     with mpimap.Pool() as pool:
         assert run_fitting_libraries(pool, emcee, differential_evolution, rosen)
+
+
+_EVALUATED = []
+
+
+def counted_slow(x):
+    _EVALUATED.append(x)
+    time.sleep(0.02)
+    return x
+
+
+@pytest.mark.parametrize("how", ["map", "imap_unordered", "imap_chunks"])
+@pytest.mark.parametrize("drop", ["close", "del"])
+def test_a_map_iterator_closed_or_dropped_before_its_first_item_cancels_the_map(how, drop):
+    with mpimap.Pool() as pool:
+        _EVALUATED.clear()
+        it = getattr(pool, how)(counted_slow, list(range(200)))
+        if drop == "close":
+            it.close()
+        else:
+            del it
+        time.sleep(0.5)
+        assert list(pool.map(square, [3], timeout=30)) == [9]  # the pool serves on at once
+        time.sleep(0.5)
+        assert len(_EVALUATED) < 100  # 200 points of 20 ms: only what was in flight ran
