@@ -80,6 +80,13 @@ def evaluate_points(fn, star: bool, args, *, scratch: bool = False, logs: PointL
     every point costs ~5x a microsecond function.  With a ``seed``, point
     ``i`` runs in the random stream of ``keys[i]`` (see :mod:`mpimap.seeds`).
     """
+    outer = seeds._current
+    if seed is None and outer is not None:  # a map without a seed, nested in a seeded point: no stream of its own
+        seeds._leave(None)
+        try:
+            return evaluate_points(fn, star, args, scratch=scratch, logs=logs, timed=timed)
+        finally:
+            seeds._leave(outer)
     n = len(args)
     if not timed and not scratch and not (logs is not None and logs.active) and seed is None:
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from . import seeds
 from .failures import Failure
 from .maps import MapHandle, Policy
 from .protocol import Kind, SubMap, SubResult, UnloadableArgs
@@ -105,18 +106,19 @@ class WorkerPool:
         self._chunk_id = chunk_id
         self._function = function  # the outer map's MapFunction
 
-    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
+    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, seed=None, **options):
         """Like ``Pool.map``: results in input order; a point's exception raises at its turn."""
         from .pool import _deadline
 
-        handle = self._open(fn, iterables, chunksize, priority, True, options)
+        handle = self._open(fn, iterables, chunksize, priority, True, options, seed=seed)
         return handle.ordered(_deadline(timeout))
 
-    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, **options):
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, seed=None,
+                       **options):
         """Like ``Pool.imap_unordered``: results as they arrive (``(index, value)`` pairs if ``indexed``)."""
         from .pool import _deadline, _unordered
 
-        handle = self._open(fn, iterables, chunksize, priority, False, options)
+        handle = self._open(fn, iterables, chunksize, priority, False, options, seed=seed)
         return _unordered(handle, _deadline(timeout), indexed)
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
@@ -124,7 +126,7 @@ class WorkerPool:
         call = functools.partial(fn, **kwargs) if kwargs else fn
         return _NestedFuture(self._open(call, ([args],), None, 0, True, {}, star=True))
 
-    def _open(self, fn, iterables, chunksize, priority, ordered, options, star=None) -> MapHandle:
+    def _open(self, fn, iterables, chunksize, priority, ordered, options, star=None, seed=None) -> MapHandle:
         from .pool import _check_map_options, _pickle_function, map_settings
 
         if not iterables:
@@ -138,8 +140,9 @@ class WorkerPool:
             args, star = list(zip(*iterables)), True
         outer = self._function  # its isolation and point logs are the defaults; its pool's initializer runs too
         isolation, policy, logs = map_settings(options, outer.isolation, Policy(), outer.logs)
-        blob = _pickle_function(fn, star, False, isolation, logs, init=outer.init)
-        return self._nesting.open(self._chunk_id, blob, args, ordered, chunksize, priority, policy)
+        seed = None if seed is None else seeds.check_seed(seed)  # no seed: the pool's is the top-level maps'
+        blob = _pickle_function(fn, star, False, isolation, logs, seed=seed, init=outer.init)
+        return self._nesting.open(self._chunk_id, blob, args, ordered, chunksize, priority, policy, seed is not None)
 
 
 class _NestedFuture(Future):
@@ -208,14 +211,14 @@ class WorkerNesting:
     def pool(self, chunk_id: int, function) -> WorkerPool:
         return WorkerPool(self, chunk_id, function)
 
-    def open(self, chunk_id, blob, args, ordered, chunksize, priority, policy) -> MapHandle:
+    def open(self, chunk_id, blob, args, ordered, chunksize, priority, policy, seeded) -> MapHandle:
         handle = MapHandle(blob, args, chunksize=chunksize, priority=priority, ordered=ordered, policy=policy)
         if not args:  # nothing to ask the master for
             handle.finish()
             return handle
         handle.map_id = sub_id = next(self._ids)
         self.worker.transport.send(0, Kind.SUBMAP, SubMap(sub_id, chunk_id, blob, args, ordered, chunksize,
-                                                          priority, policy))
+                                                          priority, policy, seeded))
         handle.master = self
         self.maps[sub_id] = handle
         self.by_chunk.setdefault(chunk_id, []).append(sub_id)
@@ -271,7 +274,7 @@ class RemoteHandle(MapHandle):
 
     def __init__(self, master, rank: int, sub: SubMap, parent_map: int):
         super().__init__(sub.function, sub.args, chunksize=sub.chunksize, priority=sub.priority, ordered=False,
-                         policy=sub.policy)
+                         policy=sub.policy, keys=range(len(sub.args)) if sub.seeded else None)
         self.rank, self.sub_id, self.parent_chunk, self.parent_map = rank, sub.sub_id, sub.parent, parent_map
         self._master = master
 
@@ -349,18 +352,23 @@ class SerialPool:
     def pool(self, chunk_id, function) -> "SerialPool":
         return self
 
-    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, **options):
-        return (fn(*point) for point in self._points(iterables, chunksize, priority, options))
+    def map(self, fn, *iterables, timeout=None, chunksize=None, priority=0, seed=None, **options):
+        seed = None if seed is None else seeds.check_seed(seed)
+        points = self._points(iterables, chunksize, priority, options)
+        return (_in_stream(seed, i, fn, point) for i, point in enumerate(points))
 
-    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, **options):
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=None, priority=0, indexed=False, seed=None,
+                       **options):
+        seed = None if seed is None else seeds.check_seed(seed)
         for i, point in enumerate(self._points(iterables, chunksize, priority, options)):
-            yield (i, fn(*point)) if indexed else fn(*point)
+            value = _in_stream(seed, i, fn, point)
+            yield (i, value) if indexed else value
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         future = Future()
         future.set_running_or_notify_cancel()
         try:
-            future.set_result(fn(*args, **kwargs))
+            future.set_result(_in_stream(None, 0, functools.partial(fn, **kwargs), args))
         except Exception as exc:
             future.set_exception(exc)
         return future
@@ -375,3 +383,15 @@ class SerialPool:
         map_settings(options)
         return zip(*iterables)
 
+
+def _in_stream(seed, index: int, fn, point):
+    """``fn(*point)`` in stream ``index`` of ``seed``, or in no stream (``mpimap.rng()`` raises) without a seed."""
+    saved = seeds._current
+    if seed is None:
+        seeds._leave(None)
+    else:
+        seeds._enter(seed, index)
+    try:
+        return fn(*point)
+    finally:
+        seeds._leave(saved)

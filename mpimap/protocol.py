@@ -217,9 +217,10 @@ class SubMap:
     chunksize: int | None
     priority: int  # added to the parent map's priority + 1: inner work drains first
     policy: object  # a maps.Policy
+    seeded: bool = False  # the function has a seed: point i draws from stream i
 
     def __reduce__(self):
-        rest = (self.ordered, self.chunksize, self.priority, self.policy)
+        rest = (self.ordered, self.chunksize, self.priority, self.policy, self.seeded)
         return _submap, (self.sub_id, self.parent, self.function, rest, len(self.args), *_apart(self.args))
 
 

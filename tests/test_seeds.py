@@ -229,3 +229,37 @@ def test_run_seed_option_is_checked_like_every_run_option():
     assert RunOptions(seed=3).problem() is None
     assert "seed must be a non-negative integer" in RunOptions(seed=-3).problem()
     assert "seed must be a non-negative integer" in RunOptions(seed="3").problem()
+
+
+NESTED = '''
+import json
+import mpimap
+
+
+def inner(x):
+    try:
+        return float(mpimap.rng().random())
+    except RuntimeError:
+        return "no stream"
+
+
+def outer(i):
+    first = float(mpimap.rng().random())
+    unseeded = list(mpimap.current_pool().map(inner, range(3)))
+    seeded = list(mpimap.current_pool().map(inner, range(3), seed=5))
+    return [first, float(mpimap.rng().random()), unseeded, seeded]
+
+
+if __name__ == "__main__":
+    with mpimap.Pool(seed=1) as pool:
+        print("RESULT " + json.dumps(list(pool.map(outer, range(3), isolation="rank"))))
+'''
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_nested_maps_have_their_own_streams_and_leave_the_waiting_points_stream_alone(run_script, ranks):
+    line = next(x for x in run_script(NESTED, ranks=ranks, timeout=120).splitlines() if x.startswith("RESULT "))
+    for i, (first, second, unseeded, seeded) in enumerate(json.loads(line[len("RESULT "):])):
+        assert [first, second] == mpimap.point_rng(1, i).random(2).tolist()  # the outer stream goes on unchanged
+        assert unseeded == ["no stream"] * 3  # a nested map without a seed has none (not the waiting point's)
+        assert seeded == [mpimap.point_rng(5, j).random() for j in range(3)]
