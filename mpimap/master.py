@@ -92,6 +92,8 @@ class Master:
         self._handles: dict[int, MapHandle] = {}
         self._published: dict[str, shared.Published] = {}  # name -> a shared object the workers hold (pool.share)
         self._to_share: list = []  # (Published, Event) waiting for every rank's host to be known
+        self._to_unshare: list = []  # (name, map_id): released once no map up to map_id is open
+        self._last_map_id = -1  # the latest map submitted by a caller
         self._holders: dict[int, set] = {}  # map_id -> ranks that hold its function
         self._inbox: deque = deque()
         self._holes: dict[int, list] = {}  # chunk_id -> offsets sent, for chunks sent without cancelled calls
@@ -126,7 +128,7 @@ class Master:
                 raise RuntimeError("the mpimap master has failed") from self.error
             if self._closing:
                 raise RuntimeError("cannot submit to a pool that has been shut down")
-            handle.map_id = next(self._map_ids)
+            handle.map_id = self._last_map_id = next(self._map_ids)
             handle.master = self
             self._command("add", handle)
         return handle
@@ -147,8 +149,12 @@ class Master:
                 raise RuntimeError("the mpimap master stopped before the shared object was sent") from self.error
 
     def unshare(self, name: str) -> None:
-        """Let the workers drop a shared object, and remove its files (from any thread, also a finalizer)."""
-        self._command("unshare", name)
+        """Let the workers drop a shared object, and remove its files (from any thread, also a finalizer).
+
+        Not before the maps submitted so far have ended: their function or points may hold the handle in a
+        form that outlives the caller's handle object (a ``functools.partial``, a copy, submit's keywords).
+        """
+        self._command("unshare", (name, self._last_map_id))
 
     def set_log_level(self, level: int, ranks) -> None:
         """Change the log level of worker ranks (an iterable of ranks, or None for all) while they run."""
@@ -375,7 +381,19 @@ class Master:
             sent.set()
         self._to_share.clear()
 
-    def _unshare(self, name: str) -> None:
+    def _unshare(self, request) -> None:
+        self._to_unshare.append(request)
+        self._release_shares()
+
+    def _release_shares(self) -> None:
+        """Release the shared objects whose maps (every map up to the one submitted last when their handle went)
+        have all ended."""
+        oldest = min(self._handles, default=None)
+        for name, last in [r for r in self._to_unshare if oldest is None or r[1] < oldest]:
+            self._to_unshare.remove((name, last))
+            self._release_share(name)
+
+    def _release_share(self, name: str) -> None:
         published = self._published.pop(name, None)
         if published is None:
             return
@@ -493,6 +511,8 @@ class Master:
                 self.transport.send(rank, Kind.FORGET, handle.map_id)
         handle.finish(error=error, cancelled=cancelled)
         self.nesting.ended(handle.map_id)
+        if self._to_unshare:
+            self._release_shares()
 
     def _claim(self, chunk):
         """The handle, the arguments and their stream indices (a map with a seed; else None) of a chunk as it

@@ -232,7 +232,8 @@ class Pool(Executor):
         One copy per host, in shared memory: every rank and evaluation process
         of a host maps it read-only, numpy arrays as views.  The handle is
         immutable: share again for a new version.  The workers drop the object
-        when the handle is garbage-collected here, or at :meth:`shutdown`.
+        once the handle is garbage-collected here and the maps submitted until
+        then have ended, or at :meth:`shutdown`.
         """
         master = self._live_master()
         handle, published = shared.publish(obj)

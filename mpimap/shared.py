@@ -75,6 +75,13 @@ class Shared:
     def __reduce__(self):
         return Shared, (self.name,)
 
+    # A copy is the handle itself: on the master, the handle object's life is what keeps the shared object alive.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
     def __eq__(self, other):
         return isinstance(other, Shared) and other.name == self.name
 

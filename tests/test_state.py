@@ -317,3 +317,45 @@ def test_the_pool_of_one_process_runs_the_initializer_and_shares_too(isolation):
     assert all(calls == ["one"] for _, calls, _ in rows)
     assert all((pid == os.getpid()) == (isolation == "rank") for _, _, pid in rows)
     assert shared_files(name) == []  # released at shutdown
+
+
+HELD_ELSEWHERE = '''
+import copy, functools, gc, json, time
+import numpy as np
+import mpimap
+
+
+def f(h, x):
+    return float(h.value[x])
+
+
+def g(x, data=None):
+    time.sleep(0.05)
+    return float(data.value[x])
+
+
+if __name__ == "__main__":
+    out = {}
+    with mpimap.Pool() as pool:
+        # the caller keeps no handle: the partial, submit's keywords and a copy hold it
+        it = pool.map(functools.partial(f, pool.share(np.arange(20.0))), range(20))
+        gc.collect()
+        out["partial"] = list(it)
+        futures = [pool.submit(g, i, data=pool.share(np.arange(10.0) * k)) for k, i in enumerate(range(1, 6))]
+        gc.collect()
+        out["submit"] = [fu.result() for fu in futures]
+        config = {"data": pool.share(np.arange(5.0))}
+        copied = copy.deepcopy(config)
+        del config
+        gc.collect()
+        out["copy"] = list(pool.map(f, [copied["data"]] * 5, range(5)))
+    print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_a_handle_held_only_by_a_partial_submit_keywords_or_a_copy_stays_until_its_maps_end(run_script, ranks):
+    out = result_of(run_script(HELD_ELSEWHERE, ranks=ranks, timeout=120))
+    assert out["partial"] == [float(x) for x in range(20)]
+    assert out["submit"] == [float(k * i) for k, i in enumerate(range(1, 6))]
+    assert out["copy"] == [float(x) for x in range(5)]
