@@ -136,6 +136,10 @@ class _FitMapper:
                 continue
             for offset in chunk.offsets():
                 failure = chunk.failures.get(offset)
+                if failure is not None and failure.status == "failed":
+                    # bumps turns a model's exceptions into inf itself: this one is mpimap's or the problem's
+                    # (it could not be loaded on a worker).  Counting it as inf would fit nonsense.
+                    raise failure.exception()
                 out[chunk.start + offset] = np.inf if failure else chunk.values[offset]
                 if failure:
                     log.warning("nllf failed at point %s (%s): counted as inf",

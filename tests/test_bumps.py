@@ -282,3 +282,23 @@ if __name__ == "__main__":
     print("RESULT " + json.dumps(chunks))
 ''', ranks=3))
     assert out[1:] == [2, 2, 2], out
+
+
+def test_a_problem_the_workers_cannot_load_stops_the_fit_with_its_error_not_inf(run_script, tmp_path):
+    # The model's function lives in a module only rank 0 can import (a model file that adds its own folder to
+    # sys.path, as bumps models do): the workers fail to load the problem, which must not be fitted as inf.
+    (tmp_path / "only_here").mkdir()
+    (tmp_path / "only_here" / "hidden_model.py").write_text("def line(x, m, b):\n    return m * x + b\n")
+    proc = run_script(script(f'''
+import json, sys
+sys.path.insert(0, {str(tmp_path / "only_here")!r})
+from hidden_model import line as hidden
+from bumps.fitters import DEFit
+from mpimap.bumps import Mapper
+try:
+    fit(DEFit, Mapper, make_problem(hidden), steps=5, pop=10)
+    print("RESULT " + json.dumps("fitted"))
+except ModuleNotFoundError as exc:
+    print("RESULT " + json.dumps(str(exc)))
+'''), ranks=3, timeout=300)
+    assert result_of(proc) == "No module named 'hidden_model'"
