@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     finally:
         # Work still queued when the script ends is finished first, as concurrent.futures does at exit;
         # after an error it is dropped.
+        stop_grace = world.master().rank_timeout if world.active() else None
         lost = world.end(cancel=status != 0)
         if lost:
             # MPI_Finalize would wait for ever on a lost rank: everything is stored, so end the job here.
@@ -133,10 +134,17 @@ def main(argv=None) -> int:
             from .runner import EXIT_STATUS
 
             cancelled = script is None and status == EXIT_STATUS["cancelled"]
-            if not _workers_stopped(CANCEL_GRACE if cancelled else None):
+            if not _workers_stopped(CANCEL_GRACE if cancelled else stop_grace):
                 # The results are flushed and the status says cancelled: end the job (and its allocation) now.
-                sys.stderr.write(f"mpimap: cancelled: worker ranks still evaluating points after {CANCEL_GRACE:g} "
-                                 f"s; ending the MPI job with exit status {status}\n")
+                # Otherwise a rank went silent after the last map (stopped, or stuck in a point): MPI_Finalize
+                # would wait for it for ever.
+                if cancelled:
+                    why = f"cancelled: worker ranks still evaluating points after {CANCEL_GRACE:g} s"
+                else:
+                    status = EXIT_RANKS_LOST if status == 0 else status
+                    why = f"worker ranks did not stop within rank_timeout ({stop_grace:g} s) of the end"
+                sys.stdout.flush()
+                sys.stderr.write(f"mpimap: {why}; ending the MPI job with exit status {status}\n")
                 sys.stderr.flush()
                 MPI.COMM_WORLD.Abort(status)
     return status

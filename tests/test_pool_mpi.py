@@ -74,6 +74,22 @@ def test_a_script_that_fails_to_import_ends_the_job_with_its_error_and_never_han
     assert "No module named 'no_such_module_here'" in proc.stderr
 
 
+def test_a_worker_stopped_after_the_last_map_ends_the_job_after_rank_timeout_instead_of_hanging(run_script):
+    proc = run_script("""
+import os, signal
+import mpimap
+
+if __name__ == "__main__":
+    with mpimap.Pool(rank_timeout=3) as pool:
+        assert list(pool.map(abs, [-1, -2])) == [1, 2]
+        os.kill(pool.status()[0]["pid"], signal.SIGSTOP)  # silent from now on, after every map is done
+        print("mapped", list(pool.map(abs, [-3, -4])), flush=True)
+""", ranks=3, full=True, check=False, timeout=90)
+    assert "mapped [3, 4]" in proc.stdout
+    assert proc.returncode == 4, proc.stderr
+    assert "did not stop within rank_timeout (3 s)" in proc.stderr
+
+
 def test_fitting_libraries_under_mpiexec(run_script):
     out = run_script('''
 import emcee, mpimap
