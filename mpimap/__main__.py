@@ -45,7 +45,8 @@ def _alias_worker_module() -> None:
 
 
 def _workers_stopped(grace: float | None) -> bool:
-    """Wait for every worker rank to have stopped serving (None: for as long as it takes); whether they did.
+    """Wait for every worker rank to have stopped serving; whether they did within ``grace`` seconds of waiting
+    (None: for as long as it takes; time this process was suspended does not count).
 
     A cancelled run does not wait long: a point in user code under
     ``isolation="rank"`` cannot be stopped, and MPI_Finalize would wait for it.
@@ -53,9 +54,12 @@ def _workers_stopped(grace: float | None) -> bool:
     from mpi4py import MPI
 
     request = MPI.COMM_WORLD.Ibarrier()
-    deadline = None if grace is None else time.monotonic() + grace
+    waited, last = 0.0, time.monotonic()
     while not request.Test():
-        if deadline is not None and time.monotonic() > deadline:
+        now = time.monotonic()
+        waited += min(now - last, 0.1)  # not the time this process did not run (a suspended job)
+        last = now
+        if grace is not None and waited > grace:
             return False
         time.sleep(0.01)
     return True
