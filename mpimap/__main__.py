@@ -20,6 +20,7 @@ import types
 
 EXIT_RANKS_LOST = 4  # the run finished, but some ranks were lost on the way
 CANCEL_GRACE = 5.0  # seconds a cancelled `mpimap run` waits for its worker ranks to stop before ending the MPI job
+MIN_STOP_GRACE = 10.0  # at the end, a worker not stopped within max(rank_timeout, this) seconds ends the MPI job
 
 
 def _serve_script(path: str, comm) -> None:
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     finally:
         # Work still queued when the script ends is finished first, as concurrent.futures does at exit;
         # after an error it is dropped.
-        stop_grace = world.master().rank_timeout if world.active() else None
+        rank_timeout = world.master().rank_timeout if world.active() else None
+        stop_grace = None if rank_timeout is None else max(rank_timeout, MIN_STOP_GRACE)
         lost = world.end(cancel=status != 0)
         if lost:
             # MPI_Finalize would wait for ever on a lost rank: everything is stored, so end the job here.
@@ -146,7 +148,8 @@ def main(argv=None) -> int:
                     why = f"cancelled: worker ranks still evaluating points after {CANCEL_GRACE:g} s"
                 else:
                     status = EXIT_RANKS_LOST if status == 0 else status
-                    why = f"worker ranks did not stop within rank_timeout ({stop_grace:g} s) of the end"
+                    why = f"worker ranks did not stop within {stop_grace:g} s of the end (rank_timeout, at least " \
+                          f"{MIN_STOP_GRACE:g} s)"
                 sys.stdout.flush()
                 sys.stderr.write(f"mpimap: {why}; ending the MPI job with exit status {status}\n")
                 sys.stderr.flush()
