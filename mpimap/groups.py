@@ -44,6 +44,11 @@ def task_comm():
     return _current
 
 
+def group_size() -> int:
+    """The number of ranks of the k-rank task being evaluated in this process (1: none, or a one-rank task)."""
+    return 1 if _current is _UNSET or _current is None else _current.Get_size()
+
+
 @contextmanager
 def entered(comm):
     """Make ``comm`` (None: a one-rank task) what :func:`task_comm` returns while a chunk is evaluated."""

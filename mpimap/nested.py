@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import seeds
+from . import groups, seeds
 from .failures import Failure
 from .maps import MapHandle, Policy
 from .protocol import Kind, SubMap, SubResult, UnloadableArgs
@@ -33,6 +33,12 @@ from .protocol import Kind, SubMap, SubResult, UnloadableArgs
 _PROCESS_ERROR = ("mpimap.current_pool(): nested maps need isolation='rank'; this point runs in an evaluation "
                   "process (isolation='process' or 'fresh'), which is not an MPI rank: map with isolation='rank' "
                   "for the outer map (its inner maps may still use isolation='process')")
+
+
+_GROUP_ERROR = ("mpimap.current_pool(): a task of a map with ranks_per_task={k} cannot open nested maps: its {k} "
+                "ranks run only that task until it returns, so no rank of theirs could serve the inner work, and each "
+                "member would open its own copy of the map; parallelise inside the task with mpimap.task_comm(), or "
+                "map the inner work from a one-rank task or from rank 0")
 
 
 _local = threading.local()  # .context: the task this thread evaluates (set by the evaluating loop), if any
@@ -47,7 +53,8 @@ def current_pool():
       work the master schedules on every rank (the waiting rank included).
     * Inside a point's function in a pool of one process: a :class:`SerialPool`
       evaluating nested calls in place.
-    * In an evaluation process (``isolation="process"`` or ``"fresh"``): RuntimeError.
+    * In an evaluation process (``isolation="process"`` or ``"fresh"``), or in a
+      task of a map with ``ranks_per_task`` > 1: RuntimeError.
     * Elsewhere (rank 0, outside a task): the most recently created open ``Pool``
       of this process; under ``python -m mpimap`` a new ``Pool()`` on the session if none is open.
     """
@@ -56,6 +63,8 @@ def current_pool():
         source, chunk_id, function, pid = context
         if pid != os.getpid():  # inherited across the fork of an evaluation process
             raise RuntimeError(_PROCESS_ERROR)
+        if groups.group_size() > 1:
+            raise RuntimeError(_GROUP_ERROR.format(k=groups.group_size()))
         return source.pool(chunk_id, function)
     from . import world
     from .pool import Pool

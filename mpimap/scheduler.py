@@ -202,10 +202,13 @@ class Scheduler:
             rank = self._pop_room()
             if rank is None:
                 break
-            if rank in self._reserved:
+            reserved = rank in self._reserved
+            if reserved and not self.ranks[rank].parked:
                 passed.append(rank)
                 continue
-            chunk = self._next_chunk(rank)
+            # A reserved rank whose tasks wait for nested maps takes chunks of nested maps only: they let its
+            # tasks end (so it becomes idle for the k-rank map), and it can always run them itself.
+            chunk = self._next_chunk(rank, nested_only=self.paused or reserved)
             if chunk is None:
                 passed.append(rank)
                 continue
@@ -288,11 +291,11 @@ class Scheduler:
         if not rstate.lost and held < self.prefetch and rank not in self._members:
             self._room[held].append(rank)
 
-    def _next_chunk(self, rank: int) -> Chunk | None:
+    def _next_chunk(self, rank: int, nested_only: bool = False) -> Chunk | None:
         """The next chunk for ``rank``, from the first map by priority that has a point it may take.
 
         A map whose only points left avoid ``rank`` is passed over, so that
-        rank still serves the maps below it.
+        rank still serves the maps below it.  ``nested_only``: only maps opened by tasks in flight.
         """
         passed = []
         try:
@@ -301,7 +304,7 @@ class Scheduler:
                 if state is None or state.unassigned == 0:
                     heapq.heappop(self._queue)
                     continue
-                if state.ranks_per_task > 1 or (self.paused and not state.nested):  # k-rank: _assign_groups
+                if state.ranks_per_task > 1 or (nested_only and not state.nested):  # k-rank: _assign_groups
                     passed.append(heapq.heappop(self._queue))
                     continue
                 chunk = self._take(state, rank)
@@ -477,7 +480,9 @@ class Scheduler:
         A group is the k lowest idle ranks (so the same rank sets come back and their communicators are
         reused).  A k-rank map that cannot form a group reserves the ranks it waits for: the idle ones, then
         those with the least work queued.  Reserved ranks get no one-rank chunks until k of them are idle, so
-        one-rank maps below a k-rank map never starve it; one-rank maps above it keep every rank.
+        one-rank maps below a k-rank map never starve it; one-rank maps above it keep every rank.  The one
+        exception: a reserved rank whose tasks wait for nested maps (parked chunks) takes chunks of nested maps,
+        which its tasks need to end (else neither they nor the k-rank map would ever run).
         """
         self._reserved = set()
         out = []

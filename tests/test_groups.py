@@ -231,3 +231,48 @@ if __name__ == "__main__":
     assert "point 1 failed on rank 2 of its 2-rank task; ranks [1] are still inside it" in proc.stderr
     assert "ranks [1] are still inside k-rank tasks that ended without them" in proc.stderr
     assert proc.returncode == 4  # MPI_Abort (its line may be cut off by the launcher ending the job)
+
+
+NESTING = '''
+def square_plain(x):
+    return x * x
+
+def nests(n):
+    return sum(mpimap.current_pool().map(square_plain, range(n)))
+
+def outer_waits(n):
+    time.sleep(1)  # the urgent 2-rank map arrives meanwhile and reserves this busy rank
+    return sum(mpimap.current_pool().map(square_plain, range(n)))
+'''
+
+
+def test_a_k_rank_task_opening_a_nested_map_fails_with_one_clear_error_instead_of_hanging(run_script):
+    out = result_of(run_script(FUNCTIONS + NESTING + '''
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        try:
+            list(pool.map(nests, [10], ranks_per_task=2, timeout=60))
+            raised = None
+        except Exception as exc:
+            raised = f"{type(exc).__name__}: {exc}"
+        after = list(pool.map(nests, [10, 4], timeout=60))  # one-rank tasks still nest
+        report(raised=raised, after=after)
+''', timeout=180))
+    assert out["raised"].startswith("RuntimeError: mpimap.current_pool(): a task of a map with ranks_per_task=2 "
+                                    "cannot open nested maps")
+    assert out["after"] == [285, 14]
+
+
+def test_an_urgent_k_rank_map_reserving_ranks_whose_tasks_wait_for_nested_maps_does_not_deadlock(run_script):
+    out = result_of(run_script(FUNCTIONS + NESTING + '''
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        outer = pool.imap_unordered(outer_waits, [3, 4], timeout=90)
+        time.sleep(0.3)
+        wide = pool.imap_unordered(weighted_sum, [1, 2], ranks_per_task=2, priority=10, timeout=90)
+        try:
+            report(outer=sorted(outer), wide=sorted(t for t, _, _ in wide))
+        except Exception as exc:
+            report(error=repr(exc))
+''', timeout=180))
+    assert out == {"outer": [5, 14], "wide": [3, 6]}

@@ -580,3 +580,36 @@ def simulate_mixed(workers: int, maps, seed: int = 0):
 def test_mixed_one_rank_and_k_rank_maps_deliver_every_point_once(seed):
     seen = simulate_mixed(7, [(300, 1, 0), (40, 3, 0), (50, 2, 1), (200, 1, 2), (10, 7, 0)], seed)
     assert set(seen.values()) == {1}
+
+
+def test_a_reserved_rank_whose_tasks_wait_for_nested_maps_runs_those_maps_and_then_the_k_rank_map():
+    """A k-rank map reserves ranks whose tasks wait for nested maps: they must still run nested chunks (else
+    neither their tasks nor the k-rank map ever end), and no other one-rank work until the k-rank map runs."""
+    sched = Scheduler(range(1, 3), prefetch=2)
+    sched.add_map(0, 10, chunksize=1)  # outer tasks, more than the ranks can hold
+    (r1, a), (r2, b), *_ = sched.assign(0.0)
+    sched.add_map(1, 2, ranks_per_task=2, priority=10)  # urgent, but no rank is idle: it reserves both
+    for map_id, (rank, outer) in ((2, (r1, a)), (3, (r2, b))):  # each outer task opens a nested map and waits
+        sched.add_map(map_id, 2, chunksize=1, priority=1, nested=True)
+        sched.park(rank, outer.chunk_id)
+    for rank, outer in ((r1, a), (r2, b)):  # the prefetched outer chunks (not parked) end
+        for cid, chunk in list(sched.ranks[rank].in_flight.items()):
+            if cid != outer.chunk_id:
+                sched.complete(rank, cid, 0.1, 0.5)
+    now, inner = 1.0, []
+    while not (sched.map_finished(2) and sched.map_finished(3)):
+        handed = sched.assign(now)
+        assert handed, "deadlock: the waiting tasks' nested maps get no rank"
+        assert all(sched.maps[c.map_id].nested for _, c in handed), "a reserved rank got other one-rank work"
+        for rank, chunk in handed:
+            inner.append(chunk.map_id)
+            sched.complete(rank, chunk.chunk_id, 0.1, now)
+        now += 1.0
+    assert sorted(inner) == [2, 2, 3, 3]
+    sched.unpark(r1, a.chunk_id)
+    sched.complete(r1, a.chunk_id, 1.0, now)
+    assert sched.assign(now) == []  # rank 1 is idle and reserved; rank 2 still runs its task: nothing for 1
+    sched.unpark(r2, b.chunk_id)
+    sched.complete(r2, b.chunk_id, 1.0, now)
+    handed = sched.assign(now)
+    assert [(r, c.map_id, c.group) for r, c in handed] == [(1, 1, (1, 2)), (2, 1, (1, 2))]  # not starved

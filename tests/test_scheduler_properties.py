@@ -289,7 +289,8 @@ def test_randomized_simulation_at_scale(seed=0):
 
 class GroupMachine(RuleBasedStateMachine):
     """One-rank and k-rank maps together, as the master drives them: members report one by one (a failure
-    settles a point at once), k-rank points time out, ranks are lost, maps are cancelled."""
+    settles a point at once), k-rank points time out, ranks are lost, maps are cancelled; one-rank tasks open
+    nested maps and wait for them (parked: such a task cannot end before its nested maps have)."""
 
     @initialize(workers=st.integers(2, 6), prefetch=st.integers(1, 3))
     def start(self, workers, prefetch):
@@ -301,6 +302,7 @@ class GroupMachine(RuleBasedStateMachine):
         self.attempts: Counter = Counter()
         self.sent: dict[int, tuple] = {}  # one-rank chunk_id -> (rank, chunk)
         self.tasks: dict[int, list] = {}  # k-rank chunk_id -> [chunk, members still to report, settled]
+        self.waits: dict[int, int] = {}  # parked one-rank chunk_id -> the nested map its task waits for
         self.just_assigned = False
 
     @rule(size=st.integers(0, 12), k=st.sampled_from([1, 2, 2, 3]), priority=st.integers(0, 2))
@@ -325,7 +327,8 @@ class GroupMachine(RuleBasedStateMachine):
         for rank, chunk in self.sched.assign(self.now):
             assert not self.sched.ranks[rank].lost and chunk.map_id in self.open
             if chunk.group is None:
-                self.fed.add(rank)
+                if not self.sched.maps[chunk.map_id].nested:  # a reserved rank whose task waits takes nested ones
+                    self.fed.add(rank)
                 assert all(rank not in members for _, members, _ in self.tasks.values()), \
                     "a rank inside a k-rank task got other work"
                 self.sent[chunk.chunk_id] = (rank, chunk)
@@ -337,13 +340,35 @@ class GroupMachine(RuleBasedStateMachine):
             task[1].add(rank)
         self.just_assigned = True
 
-    @precondition(lambda self: self.sent)
+    def _can_end(self):
+        """The one-rank chunks whose tasks may end: those not waiting for an open nested map."""
+        return sorted(c for c in self.sent if self.waits.get(c) not in self.open)
+
+    @precondition(lambda self: self._can_end())
     @rule(data=st.data(), fail=st.booleans())
     def complete(self, data, fail):
-        chunk_id = data.draw(st.sampled_from(sorted(self.sent)))
+        chunk_id = data.draw(st.sampled_from(self._can_end()))
+        self._complete(chunk_id, fail)
+        self.just_assigned = False
+
+    def _complete(self, chunk_id, fail):
         rank, chunk = self.sent.pop(chunk_id)
+        if self.waits.pop(chunk_id, None) is not None:
+            self.sched.unpark(rank, chunk_id)
         assert self.sched.complete(rank, chunk_id, 0.01, self.now) == chunk
         self._settled(chunk, fail, rank)
+
+    @precondition(lambda self: any(c not in self.waits for c in self.sent))
+    @rule(data=st.data(), size=st.integers(1, 5), priority=st.integers(0, 3))
+    def nest(self, data, size, priority):
+        """A one-rank task opens a nested map and waits for it."""
+        chunk_id = data.draw(st.sampled_from(sorted(c for c in self.sent if c not in self.waits)))
+        map_id = self.next_map
+        self.next_map += 1
+        self.sched.add_map(map_id, size, priority=priority, nested=True)
+        self.open[map_id], self.delivered[map_id] = size, Counter()
+        self.sched.park(self.sent[chunk_id][0], chunk_id)
+        self.waits[chunk_id] = map_id
         self.just_assigned = False
 
     @precondition(lambda self: any(members for _, members, _ in self.tasks.values()))
@@ -381,6 +406,7 @@ class GroupMachine(RuleBasedStateMachine):
         rank = data.draw(st.sampled_from([r for r, s in self.sched.ranks.items() if not s.lost]))
         self.sched.lose_rank(rank)
         self.sent = {c: (r, chunk) for c, (r, chunk) in self.sent.items() if r != rank}
+        self.waits = {c: m for c, m in self.waits.items() if c in self.sent}
         for chunk_id, task in list(self.tasks.items()):
             if rank in task[1]:
                 task[1].discard(rank)
@@ -398,6 +424,7 @@ class GroupMachine(RuleBasedStateMachine):
         map_id = data.draw(st.sampled_from(sorted(self.open)))
         self.sched.remove_map(map_id)
         self.sent = {c: (r, chunk) for c, (r, chunk) in self.sent.items() if chunk.map_id != map_id}
+        self.waits = {c: m for c, m in self.waits.items() if c in self.sent}
         del self.open[map_id]  # its k-rank tasks stay on their members until they report
         self.just_assigned = False
 
@@ -425,6 +452,8 @@ class GroupMachine(RuleBasedStateMachine):
         held = {(r.rank, cid) for r in self.sched.ranks.values() for cid in r.in_flight}
         model = {(r, c) for c, (r, _) in self.sent.items()} | {(r, c) for c, (_, m, _) in self.tasks.items() for r in m}
         assert held == model
+        parked = {(r.rank, cid) for r in self.sched.ranks.values() for cid in r.parked}
+        assert parked == {(self.sent[c][0], c) for c in self.waits}
         for map_id, state in self.sched.maps.items():
             live_tasks = sum(1 for chunk, _, settled in self.tasks.values() if chunk.map_id == map_id and not settled)
             assert state.in_flight == live_tasks + sum(1 for _, c in self.sent.values() if c.map_id == map_id)
@@ -455,10 +484,8 @@ class GroupMachine(RuleBasedStateMachine):
             if not self.open and not self.tasks:
                 break
             self.assign(0.0)
-            for chunk_id in sorted(self.sent):
-                rank, chunk = self.sent.pop(chunk_id)
-                assert self.sched.complete(rank, chunk_id, 0.01, self.now) == chunk
-                self._settled(chunk, False, rank)
+            for chunk_id in self._can_end():
+                self._complete(chunk_id, False)
             for chunk_id, (chunk, members, settled) in list(self.tasks.items()):
                 for rank in sorted(members):
                     members.discard(rank)
