@@ -129,12 +129,15 @@ def ls(all_users, as_json, scan):
 
 
 def _row(job: Job, view) -> dict:
+    # The state first: it is final only once the master's final report is written, so the counts read after it
+    # are that report's (read the other way round, a report written in between pairs "done" with older counts).
+    state = job.state(view)
     spec, status = job.spec(), job.status()
     subs = job.submissions()
     run = job.last_run()[1]  # the batch job that speaks for the job now, not a continuation waiting behind it
     total = (status.total if status is not None else 0) or job.points_total()  # 0: it failed before counting
     return {
-        "name": spec.name, "state": job.state(view), "done": status.done if status else 0,
+        "name": spec.name, "state": state, "done": status.done if status else 0,
         "failed": status.failed if status else 0, "total": total,
         "batch_id": run.batch_id if run else "", "scheduler": spec.scheduler,
         "allocations": sum(s.started is not None and s.state != SKIPPED for s in subs),

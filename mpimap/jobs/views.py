@@ -118,9 +118,9 @@ class StatusReport:
 
     @classmethod
     def of(cls, job: Job) -> "StatusReport":
-        status = reported(job)
         view = job.batch_view()
-        state = job.state(view)
+        state = job.state(view)  # before the report: a final state comes with the final report's counts (see ls)
+        status = reported(job)
         ended = state in FINAL_STATES
         if ended and status is not None:
             status = dataclasses.replace(status, eta_seconds=None)  # a killed master's last report still has one
