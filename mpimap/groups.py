@@ -11,7 +11,6 @@ what task rank 0 returned.  docs/mpi-tasks.rst is the user's guide.
 from __future__ import annotations
 
 import numbers
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 _UNSET = object()
@@ -49,15 +48,17 @@ def group_size() -> int:
     return 1 if _current is _UNSET or _current is None else _current.Get_size()
 
 
-@contextmanager
-def entered(comm):
-    """Make ``comm`` (None: a one-rank task) what :func:`task_comm` returns while a chunk is evaluated."""
+def _enter(comm):
+    """Make ``comm`` (None: a one-rank task) what :func:`task_comm` returns while a chunk is evaluated; return what
+    :func:`_leave` restores.  Plain functions, as for seeds and nested maps: this runs for every chunk."""
     global _current
     saved, _current = _current, comm
-    try:
-        yield
-    finally:
-        _current = saved
+    return saved
+
+
+def _leave(saved) -> None:
+    global _current
+    _current = saved
 
 
 def split_options(options: dict, isolation, chunksize) -> tuple[dict, GroupSpec | None]:

@@ -343,7 +343,8 @@ class MasterNesting:
 
     def chunk_done(self, rank: int, chunk_id: int) -> None:
         """A task's chunk came back: what it opened and left open is cancelled."""
-        self._cancel_where(lambda h: h.rank == rank and h.parent_chunk == chunk_id)
+        if self.maps:  # every result passes here: nothing to build when no map is nested
+            self._cancel_where(lambda h: h.rank == rank and h.parent_chunk == chunk_id)
 
     def rank_lost(self, rank: int) -> None:
         """A rank was lost or retired: the nested maps its tasks were waiting on are cancelled (the tasks run again)."""

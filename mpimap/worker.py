@@ -65,9 +65,12 @@ class Evaluator:
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank":
-            with groups.entered(comm):
+            saved = groups._enter(comm)
+            try:
                 out = evaluate_points(function.fn, function.star, args, scratch=isolation.scratch,
                                       logs=function.logs, timed=function.pack, seed=function.seed, keys=keys)
+            finally:
+                groups._leave(saved)
         else:
             if self.child is None:
                 self.child = ChildProcess()
