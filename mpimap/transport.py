@@ -19,10 +19,18 @@ GROUP_TAG = 13  # the tag of MPI_Comm_create_group for k-rank tasks' communicato
 
 
 class Transport:
-    """Protocol messages over one communicator."""
+    """Protocol messages over one communicator.
 
-    def __init__(self, comm):
+    ``source``: the one rank whose messages :meth:`poll` takes (a worker hears
+    only the master), or any.  A worker must not take messages from its peers:
+    Open MPI's ``MPI_Comm_create_group`` exchanges point-to-point messages with
+    the user's tag on the parent communicator, and a member still polling with
+    ``MPI_ANY_SOURCE`` would take a peer's one and leave both in the call for ever.
+    """
+
+    def __init__(self, comm, source: int = MPI.ANY_SOURCE):
         self.comm = comm
+        self.source = source
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._sending: deque = deque()  # (requests, buffers kept alive until sent)
@@ -83,7 +91,7 @@ class Transport:
     def poll(self):
         """Return the next message as ``(source, kind, obj)``, or None if none is waiting."""
         status = self._status
-        msg = self.comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+        msg = self.comm.Improbe(self.source, MPI.ANY_TAG, status)
         if msg is None:
             if self._sending:
                 self._reap()

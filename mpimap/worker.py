@@ -119,7 +119,7 @@ class _Worker:
     """The state of one serving rank: its queue, its functions, its evaluator."""
 
     def __init__(self, comm, heartbeat: float):
-        self.transport = Transport(comm)
+        self.transport = Transport(comm, source=0)  # the master: never a k-rank task's peer (see Transport)
         self.beat = _Heartbeat(Transport(comm), heartbeat)  # a Transport of its own: no state shared across threads
         self.functions = {}  # map_id -> (blob, its MapFunction, or the Failure of loading it)
         self.queue: deque = deque()  # Task

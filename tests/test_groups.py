@@ -276,3 +276,34 @@ if __name__ == "__main__":
             report(error=repr(exc))
 ''', timeout=180))
     assert out == {"outer": [5, 14], "wide": [3, 6]}
+
+
+def test_a_member_polling_while_its_peer_creates_the_task_communicator_leaves_the_peers_messages_alone(run_script):
+    """The bug this guards against: Open MPI's ``MPI_Comm_create_group`` sends point-to-point messages with its tag
+    on the parent communicator.  A worker that polled from any source took its peer's message and both hung in the
+    call for ever (1 run in 5 of a 2-rank map under Open MPI).  Here rank 2 enters the call at once and rank 1 polls
+    for a while first, as a worker does that has not yet received its task (Open MPI's first message of the call goes
+    from the second member to the first)."""
+    out = result_of(run_script('''
+import json, time
+from mpi4py import MPI
+from mpimap.transport import Transport
+
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+if rank == 0:
+    comm.Barrier()
+else:
+    transport = Transport(comm, source=0)
+    if rank == 1:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert transport.poll() is None  # nothing comes from the master: a peer's message must not either
+    task = transport.group_comm((1, 2))
+    total, size = task.allreduce(rank, op=MPI.SUM), task.Get_size()
+    transport.free_groups()
+    comm.Barrier()
+    if rank == 1:
+        print("RESULT " + json.dumps(dict(total=total, size=size)), flush=True)
+''', plain=True, timeout=60))
+    assert out == {"total": 3, "size": 2}
