@@ -29,6 +29,7 @@ import numpy as np
 
 from . import seeds
 from .failures import Failure, unpicklable_values
+from .native import NativeFunction, _matrix
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
@@ -316,9 +317,14 @@ def _child_main(conn, slot) -> None:
             if due:
                 return
             continue
+        plain = not options.scratch and not (logs is not None and logs.active)
+        if plain and isinstance(fn, NativeFunction):
+            evaluated, due = _native_chunk(fn, chunk, slot, pipe, evaluated)
+            if due:
+                return
+            continue
         first, values, failures, durations, kept = 0, [], {}, [], {}
         last_report, last_memory_check = time.monotonic(), 0.0
-        plain = not options.scratch and not (logs is not None and logs.active)
         clock, perf = time.monotonic, time.perf_counter
         due = False
         for k, position in enumerate(chunk.positions):
@@ -354,6 +360,34 @@ def _child_main(conn, slot) -> None:
         pipe.report(Batch(first, values, failures, durations, kept, "recycle" if due else "done"))
         if due:
             return
+
+
+def _native_chunk(fn: NativeFunction, chunk: ChildChunk, slot: _Slot, pipe: _ChildPipe, evaluated: int):
+    """The child's loop for a native function: the C loop in slices of BATCH_SECONDS, a batch after each (it writes
+    the slot before every point, as the Python loop does).  Returns the points evaluated so far and whether the
+    child is due for recycling."""
+    options, n = chunk.options, len(chunk.positions)
+    try:
+        x = _matrix(chunk.args)
+    except (TypeError, ValueError) as exc:
+        pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), Failure.from_exception(exc)), [0.0] * n, {}, "done"))
+        return evaluated, False
+    y, codes, durations = np.empty((n, fn.outputs)), np.empty(n, np.int32), np.empty(n)
+    positions = np.asarray(chunk.positions, dtype=np.int64)
+    first, due = 0, False
+    while first < n:
+        stop = n if not options.max_points else min(n, first + max(options.max_points - evaluated, 1))
+        done = fn.run(x, y, codes, durations, first, stop, BATCH_SECONDS, ctypes.addressof(slot), positions)
+        evaluated += done - first
+        due = bool(options.max_points and evaluated >= options.max_points) or bool(
+            options.max_memory_mb and _rss_mb() > options.max_memory_mb)
+        values, failures = fn.results(y, codes, first, done, packed=False)
+        end = ("recycle" if due else "done") if due or done == n else None
+        pipe.report(Batch(first, values, failures, durations[first:done].tolist(), {}, end))
+        first = done
+        if due:
+            break
+    return evaluated, due
 
 
 class ChildProcess:

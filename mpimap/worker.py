@@ -16,6 +16,7 @@ import numpy as np
 from . import groups, nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
+from .native import NativeFunction, evaluate_chunk
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
 from .transport import Transport, Waiter
 
@@ -64,6 +65,9 @@ class Evaluator:
         if failure is not None:  # the function, the points or the initializer failed here: every point fails with why
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
+        if isolation.mode == "rank" and isinstance(function.fn, NativeFunction) and not isolation.scratch \
+                and not (function.logs is not None and function.logs.active):
+            return Outcome(*evaluate_chunk(function.fn, args, timed=function.pack, packed=function.pack), {})
         if isolation.mode == "rank":
             saved = groups._enter(comm)
             try:
