@@ -192,3 +192,14 @@ def sge():
             for key, value in cell.variables().items():
                 patch.setenv(key, value)
             yield cell
+
+
+@pytest.fixture(scope="session")
+def native_model(tmp_path_factory) -> str:
+    """tests/native/model.c built as a shared library with the system's C compiler (gcc or cc): its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = str(tmp_path_factory.mktemp("native") / "libmodel.so")
+    compiler = os.environ.get("CC", "cc")
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-I", os.path.join(here, "..", "c_ext"), "-o", out,
+                    os.path.join(here, "native", "model.c"), "-lm"], check=True, timeout=120)
+    return out
