@@ -176,15 +176,13 @@ class NativeFunction:
 
 
 def rows(args) -> np.ndarray | None:
-    """A chunk's points as one C-contiguous float64 array of rows (one number per point: rows of one); None if
-    they are not rows of numbers of one length (then each point is evaluated on its own, and fails on its own)."""
+    """A chunk's points as one C-contiguous float64 array, a row per point (each point flattened, as a call with
+    one point does it); None if they are not numbers of one shape: then each point is evaluated, and fails, alone."""
     try:
         x = np.ascontiguousarray(args, dtype=np.float64)
     except (TypeError, ValueError):
         return None
-    if x.ndim == 1:
-        x = x.reshape(-1, 1)
-    return x if x.ndim == 2 else None
+    return x.reshape(len(x), -1) if x.ndim and x.size else None
 
 
 def evaluate_chunk(fn: NativeFunction, x: np.ndarray, timed: bool, packed: bool, tick=lambda: True):

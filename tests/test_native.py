@@ -270,3 +270,29 @@ def test_info_line_says_whether_the_extension_is_in_use(monkeypatch):
     off = subprocess.run([sys.executable, "-c", "from mpimap import native_models; print(native_models.describe())"],
                          env=dict(os.environ, MPIMAP_NO_EXTENSION="1"), capture_output=True, text=True, timeout=60)
     assert off.stdout.strip() == "C extension: off (MPIMAP_NO_EXTENSION=1): pure Python"
+
+
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_a_pause_holds_back_native_chunks_and_resume_finishes_them(run_script, native_model, isolation):
+    """While paused, the points in flight finish and no more start; after resume, every value is there."""
+    out = result_of(run_script('''
+import json, sys, time
+import mpimap
+
+if __name__ == "__main__":
+    f = mpimap.native(sys.argv[1], "nap")
+    with mpimap.Pool(isolation=sys.argv[2]) as pool:
+        futures = [pool.submit(f, [0.2]) for _ in range(30)]
+        while sum(x.done() for x in futures) < 2:
+            time.sleep(0.05)
+        pool.pause()
+        time.sleep(1.5)  # what was in flight when paused ends within this
+        first = sum(x.done() for x in futures)
+        time.sleep(2)
+        second = sum(x.done() for x in futures)
+        pool.resume()
+        values = [x.result(timeout=120) for x in futures]
+    print("RESULT " + json.dumps(dict(first=first, second=second, values=values)))
+''', args=(native_model, isolation), timeout=180))
+    assert out["first"] == out["second"] < 30
+    assert out["values"] == [0.2] * 30
