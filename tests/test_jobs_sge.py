@@ -84,7 +84,8 @@ def test_submit_queued_running_done_and_the_results_equal_the_serial_ones(user, 
 
     sge.command("qalter", "-q", "all.q", batch_id)
     user.wait_state("scan", "running", timeout=60)
-    assert user.qstat(batch_id) == "r"
+    # Grid Engine may still say "t" (transferring) while the job's script already runs: wait for its "r".
+    wait_for(lambda: user.qstat(batch_id) == "r", 30, f"qstat shows job {batch_id} running")
     assert user.json("status", "scan")["batch"]["nodes"] == "localhost"
 
     row = user.wait_state("scan", "done")
