@@ -113,15 +113,17 @@ def test_several_outputs_and_a_point_per_row_of_any_width(tmp_path, native_model
         assert r["value"].shape == (len(points), 4) and set(r["value"][:, 2]) == {float(points.shape[1])}
 
 
+@pytest.mark.parametrize("isolation", ["process", "fresh"])
 @pytest.mark.parametrize("extension", list(EXTENSION))
-def test_a_crash_a_loop_and_error_codes_are_recorded_and_the_rest_finish(tmp_path, native_model, extension):
+def test_a_crash_a_loop_and_error_codes_are_recorded_and_the_rest_finish(tmp_path, native_model, extension,
+                                                                         isolation):
     """misbehave: 13 segfaults, 7 loops for ever, a negative x returns -x; the same records either way."""
     points = np.arange(1.0, 41.0)
     points[[3, 25]] = [-3.0, -9.0]
     np.save(tmp_path / "p.npy", points)
     out = str(tmp_path / "r.h5")
     run(tmp_path, "--native", f"{native_model}:misbehave", "--outputs", "1", "--points", "p.npy", "--out", out,
-        "--isolation", "process", "--point-timeout", "5", "--quarantine", "1", "--chunksize", "4",
+        "--isolation", isolation, "--point-timeout", "5", "--quarantine", "1", "--chunksize", "4",
         env=EXTENSION[extension])
     r = read_results(out)
     status = dict(enumerate(r["status"]))
