@@ -24,7 +24,7 @@ class Installation:
     h5py: str
     hdf5: str
     extension: bool
-    extension_line: str                 # mpimap.native.describe(): in use, off, or not built, and why
+    extension_line: str                 # mpimap.native_models.describe(): in use, off, or not built, and why
 
     def lines(self) -> list[str]:
         return [f"mpimap {self.mpimap} ({self.mpimap_path})",
@@ -45,7 +45,7 @@ def installation() -> Installation:
     import numpy
     from mpi4py import MPI
 
-    from . import __version__, native
+    from . import __version__, native_models
 
     major, minor = MPI.Get_version()
     library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())  # MPICH pads with spaces
@@ -54,4 +54,4 @@ def installation() -> Installation:
         python=platform.python_version(), python_path=sys.executable,
         mpi4py=mpi4py.__version__, mpi_standard=f"{major}.{minor}", mpi_library=library,
         numpy=numpy.__version__, h5py=h5py.__version__, hdf5=h5py.version.hdf5_version,
-        extension=native.extension is not None, extension_line=native.describe())
+        extension=native_models.extension is not None, extension_line=native_models.describe())

@@ -82,7 +82,7 @@ def function_of(function: str | None, native: str | None = None, outputs: int | 
             raise MpimapError("missing FUNCTION: give MODULE:FUNCTION, or --native LIBRARY:SYMBOL --outputs NY "
                               "for a native model")
         return FunctionRef(function)
-    from .native import native as load_native
+    from .native_models import native as load_native
 
     library, _, symbol = native.rpartition(":")
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MpimapError
-from ..native import NativeFunction
+from ..native_models import NativeFunction
 from ..runner import RUN_OPTIONS, RunOptions
 from ..walltime import parse_walltime
 from . import files
