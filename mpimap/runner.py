@@ -138,6 +138,9 @@ class RunOptions:
         if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 1:
             return (f"run option outputs (--outputs) must be the number of doubles the function writes per point, "
                     f"1 or more, not {self.outputs!r}")
+        if self.ranks_per_task != 1:
+            return (f"run option ranks_per_task={self.ranks_per_task} (--ranks-per-task) needs a Python function "
+                    "using mpimap.task_comm(); a native model is evaluated on one rank: leave it out")
         return None
 
     def map_options(self) -> dict:

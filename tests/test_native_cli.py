@@ -199,6 +199,8 @@ BAD_INPUTS = {
                               ["either FUNCTION (jobfuncs:square) or --native", "not both"]),
     "--outputs without --native": (["jobfuncs:square", "--outputs", "2"], ["--outputs", "goes with", "--native"]),
     "--native without :symbol": (["--native", "LIB", "--outputs", "1"], ["LIBRARY:SYMBOL", "libmodel.so'"]),
+    "--ranks-per-task 2": (["--native", "LIB:chi2", "--outputs", "1", "--isolation", "rank", "--ranks-per-task", "2"],
+                           ["ranks_per_task=2", "native model", "leave it out"]),
     "no function at all": ([], ["missing FUNCTION", "--native LIBRARY:SYMBOL --outputs NY"]),
 }
 
