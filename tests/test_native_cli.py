@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import job_env, kill_job, launch, mpimap_cli
+from mpimap.errors import MpimapError
 from mpimap.store import read_results
 
 NATIVE_SIGNATURE = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
@@ -275,6 +275,27 @@ def test_submit_native_bad_input_is_one_line_and_creates_nothing(tmp_path, nativ
     proc = cli(tmp_path, "submit", *[a.replace("LIB", native_model) for a in args], "--points", "p.npy")
     one_line_error(proc, *words)
     assert not (tmp_path / "mpimap-jobs").exists()
+
+
+def test_submit_from_python_takes_a_native_model_object(tmp_path, native_model, monkeypatch):
+    import mpimap
+    from mpimap.jobs import submit
+
+    monkeypatch.setenv("MPIMAP_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    points = np.arange(24.0).reshape(8, 3)
+    np.save(tmp_path / "p.npy", points)
+    job = submit(mpimap.native(native_model, "stats", outputs=4), "p.npy", directory="job")
+    assert job.spec().function == "" and job.spec().run_options == {"native": f"{native_model}:stats", "outputs": 4}
+    deadline = time.monotonic() + 120
+    while job.state() not in ("done", "failed", "cancelled", "interrupted") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job.state() == "done"
+    assert_equals_serial(str(tmp_path / "job" / "results.h5"), native_model, "stats", points, 4)
+    # A context cannot travel in a job spec: refused in one line, nothing created.
+    with pytest.raises(MpimapError, match="cannot be named for a job"):
+        submit(mpimap.native(native_model, "stats", outputs=4, context=b"12345678"), "p.npy", directory="job2")
+    assert not (tmp_path / "job2").exists()
 
 
 def test_a_job_spec_without_native_options_still_runs(tmp_path):

@@ -62,8 +62,11 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     _check_run_options(run_options)
     fn = function_of(None if function is None else _function_spec(function), run_options.get("native"),
                      run_options.get("outputs"))
-    if isinstance(fn, NativeFunction):  # stored with the library's absolute path: the job may run elsewhere
+    if isinstance(fn, NativeFunction):  # the job has no Python function; the library goes by its absolute path
         run_options["native"] = f"{fn.library}:{fn.symbol}"
+        python_function, label = "", fn.symbol
+    else:
+        python_function, label = fn.spec, fn.spec
     source = os.path.abspath(os.fspath(points))
     values = load_points(source)
     if run_options.get("init") is not None:  # checked, and stored as the function is (a file path made absolute)
@@ -72,13 +75,12 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
     resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
     batch.check_resources(resources)
     registry = Registry()
-    name = _name(name, fn.name if isinstance(fn, NativeFunction) else fn.spec, registry, directory)
+    name = _name(name, label, registry, directory)
     job_dir = os.path.abspath(directory or os.path.join(DEFAULT_SCAN, name))
     if os.path.exists(job_dir):
         raise MpimapError(f"{job_dir} exists already: choose another --name or --dir")
     template = os.path.abspath(template or os.path.join(jobscripts_dir(), batch.template))
     workdir = os.getcwd()
-    python_function = "" if isinstance(fn, NativeFunction) else fn.spec  # a native model's job has none
     spec = JobSpec(
         name=name, function=python_function, points_source=source, run_options=dict(run_options),
         resources=resources, scheduler=batch.name, env_setup=env_setup or "", template=template,
