@@ -1,4 +1,4 @@
-"""The command line: ``mpimap run | show | export | demo | bumps``, and the job commands (``mpimap.jobs``)."""
+"""The command line: ``mpimap run | show | export | info | demo | bumps``, and the job commands (``mpimap.jobs``)."""
 
 from __future__ import annotations
 
@@ -78,11 +78,17 @@ def cli():
 @click.option("--seed", type=click.IntRange(min=0), default=None, metavar="N",
               help="Give row i the random stream mpimap.point_rng(N, i), which the function gets from mpimap.rng(): "
                    "the same numbers whatever the ranks, chunks, retries or resumes.")
+@click.option("--native", default=None, metavar="LIBRARY:SYMBOL",
+              help="Evaluate a native model instead of FUNCTION: SYMBOL in the shared library LIBRARY, of C signature "
+                   "int f(const double *x, int64_t nx, double *y, int64_t ny, void *ctx) (needs --outputs).")
+@click.option("--outputs", type=int, default=None, metavar="NY",
+              help="With --native: the doubles the model writes per point (each point's value; 1: one number).")
 @click.option("--init", default=None, metavar="MODULE:FUNCTION",
               help="Run FUNCTION() once in every process that evaluates points, before its first point (and again "
                    "in each new evaluation process); if it raises, the points there fail with its error.")
 def run(function, points_spec, out, job, **options):
-    """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME) on every point; store results in RESULTS.h5.
+    """Evaluate FUNCTION (MODULE:NAME or path/file.py:NAME), or the native model of --native, on every point;
+    store results in RESULTS.h5.
 
     Exit status: 0 done, 2 bad input, 3 interrupted (SIGTERM, Ctrl-C, SIGUSR1, walltime; run again to resume),
     4 worker ranks lost, 5 cancelled through the control file.
@@ -100,10 +106,10 @@ def run(function, points_spec, out, job, **options):
                               f"leave out {', '.join(given)}")
         outcome = runner.run_job(job)
     else:
-        missing = [name for name, value in named if value is None]
+        missing = [name for name, value in named if value is None and not (name == "FUNCTION" and options["native"])]
         if missing:
-            raise MpimapError(f"missing {', '.join(missing)}: give FUNCTION --points FILE --out RESULTS.h5, "
-                              "or --job DIR")
+            raise MpimapError(f"missing {', '.join(missing)}: give FUNCTION (or --native LIBRARY:SYMBOL --outputs NY) "
+                              "--points FILE --out RESULTS.h5, or --job DIR")
         outcome = runner.run(function, points_spec, out, runner.RunOptions(**options))
     click.echo(outcome.summary)
     if outcome.exit_status:
@@ -174,6 +180,19 @@ def _read(results: str) -> dict:
 
     with bounded_read(results, READ_FIX):
         return read_results(results)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines.")
+def info(as_json):
+    """Say which versions of mpimap, Python, MPI, numpy, h5py and HDF5 run here, and whether the C extension is in
+    use (MPIMAP_NO_EXTENSION=1 turns it off)."""
+    import json
+
+    from .info import installation
+
+    found = installation()
+    click.echo(json.dumps(found.to_json(), indent=1) if as_json else "\n".join(found.lines()))
 
 
 @cli.command()

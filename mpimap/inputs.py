@@ -1,4 +1,5 @@
-"""A job's inputs: the function named ``MODULE:FUNCTION`` and the points file."""
+"""A job's inputs: the function named ``MODULE:FUNCTION`` (or the native model of ``--native LIBRARY:SYMBOL``) and the
+points file."""
 
 from __future__ import annotations
 
@@ -69,6 +70,25 @@ class FunctionRef:
 
     def __repr__(self):
         return f"FunctionRef({self.spec!r})"
+
+
+def function_of(function: str | None, native: str | None = None, outputs: int | None = None):
+    """The function a job maps: ``function`` (MODULE:FUNCTION), or the native model ``native`` (LIBRARY:SYMBOL,
+    checked as a run option already) writing ``outputs`` doubles per point; each way, one line for bad input."""
+    if function is not None and native is not None:
+        raise MpimapError(f"give either FUNCTION ({function}) or --native {native}, not both")
+    if native is None:
+        if function is None:
+            raise MpimapError("missing FUNCTION: give MODULE:FUNCTION, or --native LIBRARY:SYMBOL --outputs NY "
+                              "for a native model")
+        return FunctionRef(function)
+    from .native_models import native as load_native
+
+    library, _, symbol = native.rpartition(":")
+    try:
+        return load_native(library, symbol, outputs=outputs)
+    except ValueError as exc:  # mpimap.native's one line
+        raise MpimapError(f"--native {native}: {exc}") from None
 
 
 def load_points(spec: str) -> np.ndarray:

@@ -56,6 +56,8 @@ class RunOptions:
     seed: int | None = None               # row i's random stream is mpimap.point_rng(seed, i) (None: no seed)
     init: str | None = None               # MODULE:FUNCTION run once in every evaluating process (Pool initializer)
     ranks_per_task: int = 1               # k > 1: each point runs on k ranks with mpimap.task_comm() (isolation rank)
+    native: str | None = None             # LIBRARY:SYMBOL of a native model, instead of a Python function
+    outputs: int | None = None            # the doubles a native model writes per point (with native only)
 
     @classmethod
     def from_json(cls, body: dict, where: str) -> "RunOptions":
@@ -104,6 +106,9 @@ class RunOptions:
                 parse_walltime(self.walltime)
             except MpimapError as exc:
                 return f"run option {exc}"
+        native = self._native_problem()
+        if native:
+            return native
         if self.ranks_per_task > 1 and self.isolation != "rank":
             return (f"run option ranks_per_task={self.ranks_per_task} needs isolation rank (--isolation rank): a "
                     "point's ranks share an MPI communicator, and evaluation processes are not MPI processes")
@@ -113,6 +118,29 @@ class RunOptions:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "progress" and value is None):
                 return f"run option {name} must be true or false, not {value!r}"
+        return None
+
+    def _native_problem(self) -> str | None:
+        """What is wrong with ``native`` and ``outputs`` together (the library itself is checked where it is
+        loaded: :func:`mpimap.inputs.function_of`)."""
+        if self.native is None:
+            if self.outputs is not None:
+                return ("run option outputs (--outputs) goes with native (--native LIBRARY:SYMBOL): a Python "
+                        "function's values are what it returns; leave --outputs out")
+            return None
+        library, sep, symbol = self.native.rpartition(":") if isinstance(self.native, str) else ("", "", "")
+        if not (sep and library and symbol):
+            return (f"run option native (--native) must be LIBRARY:SYMBOL, e.g. ./libmodel.so:chi2, "
+                    f"not {self.native!r}")
+        if self.outputs is None:
+            return (f"run option native (--native {self.native}) needs outputs: add --outputs NY, the number of "
+                    "doubles the function writes per point")
+        if not isinstance(self.outputs, int) or isinstance(self.outputs, bool) or self.outputs < 1:
+            return (f"run option outputs (--outputs) must be the number of doubles the function writes per point, "
+                    f"1 or more, not {self.outputs!r}")
+        if self.ranks_per_task != 1:
+            return (f"run option ranks_per_task={self.ranks_per_task} (--ranks-per-task) needs a Python function "
+                    "using mpimap.task_comm(); a native model is evaluated on one rank: leave it out")
         return None
 
     def map_options(self) -> dict:
@@ -148,8 +176,9 @@ STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT",
 GUARD_INTERVAL = 0.25  # seconds between the walltime guard's looks at the clock
 
 
-def run(function: str, points: str, out: str, options: RunOptions = RunOptions()) -> Outcome:
-    """Evaluate ``function`` (MODULE:NAME) on every point of the file ``points``; results stream into ``out``.
+def run(function: str | None, points: str, out: str, options: RunOptions = RunOptions()) -> Outcome:
+    """Evaluate ``function`` (MODULE:NAME; None with ``options.native``, a native model) on every point of the file
+    ``points``; results stream into ``out``.
 
     An existing ``out`` of the same function and points is resumed.  Commands
     appended to ``out + ".control"`` steer the run (see :mod:`mpimap.control`).
@@ -167,11 +196,13 @@ def run_job(job_dir: str) -> Outcome:
 
     spec = Job(job_dir).spec()
     jobdir = JobDir(job_dir)
-    if not isinstance(spec.function, str) or ":" not in spec.function:
-        raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME, not {spec.function!r}; submit the job again")
+    # A native model's job has no Python function (function ""): its run options name the model.
+    if not isinstance(spec.function, str) or (spec.function and ":" not in spec.function):
+        raise MpimapError(f"{jobdir.spec}: function must be MODULE:NAME (or empty, with run option native), "
+                          f"not {spec.function!r}; submit the job again")
     options = RunOptions.from_json(spec.run_options, jobdir.spec)
     offset = _control_offset(job_dir)
-    runner = Runner(spec.function, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec,
+    runner = Runner(spec.function or None, jobdir.points, jobdir.results, options, jobdir.control, jobdir=jobdir, spec=spec,
                     control_offset=offset)
     try:
         return runner.run()
@@ -202,7 +233,7 @@ def _control_offset(job_dir: str) -> int | None:
 class Runner:
     """One run of a map into a results file; a job's (``jobdir``, ``spec``) adds status.json and notifications."""
 
-    def __init__(self, function: str, points: str, out: str, options: RunOptions, control: str, *,
+    def __init__(self, function: str | None, points: str, out: str, options: RunOptions, control: str, *,
                  jobdir=None, spec=None, control_offset: int | None = None):
         self.function, self.points_spec, self.out, self.options = function, points, out, options
         self.control = control
@@ -224,7 +255,7 @@ class Runner:
 
     def run(self) -> Outcome:
         from .control import Watcher, paused_before
-        from .inputs import FunctionRef, load_points
+        from .inputs import FunctionRef, function_of, load_points
         from . import world
         from .groups import split_options
         from .isolation import Isolation
@@ -248,7 +279,7 @@ class Runner:
         # did not read, and starts paused if that run was paused).
         watcher = self.watcher = Watcher(self.control, self.apply, offset=self.control_offset)
         paused = self.control_offset is not None and paused_before(self.control, self.control_offset)
-        fn = FunctionRef(self.function)
+        fn = function_of(self.function, o.native, o.outputs)
         init = None if o.init is None else FunctionRef(o.init)
         points = load_points(self.points_spec)
         try:

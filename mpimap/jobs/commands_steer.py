@@ -36,7 +36,7 @@ class _WithRunOptions(click.Command):
 
 
 @click.command(cls=_WithRunOptions)
-@click.argument("function")
+@click.argument("function", required=False)
 @click.option("--points", "points", required=True, metavar="FILE",
               help="Points, one per row: FILE.npy, FILE.csv or FILE.h5:DATASET (copied into the job).")
 @click.option("--name", default=None, help="The job's name, unique among your jobs (default: FUNCTION-DATE-TIME).")
@@ -68,7 +68,8 @@ class _WithRunOptions(click.Command):
 def submit(ctx, function, points, name, scheduler, ranks, nodes, ntasks_per_node, walltime, partition, account, qos,
            priority, mail, env_setup, template, notify_command, notify_email, directory, chain, until_done, dry_run,
            wait, **run):
-    """Submit FUNCTION (MODULE:NAME or path/file.py:NAME) over the points as a job; print its name and batch id.
+    """Submit FUNCTION (MODULE:NAME or path/file.py:NAME), or the native model of --native, over the points as a
+    job; print its name and batch id.
 
     The options of `mpimap run` are accepted and passed on to the job, except --fresh, --retry-failed and
     --progress: a new job has no results to replace or retry, and it runs detached (`mpimap attach` shows its

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import MpimapError
+from ..native_models import NativeFunction
 from ..runner import RUN_OPTIONS, RunOptions
 from ..walltime import parse_walltime
 from . import files
@@ -44,37 +45,47 @@ def submit(function, points, *, name: str | None = None, scheduler: str = "local
            resubmit: int = 0, until_done: bool = False, dry_run: bool = False, **run_options):
     """Submit ``function`` over the points in file ``points`` as a job; return its :class:`~mpimap.jobs.Job`.
 
-    ``function`` is ``MODULE:NAME``, ``path/file.py:NAME`` or a module-level
-    function.  ``run_options`` are ``mpimap run``'s options by their Python
+    ``function`` is ``MODULE:NAME``, ``path/file.py:NAME``, a module-level
+    function, or a native model (``mpimap.native(library, symbol,
+    outputs=NY)``; or None with the run options ``native="LIBRARY:SYMBOL"`` and
+    ``outputs``).  ``run_options`` are ``mpimap run``'s options by their Python
     names (``point_timeout=60``, ``retries=2``, ...).  With ``dry_run`` nothing
     is created or submitted, and the rendered job script is returned instead.
     ``resubmit`` (continuations at most) or ``until_done`` make the job a chain of
     batch jobs that resume where the previous one stopped (docs/jobs.rst, "Long campaigns").
     """
-    from ..inputs import FunctionRef, load_points
+    from ..inputs import FunctionRef, function_of, load_points
 
     batch = find_scheduler(scheduler)
-    fn = FunctionRef(_function_spec(function))
+    if isinstance(function, NativeFunction):  # mpimap.native(...): the job names it by its run options
+        function, run_options = None, {**run_options, **_native_options(function, run_options)}
+    _check_run_options(run_options)
+    fn = function_of(None if function is None else _function_spec(function), run_options.get("native"),
+                     run_options.get("outputs"))
+    if isinstance(fn, NativeFunction):  # the job has no Python function; the library goes by its absolute path
+        run_options["native"] = f"{fn.library}:{fn.symbol}"
+        python_function, label = "", fn.symbol
+    else:
+        python_function, label = fn.spec, fn.spec
     source = os.path.abspath(os.fspath(points))
     values = load_points(source)
-    _check_run_options(run_options)
     if run_options.get("init") is not None:  # checked, and stored as the function is (a file path made absolute)
         run_options["init"] = FunctionRef(run_options["init"]).spec
     _check_chain(resubmit, until_done)
     resources = _resources(ranks, nodes, ntasks_per_node, walltime, partition, account, qos, priority, mail)
     batch.check_resources(resources)
     registry = Registry()
-    name = _name(name, fn.spec, registry, directory)
+    name = _name(name, label, registry, directory)
     job_dir = os.path.abspath(directory or os.path.join(DEFAULT_SCAN, name))
     if os.path.exists(job_dir):
         raise MpimapError(f"{job_dir} exists already: choose another --name or --dir")
     template = os.path.abspath(template or os.path.join(jobscripts_dir(), batch.template))
     workdir = os.getcwd()
     spec = JobSpec(
-        name=name, function=fn.spec, points_source=source, run_options=dict(run_options), resources=resources,
-        scheduler=batch.name, env_setup=env_setup or "", template=template, notify_command=notify_command,
-        notify_email=notify_email, workdir=workdir, python=sys.executable,
-        environment={"PYTHONPATH": _python_path(fn.spec, workdir)},
+        name=name, function=python_function, points_source=source, run_options=dict(run_options),
+        resources=resources, scheduler=batch.name, env_setup=env_setup or "", template=template,
+        notify_command=notify_command, notify_email=notify_email, workdir=workdir, python=sys.executable,
+        environment={"PYTHONPATH": _python_path(python_function, workdir)},
         user=getpass.getuser(), created=time.time(), mpimap_version=__version__, resubmit=resubmit,
         until_done=until_done)
     script = render(template, batch, spec, job_dir)
@@ -169,6 +180,16 @@ def _function_spec(function) -> str:
             raise MpimapError(f"{qualname} is defined interactively: put it in a module and give 'MODULE:NAME'")
         return f"{os.path.abspath(main_file)}:{qualname}"
     return f"{module}:{qualname}"
+
+
+def _native_options(fn: NativeFunction, run_options: dict) -> dict:
+    """The run options ``native`` and ``outputs`` that name ``fn`` for a job (a library's function, no context)."""
+    if fn.library is None or fn.context is not None:
+        raise MpimapError(f"{fn!r} cannot be named for a job (a numba cfunc or a context): give "
+                          "mpimap.native('path/lib.so', 'symbol', outputs=NY) without context")
+    if "native" in run_options or "outputs" in run_options:
+        raise MpimapError("give the native model either as the function or as native= and outputs=, not both")
+    return {"native": f"{fn.library}:{fn.symbol}", "outputs": fn.outputs}
 
 
 def _python_path(function: str, workdir: str) -> str:
