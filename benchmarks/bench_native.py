@@ -109,7 +109,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-native-")
     library, loop = build(work)
     rng = np.random.default_rng(2024)
-    points = np.ascontiguousarray(rng.uniform([0.0, 0.5, -0.5, 0.2], [1.0, 1.5, 0.5, 1.0], size=(o.points, 4)))
+    points = np.ascontiguousarray(rng.uniform([0.0, 0.5, 0.2, 0.2], [1.0, 1.5, 1.0, 1.0], size=(o.points, 4)))
     points_npy, points_bin = os.path.join(work, "points.npy"), os.path.join(work, "points.bin")
     np.save(points_npy, points)
     points.tofile(points_bin)
