@@ -229,7 +229,9 @@ def native(function, symbol: str | None = None, *, outputs: int = 1, context=Non
             raise ValueError(f"give the function's name in {os.fspath(function)}: "
                              f"mpimap.native({os.fspath(function)!r}, 'symbol', outputs=...)")
         library = _library_path(os.fspath(function))
-        _symbol_address(library, symbol)  # fails here, in one line, rather than on every worker
+        if not _executable(_symbol_address(library, symbol)):  # in one line here, not a crash per point there
+            raise ValueError(f"{symbol!r} in {library} is data, not a function: give the name of a function of "
+                             "the signature in mpimap_native.h")
         return NativeFunction(library, symbol, outputs, context)
     if symbol is not None:
         raise ValueError("symbol goes with a library path only; a function pointer names its own function")
@@ -275,6 +277,20 @@ def _symbol_address(library: str, symbol: str) -> int:
                          "linkage? see mpimap_native.h)") from None
 
 
+def _executable(address: int) -> bool:
+    """Whether ``address`` lies in executable memory (Linux: /proc/self/maps; elsewhere assumed)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                span, perms = line.split(None, 2)[:2]
+                start, end = (int(bound, 16) for bound in span.split("-"))
+                if start <= address < end:
+                    return perms[2] == "x"
+    except OSError:
+        return True
+    return False
+
+
 class _DlInfo(ctypes.Structure):
     _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
                 ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
@@ -285,7 +301,8 @@ def _where(address: int) -> tuple[str, str]:
     info = _DlInfo()
     dladdr = ctypes.CDLL(None).dladdr
     dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
-    if not address or not dladdr(address, ctypes.byref(info)) or not info.dli_sname or info.dli_saddr != address:
+    if not address or not _executable(address) or not dladdr(address, ctypes.byref(info)) or not info.dli_sname \
+            or info.dli_saddr != address:
         raise ValueError(f"address {address:#x} is not an exported function of a shared library: give "
                          "mpimap.native('path/lib.so', 'symbol') so the workers can load it")
     library = os.fsdecode(info.dli_fname)
