@@ -106,21 +106,23 @@ class _Heartbeat(threading.Thread):
         self.period = period
         self.stopped = threading.Event()
         self.in_c = False
-        self.transport = Transport(comm)  # its own: no state shared across threads
+        self.transport = None  # the Python beats' own Transport: no state shared across threads
 
     def start(self) -> None:
-        if native.extension is not None:
-            self.in_c = self._start_native()
+        self.in_c = native.extension is not None and self._start_native()
+        if not self.in_c:
+            self.transport = Transport(self.comm)
         super().start()
 
     def _start_native(self) -> bool:
         try:
             mpi = native_send(self.comm)
+            native.extension.heartbeat_start(mpi.isend, mpi.test, mpi.request_free, mpi.handle_size, mpi.comm,
+                                             mpi.byte, 0, Kind.HEARTBEAT, encode(False)[0], encode(True)[0],
+                                             self.period)
         except (ValueError, OSError, AttributeError) as exc:  # an MPI whose functions or handles are not found
-            logging.getLogger(__name__).warning("no native heartbeat (%s): heartbeats from Python", exc)
+            logging.getLogger(__name__).warning("no native heartbeat (%s): heartbeats come from Python", exc)
             return False
-        native.extension.heartbeat_start(mpi.isend, mpi.test, mpi.request_free, mpi.handle_size, mpi.comm, mpi.byte,
-                                         0, Kind.HEARTBEAT, encode(False)[0], encode(True)[0], self.period)
         return True
 
     def run(self):
