@@ -2,7 +2,7 @@
  *
  * run_chunk() evaluates a native model (mpimap_native.h) over a slice of a chunk's points with the GIL
  * released, writing straight into the result arrays.  It returns between points when its time slice is
- * up or its stop flag is set, so the Python side can take messages, report a batch or stop.
+ * up, so the Python side can take messages (a cancel, a stop), report a batch, or recycle its process.
  * The heartbeat thread lives in heartbeat.c.
  */
 #define PY_SSIZE_T_CLEAN
@@ -53,20 +53,20 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t i
 }
 
 PyDoc_STRVAR(run_chunk_doc,
-"run_chunk(fn, ctx, x, nx, y, ny, codes, durations, positions, start, stop, seconds, stop_flag, slot) -> int\n\n"
+"run_chunk(fn, ctx, x, nx, y, ny, codes, durations, positions, start, stop, seconds, slot) -> int\n\n"
 "Evaluate points start..stop-1 of x (rows of nx doubles) into y (rows of ny), the return codes into codes\n"
 "(int32), each point's seconds into durations (float64; None: not timed).  Returns the index of the next\n"
-"point: stop, or earlier once `seconds` have passed or *stop_flag (an int32 address; 0: none) is set.\n"
+"point: stop, or earlier once `seconds` have passed (checked between points).\n"
 "slot: the address of the child's slot (0: none), given positions[i] (int64) of the point that runs.");
 
 static PyObject *run_chunk(PyObject *self, PyObject *args)
 {
-    unsigned long long fn_addr, ctx_addr, stop_addr, slot_addr;
+    unsigned long long fn_addr, ctx_addr, slot_addr;
     PyObject *x_obj, *y_obj, *codes_obj, *durations_obj, *positions_obj;
     Py_ssize_t nx, ny, start, stop;
     double seconds;
-    if (!PyArg_ParseTuple(args, "KKOnOnOOOnndKK", &fn_addr, &ctx_addr, &x_obj, &nx, &y_obj, &ny, &codes_obj,
-                          &durations_obj, &positions_obj, &start, &stop, &seconds, &stop_addr, &slot_addr))
+    if (!PyArg_ParseTuple(args, "KKOnOnOOOnndK", &fn_addr, &ctx_addr, &x_obj, &nx, &y_obj, &ny, &codes_obj,
+                          &durations_obj, &positions_obj, &start, &stop, &seconds, &slot_addr))
         return NULL;
     if (fn_addr == 0 || nx < 0 || ny < 0 || start < 0 || stop < start) {
         PyErr_SetString(PyExc_ValueError, "run_chunk: bad arguments");
@@ -91,7 +91,6 @@ static PyObject *run_chunk(PyObject *self, PyObject *args)
     double *y = yv.buf, *durations = dv.buf;
     int32_t *codes = cv.buf;
     const int64_t *positions = pv.buf;
-    volatile int32_t *stop_flag = (volatile int32_t *)(uintptr_t)stop_addr;
     slot_t *slot = (slot_t *)(uintptr_t)slot_addr;
     Py_ssize_t i = start;
 
@@ -127,8 +126,6 @@ static PyObject *run_chunk(PyObject *self, PyObject *args)
                 last = t;
             }
         }
-        if (stop_flag && *stop_flag)
-            break;
     }
     Py_END_ALLOW_THREADS
 

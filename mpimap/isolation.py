@@ -29,7 +29,7 @@ import numpy as np
 
 from . import seeds
 from .failures import Failure, unpicklable_values
-from .native import NativeFunction, _matrix
+from .native_models import NativeFunction, rows
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
@@ -318,8 +318,8 @@ def _child_main(conn, slot) -> None:
                 return
             continue
         plain = not options.scratch and not (logs is not None and logs.active)
-        if plain and isinstance(fn, NativeFunction):
-            evaluated, due = _native_chunk(fn, chunk, slot, pipe, evaluated)
+        if plain and isinstance(fn, NativeFunction) and (x := rows(args)) is not None:
+            evaluated, due = _native_chunk(fn, x, chunk, slot, pipe, evaluated)
             if due:
                 return
             continue
@@ -362,16 +362,11 @@ def _child_main(conn, slot) -> None:
             return
 
 
-def _native_chunk(fn: NativeFunction, chunk: ChildChunk, slot: _Slot, pipe: _ChildPipe, evaluated: int):
-    """The child's loop for a native function: the C loop in slices of BATCH_SECONDS, a batch after each (it writes
-    the slot before every point, as the Python loop does).  Returns the points evaluated so far and whether the
-    child is due for recycling."""
-    options, n = chunk.options, len(chunk.positions)
-    try:
-        x = _matrix(chunk.args)
-    except (TypeError, ValueError) as exc:
-        pipe.report(Batch(0, [None] * n, dict.fromkeys(range(n), Failure.from_exception(exc)), [0.0] * n, {}, "done"))
-        return evaluated, False
+def _native_chunk(fn: NativeFunction, x, chunk: ChildChunk, slot: _Slot, pipe: _ChildPipe, evaluated: int):
+    """The child's loop for a native function on the points ``x``: the C loop in slices of BATCH_SECONDS, a batch
+    after each (it writes the slot before every point, as the Python loop does).  Returns the points evaluated so
+    far and whether the child is due for recycling."""
+    options, n = chunk.options, len(x)
     y, codes, durations = np.empty((n, fn.outputs)), np.empty(n, np.int32), np.empty(n)
     positions = np.asarray(chunk.positions, dtype=np.int64)
     first, due = 0, False

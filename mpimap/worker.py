@@ -13,10 +13,10 @@ from collections import deque
 
 import numpy as np
 
-from . import groups, native, nested, shared
+from . import groups, native_models, nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
-from .native import NativeFunction, evaluate_chunk
+from .native_models import NativeFunction, evaluate_chunk, rows
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs, encode
 from .transport import Transport, Waiter, native_send
 
@@ -66,8 +66,9 @@ class Evaluator:
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank" and isinstance(function.fn, NativeFunction) and not isolation.scratch \
-                and not (function.logs is not None and function.logs.active):
-            return Outcome(*evaluate_chunk(function.fn, args, timed=function.pack, packed=function.pack), {})
+                and not (function.logs is not None and function.logs.active) and (x := rows(args)) is not None:
+            out = evaluate_chunk(function.fn, x, timed=function.pack, packed=function.pack, tick=tick)
+            return None if out is None else Outcome(*out, {})
         if isolation.mode == "rank":
             saved = groups._enter(comm)
             try:
@@ -109,7 +110,7 @@ class _Heartbeat(threading.Thread):
         self.transport = None  # the Python beats' own Transport: no state shared across threads
 
     def start(self) -> None:
-        self.in_c = native.extension is not None and self._start_native()
+        self.in_c = native_models.extension is not None and self._start_native()
         if not self.in_c:
             self.transport = Transport(self.comm)
         super().start()
@@ -117,9 +118,9 @@ class _Heartbeat(threading.Thread):
     def _start_native(self) -> bool:
         try:
             mpi = native_send(self.comm)
-            native.extension.heartbeat_start(mpi.isend, mpi.test, mpi.request_free, mpi.handle_size, mpi.comm,
-                                             mpi.byte, 0, Kind.HEARTBEAT, encode(False)[0], encode(True)[0],
-                                             self.period)
+            native_models.extension.heartbeat_start(mpi.isend, mpi.test, mpi.request_free, mpi.handle_size,
+                                                    mpi.comm, mpi.byte, 0, Kind.HEARTBEAT, encode(False)[0],
+                                                    encode(True)[0], self.period)
         except (ValueError, OSError, AttributeError) as exc:  # an MPI whose functions or handles are not found
             logging.getLogger(__name__).warning("no native heartbeat (%s): heartbeats come from Python", exc)
             return False
@@ -127,7 +128,7 @@ class _Heartbeat(threading.Thread):
 
     def run(self):
         if self.in_c:  # twice a period: a beat finds it moved, even when the two threads' wake-ups drift
-            moved = native.extension.heartbeat_moved
+            moved = native_models.extension.heartbeat_moved
             while not self.stopped.wait(self.period / 2):
                 moved()
         else:
@@ -139,7 +140,7 @@ class _Heartbeat(threading.Thread):
         self.stopped.set()
         self.join()
         if self.in_c:
-            native.extension.heartbeat_stop(5.0)
+            native_models.extension.heartbeat_stop(5.0)
 
 
 class _Forward(logging.Handler):

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from conftest import job_env
-from mpimap import native
+from mpimap import native_models
 
-needs_extension = pytest.mark.skipif(native.extension is None, reason="the C extension is not in use here")
+needs_extension = pytest.mark.skipif(native_models.extension is None, reason="the C extension is not in use here")
 
 # Rank 1 holds the GIL (ctypes.PyDLL) in its first point for 3x rank_timeout, while rank 2 has work for longer
 # (else the map ends on rank 2's copies of rank 1's chunks before the master misses rank 1); a thread of the
@@ -75,18 +75,18 @@ def test_the_native_heartbeat_runs_in_the_rank_never_in_its_child_and_stops_when
     out = run_script(f'''
 from mpi4py import MPI
 import mpimap
-from mpimap import native
+from mpimap import native_models
 
 def beating(x):
-    return native.extension.heartbeat_running()
+    return native_models.extension.heartbeat_running()
 
 comm = MPI.COMM_WORLD
 with mpimap.Pool(comm, isolation={isolation!r}) as pool:
     if pool is not None:
         print("POINTS", sorted(set(pool.map(beating, range(20), chunksize=2))), flush=True)
 # every rank is back: its heartbeat thread has stopped, MPI still works, and the job ends
-print(f"RANK {{comm.Get_rank()}} beating {{native.extension.heartbeat_running()}} allreduce {{comm.allreduce(1)}}",
-      flush=True)
+running = native_models.extension.heartbeat_running()
+print(f"RANK {{comm.Get_rank()}} beating {{running}} allreduce {{comm.allreduce(1)}}", flush=True)
 ''', ranks=3, plain=True, env=job_env(MPIMAP_HEARTBEAT=0.2), timeout=120)
     assert f"POINTS [{in_point}]" in out, out
     assert sorted(re.findall(r"RANK \d beating \w+ allreduce \d", out)) == [  # ranks' lines may interleave

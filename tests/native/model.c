@@ -71,6 +71,15 @@ MPIMAP_EXPORT int misbehave(const double *x, int64_t nx, double *y, int64_t ny, 
     return 0;
 }
 
+/* y = x[0] after sleeping x[0] seconds. */
+MPIMAP_EXPORT int nap(const double *x, int64_t nx, double *y, int64_t ny, void *ctx)
+{
+    struct timespec ts = {(time_t)x[0], (long)((x[0] - (time_t)x[0]) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0) {}
+    y[0] = x[0];
+    return 0;
+}
+
 /* Sleeps x[0] seconds: called through ctypes.PyDLL, it holds the GIL all that time. */
 MPIMAP_EXPORT void hold(double seconds)
 {

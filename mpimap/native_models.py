@@ -17,6 +17,7 @@ from .failures import Failure
 
 # -- the extension -----------------------------------------------------------------------------------------------
 OFF_ENV = "MPIMAP_NO_EXTENSION"
+SLICE_SECONDS = 0.05  # a rank evaluating a native chunk takes its messages (cancel, stop) at least this often
 
 
 def _load_extension():
@@ -127,7 +128,7 @@ class NativeFunction:
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     def __call__(self, point):
-        x = _matrix([point])
+        x = np.ascontiguousarray(point, dtype=np.float64).reshape(1, -1)
         y = np.empty((1, self.outputs))
         codes = np.empty(1, np.int32)
         self.run(x, y, codes, None, 0, 1, extension=None)
@@ -144,7 +145,7 @@ class NativeFunction:
         nx = x.shape[1]
         if extension is not None:
             return extension.run_chunk(self._address, self.context_address, x, nx, y, self.outputs, codes,
-                                       durations, positions, start, stop, seconds, 0, slot)
+                                       durations, positions, start, stop, seconds, slot)
         return self._run_ctypes(x, y, codes, durations, start, stop, seconds, slot, positions)
 
     def _run_ctypes(self, x, y, codes, durations, start, stop, seconds, slot, positions) -> int:
@@ -188,29 +189,31 @@ class NativeFunction:
         return values, failures
 
 
-def _matrix(args) -> np.ndarray:
-    """A chunk's points as one C-contiguous float64 array of rows (one number per point: rows of one)."""
-    x = np.ascontiguousarray(args, dtype=np.float64)
+def rows(args) -> np.ndarray | None:
+    """A chunk's points as one C-contiguous float64 array of rows (one number per point: rows of one); None if
+    they are not rows of numbers of one length (then each point is evaluated on its own, and fails on its own)."""
+    try:
+        x = np.ascontiguousarray(args, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
     if x.ndim == 1:
         x = x.reshape(-1, 1)
-    if x.ndim != 2:
-        raise ValueError(f"a native function's points must be rows of numbers (here of shape {x.shape[1:]})")
-    return x
+    return x if x.ndim == 2 else None
 
 
-def evaluate_chunk(fn: NativeFunction, args, timed: bool, packed: bool):
-    """``(values, failures, durations)`` of a chunk evaluated in this process (``isolation='rank'``)."""
-    try:
-        x = _matrix(args)
-    except (TypeError, ValueError) as exc:
-        failure = Failure.from_exception(exc)
-        return [None] * len(args), dict.fromkeys(range(len(args)), failure), np.zeros(len(args))
+def evaluate_chunk(fn: NativeFunction, x: np.ndarray, timed: bool, packed: bool, tick=lambda: True):
+    """``(values, failures, durations)`` of the points ``x`` (see :func:`rows`) evaluated in this process
+    (``isolation='rank'``); None if ``tick()``, called between time slices of SLICE_SECONDS, abandoned them (their
+    map was cancelled, the rank stops)."""
     n = len(x)
     y = np.empty((n, fn.outputs))
     codes = np.empty(n, np.int32)
     durations = np.empty(n) if timed else None
     t0 = time.perf_counter()
-    fn.run(x, y, codes, durations, 0, n)
+    done = 0
+    while (done := fn.run(x, y, codes, durations, done, n, SLICE_SECONDS)) < n:
+        if not tick():
+            return None
     if durations is None:
         durations = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     values, failures = fn.results(y, codes, 0, n, packed)
@@ -325,11 +328,13 @@ def _same_ctype(got, want) -> bool:
 
 
 def _check_numba_signature(function) -> None:
-    sig = str(getattr(function, "_sig", ""))
-    expected = "(CPointer(float64), int64, CPointer(float64), int64, voidptr) -> int32"
-    if sig.replace("intc", "int32") != expected:
+    from numba import types
+
+    sig = function._sig
+    wanted = (types.CPointer(types.float64), types.int64, types.CPointer(types.float64), types.int64, types.voidptr)
+    if tuple(sig.args) != wanted or sig.return_type not in (types.int32, types.intc):
         raise ValueError(f"numba cfunc {function.__name__} has signature {sig}: a native function is "
-                         f"int32{expected.split(' ->')[0]}")
+                         "int32(CPointer(float64), int64, CPointer(float64), int64, voidptr)")
 
 
 def _module_reference(function) -> tuple[str, str]:
