@@ -459,6 +459,7 @@ class Master:
                         rank, info.host, info.pid, silence)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
+            self._frozen.pop(rank, None)
             self.nesting.rank_lost(rank)
         self._fail_too_wide()
         if self.stall_timeout:
