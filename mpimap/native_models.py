@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import pickle
 import time
 
 import numpy as np
@@ -57,13 +58,7 @@ class NativeError(RuntimeError):
 def _failure(name: str, code: int) -> Failure:
     """The Failure of a point whose evaluation returned ``code``: the same record with and without the extension."""
     exc = NativeError(name, int(code))
-    return Failure("NativeError", str(exc), f"mpimap.native.NativeError: {exc}\n", _pickled(exc))
-
-
-def _pickled(exc) -> bytes:
-    import pickle
-
-    return pickle.dumps(exc, protocol=5)
+    return Failure("NativeError", str(exc), f"mpimap.NativeError: {exc}\n", pickle.dumps(exc, protocol=5))
 
 
 class NativeFunction:
@@ -82,10 +77,6 @@ class NativeFunction:
         self._address = None  # resolved in each process, on first use
         self._cfn = None
         self._ctx = None
-
-    @property
-    def name(self) -> str:
-        return self.symbol
 
     @property
     def spec(self) -> str:
@@ -117,18 +108,13 @@ class NativeFunction:
         self._address = address
 
     @property
-    def address(self) -> int:
-        self._resolve()
-        return self._address
-
-    @property
     def context_address(self) -> int:
-        self._resolve()
         return 0 if self._ctx is None else ctypes.addressof(self._ctx)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def __call__(self, point):
-        x = np.ascontiguousarray(point, dtype=np.float64).reshape(1, -1)
+    def __call__(self, *point):
+        """Evaluate one point: ``f([a, b, c])``, or ``f(a, b, c)`` as ``Pool.map(f, as_, bs, cs)`` calls it."""
+        x = np.ascontiguousarray(point[0] if len(point) == 1 else point, dtype=np.float64).reshape(1, -1)
         y = np.empty((1, self.outputs))
         codes = np.empty(1, np.int32)
         self.run(x, y, codes, None, 0, 1, extension=None)

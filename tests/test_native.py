@@ -63,6 +63,7 @@ if __name__ == "__main__":
             for offset, value in zip(chunk.offsets(), kept.values):
                 packed[chunk.start + offset] = None if offset in kept.failures else float(value)
         rows = [list(v) for v in pool.map(stats, [[1.0, 2.0], [3.0, 4.0, 5.0]], isolation=isolation)]
+        rows += [list(v) for v in pool.map(stats, [1.0, 3.0], [2.0, 4.0], isolation=isolation)]
     print("RESULT " + json.dumps(dict(
         used=used, rows=rows, packed=packed,
         values=[v if isinstance(v, float) else None for v in mapped],
@@ -91,7 +92,7 @@ def test_values_and_failures_equal_a_serial_ctypes_loop_with_and_without_the_ext
         assert out["values"] == want_values  # exactly: the same function on the same doubles
         assert {int(k): v for k, v in out["errors"].items()} == want_errors
         assert out["packed"] == want_values
-        assert out["rows"] == [[3.0, 2.0, 2.0, 2.5], [12.0, 60.0, 3.0, 2.5]]
+        assert out["rows"] == [[3.0, 2.0, 2.0, 2.5], [12.0, 60.0, 3.0, 2.5], [3.0, 2.0, 2.0, 2.5], [7.0, 12.0, 2.0, 2.5]]
     if len(outs) == 2:
         assert outs["0"] == {**outs["1"], "used": [False]}
 
@@ -108,6 +109,7 @@ def test_one_point_called_directly_and_the_function_pickled(native_model):
     stats = native(native_model, "stats", outputs=4, context=np.array([-7.5]))
     assert list(pickle.loads(pickle.dumps(stats))([2.0, 3.0])) == [5.0, 6.0, 2.0, -7.5]
     assert list(native(native_model, "stats", outputs=4)([2.0])) == [2.0, 2.0, 1.0, -1.0]  # no context: NULL
+    assert list(stats(2.0, 3.0)) == list(stats([2.0, 3.0]))  # as Pool.map(f, xs, ys) calls it
 
 
 def test_function_pointers_of_ctypes_and_cffi_name_their_library_and_symbol(native_model):
