@@ -6,5 +6,5 @@ Python (``optional=True``): ``mpimap info`` tells which is in use.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("mpimap._native", sources=["c_ext/_native.c"], include_dirs=["c_ext"],
-                             extra_compile_args=["-O2"], optional=True)])
+setup(ext_modules=[Extension("mpimap._native", sources=["c_ext/_native.c", "c_ext/heartbeat.c"],
+                             include_dirs=["c_ext"], extra_compile_args=["-O2"], optional=True)])

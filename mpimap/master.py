@@ -78,6 +78,10 @@ class Master:
         self.silent: set[int] = set()  # the last rank in service, silent for rank_timeout, until it speaks again
         self.stall_timeout = stall_timeout  # warn when a busy rank returns nothing for this long
         self._stalled: set[int] = set()  # ranks warned about, until they return something
+        # rank -> when its native heartbeat first said its Python side had not moved (a C call holding the GIL),
+        # until a beat says it moves again; and the ranks warned about meanwhile
+        self._frozen: dict[int, float] = {}
+        self._frozen_said: set[int] = set()
         self.host_failures = host_failures  # failures disproved elsewhere before a host is retired
         self.host_strikes: dict[str, int] = {}
         self.retired: set[int] = set()  # alive, but given no more work: their host kept failing
@@ -196,13 +200,16 @@ class Master:
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``chunks``: the scheduler's Chunk records),
-        points done, busy time, seconds since last heard.  Safe to call from any thread."""
+        points done, busy time, seconds since last heard, seconds its Python side has not moved while its
+        native heartbeat goes on (``frozen``).  Safe to call from any thread."""
         now = time.monotonic()
         stuck = set(self.scheduler.stuck_ranks())
+        frozen = dict(self._frozen)
         return [
             dict(rank=r, host=info.host, pid=info.pid, in_flight=len(chunks), chunks=chunks,
                  points_done=s.points_done, busy_seconds=s.busy_seconds, last_heard=now - s.last_heard,
-                 lost=r in self.lost, retired=r in self.retired, stuck=r in stuck)
+                 lost=r in self.lost, retired=r in self.retired, stuck=r in stuck,
+                 frozen=now - frozen[r] if r in frozen else 0.0)
             for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
             for chunks in [list(s.in_flight.values())]  # one copy, taken at once: the master thread changes it
         ]
@@ -452,6 +459,7 @@ class Master:
                         rank, info.host, info.pid, silence)
             self.scheduler.lose_rank(rank)
             self.lost.add(rank)
+            self._frozen.pop(rank, None)
             self.nesting.rank_lost(rank)
         self._fail_too_wide()
         if self.stall_timeout:
@@ -461,6 +469,21 @@ class Master:
                             "(isolation='process' with point_timeout stops such points)", rank,
                             self.ranks[rank].host, self.stall_timeout)
             self._stalled = stalled
+
+    def _frozen_python(self, rank: int, moved: bool, now: float) -> None:
+        """A native heartbeat said whether the rank's Python side moved: alive but stuck (in a C call that holds
+        the GIL) is told once it lasts ``rank_timeout``, when a rank without native heartbeats would be lost."""
+        if moved:
+            since = self._frozen.pop(rank)
+            if rank in self._frozen_said:
+                self._frozen_said.discard(rank)
+                log.warning("rank %d (%s) moves again after %.1f s", rank, self.ranks[rank].host, now - since)
+            return
+        since = self._frozen.setdefault(rank, now)
+        if self.rank_timeout and now - since > self.rank_timeout and rank not in self._frozen_said:
+            self._frozen_said.add(rank)
+            log.warning("rank %d (%s, pid %s) is alive but its Python side has not moved for %.1f s (a C call "
+                        "holding the GIL?)", rank, self.ranks[rank].host, self.ranks[rank].pid, now - since)
 
     def _no_rank_left(self, rank: int, silence: float) -> None:
         """The last live rank is silent: it is kept (it may come back) but the open maps fail, rather than wait."""
@@ -579,6 +602,8 @@ class Master:
                 self.scheduler.heard(source, now)
             else:  # HEARTBEAT
                 self.scheduler.heard(source, now)
+                if body is False or source in self._frozen:
+                    self._frozen_python(source, body, now)
         return limit
 
     def _result(self, rank: int, result: Result, now: float) -> None:

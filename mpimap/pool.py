@@ -245,7 +245,8 @@ class Pool(Executor):
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``in_flight``; ``chunks``: which points of which
         map each holds), points done, busy seconds, seconds since last heard, and whether it was lost or retired,
-        or is stuck inside a k-rank task whose point was settled without it (docs/mpi-tasks.rst)."""
+        or is stuck inside a k-rank task whose point was settled without it (docs/mpi-tasks.rst); ``frozen``:
+        seconds its Python side has not moved while its native heartbeat says it is alive (docs/resilience.rst)."""
         return self._live_master().status()
 
     def pause(self) -> None:

@@ -16,7 +16,9 @@ TASK        master -> worker    :class:`Task`: one chunk of a map; the first chu
                                 map to a rank carries the pickled :class:`MapFunction`;
                                 a k-rank task goes to each of its ranks (``group``)
 RESULT      worker -> master    :class:`Result`: a chunk's values, failures and timings
-HEARTBEAT   worker -> master    ``None``, every heartbeat period
+HEARTBEAT   worker -> master    ``True``, every heartbeat period; ``False`` from the native
+                                heartbeat when the rank's Python side has not moved since
+                                its last beat (a C call holding the GIL)
 FORGET      master -> worker    ``map_id``: drop its queued chunks and its function
 STOP        master -> worker    ``None``: leave the serve loop
 LOG         worker -> master    :class:`LogLine`: a log record of the rank (or of its

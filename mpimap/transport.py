@@ -7,9 +7,11 @@ probes from any source, so no rank ever blocks on one particular peer, and the
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from mpi4py import MPI
 
@@ -107,6 +109,32 @@ class Transport:
             part.Recv([buf, MPI.BYTE])
             buffers.append(buf)
         return source, Kind(tag), decode(body, buffers)
+
+
+@dataclass(frozen=True)
+class NativeSend:
+    """What C code needs to send on a communicator without Python (the native heartbeat, c_ext/heartbeat.c)."""
+
+    isend: int  # the addresses of MPI_Isend, MPI_Test and MPI_Request_free in the libmpi mpi4py loaded
+    test: int
+    request_free: int
+    handle_size: int  # bytes of an MPI handle: an int's (MPICH) or a pointer's (Open MPI)
+    comm: int  # the handles of the communicator and of MPI_BYTE
+    byte: int
+
+
+def native_send(comm) -> NativeSend:
+    """The MPI functions and handles for sending on ``comm`` from C that does not link against MPI."""
+    sizes = {MPI._sizeof(kind) for kind in (MPI.Comm, MPI.Datatype, MPI.Request)}
+    if len(sizes) != 1:
+        raise ValueError(f"MPI handles of different sizes {sorted(sizes)}")
+    library = ctypes.CDLL(MPI.__file__)  # its symbols are looked up in mpi4py's module and the libmpi it needs
+
+    def address(name):
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+
+    return NativeSend(address("MPI_Isend"), address("MPI_Test"), address("MPI_Request_free"), sizes.pop(),
+                      MPI._handleof(comm), MPI._handleof(MPI.BYTE))
 
 
 class Waiter:

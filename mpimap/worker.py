@@ -13,12 +13,12 @@ from collections import deque
 
 import numpy as np
 
-from . import groups, nested, shared
+from . import groups, native_models, nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
 from .native_models import NativeFunction, evaluate_chunk, rows
-from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs
-from .transport import Transport, Waiter
+from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs, encode
+from .transport import Transport, Waiter, native_send
 
 DEFAULT_HEARTBEAT = 1.0
 
@@ -92,17 +92,55 @@ class Evaluator:
 
 
 class _Heartbeat(threading.Thread):
-    """Tells the master this rank is alive every ``period`` seconds, even while a point runs in the rank."""
+    """Tells the master this rank is alive every ``period`` seconds, even while a point runs in the rank.
 
-    def __init__(self, transport: Transport, period: float):
+    With the C extension the beats come from a native thread that never takes
+    the GIL (c_ext/heartbeat.c), so a C call holding the GIL cannot stop them;
+    this thread then only bumps the counter by which each beat says whether
+    the rank's Python side has moved since the last one (docs/design.rst,
+    "Heartbeats").  Without the extension this thread sends the beats.
+    """
+
+    def __init__(self, comm, period: float):
         super().__init__(name="mpimap-heartbeat", daemon=True)
-        self.transport = transport
+        self.comm = comm
         self.period = period
         self.stopped = threading.Event()
+        self.in_c = False
+        self.transport = None  # the Python beats' own Transport: no state shared across threads
+
+    def start(self) -> None:
+        self.in_c = native_models.extension is not None and self._start_native()
+        if not self.in_c:
+            self.transport = Transport(self.comm)
+        super().start()
+
+    def _start_native(self) -> bool:
+        try:
+            mpi = native_send(self.comm)
+            native_models.extension.heartbeat_start(mpi.isend, mpi.test, mpi.request_free, mpi.handle_size,
+                                                    mpi.comm, mpi.byte, 0, Kind.HEARTBEAT, encode(False)[0],
+                                                    encode(True)[0], self.period)
+        except (ValueError, OSError, AttributeError) as exc:  # an MPI whose functions or handles are not found
+            logging.getLogger(__name__).warning("no native heartbeat (%s): heartbeats come from Python", exc)
+            return False
+        return True
 
     def run(self):
-        while not self.stopped.wait(self.period):
-            self.transport.send(0, Kind.HEARTBEAT)
+        if self.in_c:  # twice a period: a beat finds it moved, even when the two threads' wake-ups drift
+            moved = native_models.extension.heartbeat_moved
+            while not self.stopped.wait(self.period / 2):
+                moved()
+        else:
+            while not self.stopped.wait(self.period):
+                self.transport.send(0, Kind.HEARTBEAT, True)
+
+    def stop(self) -> None:
+        """Stop the beats (before the rank stops serving: never after MPI_Finalize)."""
+        self.stopped.set()
+        self.join()
+        if self.in_c:
+            native_models.extension.heartbeat_stop(5.0)
 
 
 class _Forward(logging.Handler):
@@ -125,7 +163,7 @@ class _Worker:
 
     def __init__(self, comm, heartbeat: float):
         self.transport = Transport(comm, source=0)  # the master: never a k-rank task's peer (see Transport)
-        self.beat = _Heartbeat(Transport(comm), heartbeat)  # a Transport of its own: no state shared across threads
+        self.beat = _Heartbeat(comm, heartbeat)
         self.functions = {}  # map_id -> (blob, its MapFunction, or the Failure of loading it)
         self.queue: deque = deque()  # Task
         self.evaluator = Evaluator()
@@ -181,8 +219,7 @@ class _Worker:
             self.evaluator.close()
             shared.release_all()
             self.transport.free_groups()
-            self.beat.stopped.set()
-            self.beat.join()
+            self.beat.stop()
             self.transport.flush(timeout=5.0)
 
     def step(self, waiting: bool = False) -> None:
