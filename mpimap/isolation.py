@@ -29,7 +29,7 @@ import numpy as np
 
 from . import seeds
 from .failures import Failure, unpicklable_values
-from .native_models import NativeFunction, rows
+from .native_models import NativeFunction, arrays
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
 from .protocol import LogLine, record
@@ -318,8 +318,8 @@ def _child_main(conn, slot) -> None:
                 return
             continue
         plain = not options.scratch and not (logs is not None and logs.active)
-        if plain and isinstance(fn, NativeFunction) and (x := rows(args)) is not None:
-            evaluated, due = _native_chunk(fn, x, chunk, slot, pipe, evaluated)
+        if plain and isinstance(fn, NativeFunction) and (batch := arrays(fn, args)) is not None:
+            evaluated, due = _native_chunk(fn, batch, chunk, slot, pipe, evaluated)
             if due:
                 return
             continue
@@ -362,12 +362,12 @@ def _child_main(conn, slot) -> None:
             return
 
 
-def _native_chunk(fn: NativeFunction, x, chunk: ChildChunk, slot: _Slot, pipe: _ChildPipe, evaluated: int):
-    """The child's loop for a native function on the points ``x``: the C loop in slices of BATCH_SECONDS, a batch
-    after each (it writes the slot before every point, as the Python loop does).  Returns the points evaluated so
-    far and whether the child is due for recycling."""
-    options, n = chunk.options, len(x)
-    y, codes, durations = np.empty((n, fn.outputs)), np.empty(n, np.int32), np.empty(n)
+def _native_chunk(fn: NativeFunction, batch, chunk: ChildChunk, slot: _Slot, pipe: _ChildPipe, evaluated: int):
+    """The child's loop for a native function on ``batch`` (its arrays, see ``arrays``): the C loop in slices of
+    BATCH_SECONDS, a batch after each (it writes the slot before every point, as the Python loop does).  Returns
+    the points evaluated so far and whether the child is due for recycling."""
+    x, y, codes = batch
+    options, n, durations = chunk.options, len(x), np.empty(len(x))
     positions = np.asarray(chunk.positions, dtype=np.int64)
     first, due = 0, False
     while first < n:
@@ -456,8 +456,11 @@ class ChildProcess:
             except (Exception, SystemExit) as exc:  # points that cannot be pickled to the child
                 out.failures.update(dict.fromkeys(positions.tolist(), Failure.from_exception(exc)))
                 break
-            if not self._watch(options, tick, positions, out, left):
-                self._stop(kill=True)
+            # A child that ended its part (fresh isolation: after each point) leaves the rest to the next one: the
+            # rank takes its messages in between, so a cancel or a stop never waits for the whole chunk.
+            if not self._watch(options, tick, positions, out, left) or left.any() and not tick():
+                if self.pid is not None:
+                    self._stop(kill=True)
                 return None
         return out
 

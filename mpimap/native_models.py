@@ -19,6 +19,7 @@ from .failures import Failure
 # -- the extension -----------------------------------------------------------------------------------------------
 OFF_ENV = "MPIMAP_NO_EXTENSION"
 SLICE_SECONDS = 0.05  # a rank evaluating a native chunk takes its messages (cancel, stop) at least this often
+MAX_OUTPUTS = 2 ** 24  # doubles per point (128 MiB a point): beyond, surely a mistake
 
 
 def _load_extension():
@@ -114,7 +115,7 @@ class NativeFunction:
     # -- evaluation ---------------------------------------------------------------------------------------------
     def __call__(self, *point):
         """Evaluate one point: ``f([a, b, c])``, or ``f(a, b, c)`` as ``Pool.map(f, as_, bs, cs)`` calls it."""
-        x = np.ascontiguousarray(point[0] if len(point) == 1 else point, dtype=np.float64).reshape(1, -1)
+        x = _numbers(point[0] if len(point) == 1 else point).reshape(1, -1)
         y = np.empty((1, self.outputs))
         codes = np.empty(1, np.int32)
         self.run(x, y, codes, None, 0, 1, extension=None)
@@ -175,23 +176,38 @@ class NativeFunction:
         return values, failures
 
 
-def rows(args) -> np.ndarray | None:
-    """A chunk's points as one C-contiguous float64 array, a row per point (each point flattened, as a call with
-    one point does it); None if they are not numbers of one shape: then each point is evaluated, and fails, alone."""
+def _numbers(points) -> np.ndarray:
+    """``points`` as float64 numbers; TypeError for anything else (None, strings, complex, huge integers), which
+    float64 would turn into NaN, parse, or truncate without a word."""
+    a = np.asarray(points)
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"a native function's point must be real numbers, not {a.dtype} values "
+                        f"(e.g. {a.flat[0]!r})" if a.size else "a native function's point must be real numbers")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def arrays(fn: NativeFunction, args):
+    """``(x, y, codes)`` for a chunk: its points as one float64 array, a row per point (each point flattened, as a
+    call with one point does it), and the arrays the loop fills.  None if the chunk cannot go to the loop as one
+    (points that are not numbers of one shape, a library that does not load here, no memory): then each point is
+    evaluated on its own, and fails on its own with why."""
     try:
-        x = np.ascontiguousarray(args, dtype=np.float64)
-    except (TypeError, ValueError):
+        x = _numbers(args)
+        if not x.ndim or not x.size:
+            return None
+        x = x.reshape(len(x), -1)
+        fn._resolve()
+        return x, np.empty((len(x), fn.outputs)), np.empty(len(x), np.int32)
+    except Exception:
         return None
-    return x.reshape(len(x), -1) if x.ndim and x.size else None
 
 
-def evaluate_chunk(fn: NativeFunction, x: np.ndarray, timed: bool, packed: bool, tick=lambda: True):
-    """``(values, failures, durations)`` of the points ``x`` (see :func:`rows`) evaluated in this process
+def evaluate_chunk(fn: NativeFunction, x: np.ndarray, y: np.ndarray, codes: np.ndarray, timed: bool, packed: bool,
+                   tick=lambda: True):
+    """``(values, failures, durations)`` of the points ``x`` (see :func:`arrays`) evaluated in this process
     (``isolation='rank'``); None if ``tick()``, called between time slices of SLICE_SECONDS, abandoned them (their
     map was cancelled, the rank stops)."""
     n = len(x)
-    y = np.empty((n, fn.outputs))
-    codes = np.empty(n, np.int32)
     durations = np.empty(n) if timed else None
     t0 = time.perf_counter()
     done = 0
@@ -215,16 +231,21 @@ def native(function, symbol: str | None = None, *, outputs: int = 1, context=Non
     numpy array) copied to every worker and given to the function as ``ctx``.
     Raises ValueError with one line saying what is wrong and how to fix it.
     """
-    if isinstance(outputs, bool) or not isinstance(outputs, (int, np.integer)) or outputs < 1:
-        raise ValueError(f"outputs must be a positive whole number (the doubles written per point), not {outputs!r}")
+    if isinstance(outputs, bool) or not isinstance(outputs, (int, np.integer)) or not 1 <= outputs <= MAX_OUTPUTS:
+        raise ValueError(f"outputs must be a whole number from 1 to {MAX_OUTPUTS} (the doubles written per point), "
+                         f"not {outputs!r}")
     if context is not None:
         try:
-            context = bytes(memoryview(context).cast("B"))
+            context = memoryview(context).tobytes()
         except TypeError:
             raise ValueError(f"context must be bytes or a buffer (e.g. a numpy array), not "
                              f"{type(context).__name__}") from None
     outputs = int(outputs)
+    if isinstance(function, bytes):
+        function = os.fsdecode(function)
     if isinstance(function, (str, os.PathLike)):
+        if symbol is not None and (not isinstance(symbol, str) or "\0" in symbol):
+            raise ValueError(f"symbol must be the function's name, a string without NUL, not {symbol!r}")
         if not symbol:
             raise ValueError(f"give the function's name in {os.fspath(function)}: "
                              f"mpimap.native({os.fspath(function)!r}, 'symbol', outputs=...)")
@@ -363,7 +384,11 @@ def _cffi_address(function) -> int:
     if kind.kind != "function":
         raise ValueError(f"a cffi {kind.cname} is not a function pointer")
     wanted = "int(*)(double *, int64_t, double *, int64_t, void *)"
-    if kind.cname.replace("const ", "").replace("long long", "int64_t") not in (wanted,):
+    int64 = ("long long", "long") if ctypes.sizeof(ctypes.c_long) == 8 else ("long long",)
+    cname = kind.cname.replace("const ", "")
+    for name in int64:
+        cname = cname.replace(name, "int64_t")
+    if cname != wanted:
         raise ValueError(f"cffi function {kind.cname} has another signature: a native function is "
                          "int f(const double *x, int64_t nx, double *y, int64_t ny, void *ctx)")
     return int(_cffi_backend.cast(_cffi_backend.new_primitive_type("intptr_t"), function))

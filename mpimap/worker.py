@@ -16,7 +16,7 @@ import numpy as np
 from . import groups, native_models, nested, shared
 from .failures import Failure, unpicklable_values
 from .isolation import ChildProcess, Outcome, evaluate_points
-from .native_models import NativeFunction, evaluate_chunk, rows
+from .native_models import NativeFunction, arrays, evaluate_chunk
 from .protocol import Hello, Kind, LogLine, MapFunction, Result, Task, UnloadableArgs, encode
 from .transport import Transport, Waiter, native_send
 
@@ -66,8 +66,9 @@ class Evaluator:
             return Outcome([None] * n, dict.fromkeys(range(n), failure), np.zeros(n), {})
         isolation = function.isolation
         if isolation.mode == "rank" and isinstance(function.fn, NativeFunction) and not isolation.scratch \
-                and not (function.logs is not None and function.logs.active) and (x := rows(args)) is not None:
-            out = evaluate_chunk(function.fn, x, timed=function.pack, packed=function.pack, tick=tick)
+                and not (function.logs is not None and function.logs.active) \
+                and (batch := arrays(function.fn, args)) is not None:
+            out = evaluate_chunk(function.fn, *batch, timed=function.pack, packed=function.pack, tick=tick)
             return None if out is None else Outcome(*out, {})
         if isolation.mode == "rank":
             saved = groups._enter(comm)

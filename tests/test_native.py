@@ -110,6 +110,8 @@ def test_one_point_called_directly_and_the_function_pickled(native_model):
     assert list(pickle.loads(pickle.dumps(stats))([2.0, 3.0])) == [5.0, 6.0, 2.0, -7.5]
     assert list(native(native_model, "stats", outputs=4)([2.0])) == [2.0, 2.0, 1.0, -1.0]  # no context: NULL
     assert list(stats(2.0, 3.0)) == list(stats([2.0, 3.0]))  # as Pool.map(f, xs, ys) calls it
+    every_other = np.array([4.5, 0.0, 9.0])[::2]  # not contiguous: copied in order
+    assert native(os.fsencode(native_model), "stats", outputs=4, context=every_other)([1.0])[3] == 4.5
 
 
 def test_function_pointers_of_ctypes_and_cffi_name_their_library_and_symbol(native_model):
@@ -120,12 +122,13 @@ def test_function_pointers_of_ctypes_and_cffi_name_their_library_and_symbol(nati
     cffi = pytest.importorskip("cffi")
     ffi = cffi.FFI()
     ffi.cdef("int chi2(const double *x, int64_t nx, double *y, int64_t ny, void *ctx);"
-             "int stats(double *x, double nx);")
+             "int stats(double *x, double nx); int misbehave(double *x, long nx, double *y, long ny, void *ctx);")
     clib = ffi.dlopen(native_model)
     from_cffi = native(clib.chi2)
     assert from_cffi.symbol == "chi2" and from_cffi([1.0, 0.0, 1.0, 0.0]) == from_ctypes([1.0, 0.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="another signature"):
         native(clib.stats)
+    assert native(clib.misbehave)([3.0]) == 9.0  # long is int64_t here
 
 
 def test_a_numba_cfunc_is_found_again_on_the_workers(run_script, tmp_path, native_model):
@@ -210,8 +213,8 @@ if __name__ == "__main__":
     with mpimap.Pool() as pool:
         it = pool.imap_unordered(f, [0.1] * 400, chunksize=200)
         time.sleep(1.5)
-        it.close()
         t0 = time.monotonic()
+        it.close()
         later = list(pool.map(rank, range(4)))
         print("RESULT " + json.dumps(dict(later=later, seconds=time.monotonic() - t0)), flush=True)
 ''', args=(native_model,), timeout=120))
@@ -230,8 +233,12 @@ def test_bad_input_is_one_line(tmp_path, native_model):
         (lambda: native(ctypes.addressof(ctypes.c_int.in_dll(ctypes.CDLL(native_model), "not_exported_but_data"))),
          "not an exported function of a shared library"),
         (lambda: native(native_model), "give the function's name"),
-        (lambda: native(native_model, "chi2", outputs=0), "outputs must be a positive whole number"),
-        (lambda: native(native_model, "chi2", outputs=1.5), "outputs must be a positive whole number"),
+        (lambda: native(native_model, "chi2", outputs=0), "outputs must be a whole number from 1 to"),
+        (lambda: native(native_model, "chi2", outputs=1.5), "outputs must be a whole number from 1 to"),
+        (lambda: native(native_model, "chi2", outputs=10 ** 12), "outputs must be a whole number from 1 to"),
+        (lambda: native(native_model, "chi2", outputs=True), "outputs must be a whole number from 1 to"),
+        (lambda: native(native_model, 3), "symbol must be the function's name"),
+        (lambda: native(native_model, "chi2\0x"), "symbol must be the function's name"),
         (lambda: native(native_model, "chi2", context=3.0), "context must be bytes or a buffer"),
         (lambda: native(print), "not builtin_function_or_method"),
         (lambda: native(12345), "not an exported function of a shared library"),
@@ -258,12 +265,15 @@ from mpimap import native_models as native
 if __name__ == "__main__":
     f = native.native(sys.argv[1], "stats", outputs=2)
     with mpimap.Pool() as pool:
-        out = list(pool.map(f, [[1.0, 2.0], "ab", [3.0], [[1.0]]], chunksize=4, on_error="record"))
+        out = list(pool.map(f, [[1.0, 2.0], "ab", [3.0], [[1.0]], [None, 1.0], 10 ** 400, "1.5", [1j]], chunksize=8,
+                            on_error="record"))
     print("RESULT " + json.dumps([list(v) if not isinstance(v, Exception) else str(v) for v in out]))
 ''', args=(native_model,), timeout=120))
     assert out[0] == [3.0, 2.0] and out[2] == [3.0, 3.0]
-    assert "could not convert string to float: 'ab'" in out[1]
     assert out[3] == [1.0, 1.0]  # a nested list of numbers is flattened into one row, as numpy reads it
+    # never NaN for None, a parsed string, a truncated complex or an overflow: each fails alone, saying why
+    for k, example in ((1, "'ab'"), (4, "None"), (5, str(10 ** 400)[:20]), (6, "'1.5'"), (7, "1j")):
+        assert out[k].startswith("a native function's point must be real numbers") and example in out[k], out[k]
 
 
 def test_info_line_says_whether_the_extension_is_in_use(monkeypatch):
@@ -299,3 +309,58 @@ if __name__ == "__main__":
 ''', args=(native_model, isolation), timeout=180))
     assert out["first"] == out["second"] < 30
     assert out["values"] == [0.2] * 30
+
+
+CANCEL = '''
+import json, sys, time
+import mpimap
+
+def one(_):
+    return 1
+
+if __name__ == "__main__":
+    f = mpimap.native(sys.argv[1], "nap")
+    points = [float(v) for v in sys.argv[3].split(",")]
+    with mpimap.Pool(isolation=sys.argv[2]) as pool:
+        it = pool.imap_unordered(f, points * 2, chunksize=len(points))  # a chunk for each of the two ranks
+        time.sleep(2)
+        t0 = time.monotonic()
+        it.close()
+        later = list(pool.map(one, range(4)))
+        print("RESULT " + json.dumps(dict(later=later, seconds=time.monotonic() - t0)), flush=True)
+'''
+
+
+@pytest.mark.parametrize("way", WAYS)
+@pytest.mark.parametrize("isolation, points", [
+    # fast points first, then slow ones: an untimed loop must still end its slice on time
+    ("rank", ",".join(["0"] * 20479 + ["0.005"] * 4000)),
+    # one child per point: the rank takes the cancel between two children, not at the end of the chunk
+    ("fresh", ",".join(["0.005"] * 2000)),
+])
+def test_a_cancel_reaches_a_rank_within_a_slice_whatever_the_points(run_script, native_model, way, isolation, points):
+    env = dict(os.environ, MPIMAP_NO_EXTENSION="" if way == "1" else "1")
+    out = result_of(run_script(CANCEL, args=(native_model, isolation, points), env=env, timeout=180))
+    assert out["later"] == [1] * 4 and out["seconds"] < 8  # not the rest of the chunk (18 s; 20 s or more)
+
+
+def test_a_library_that_does_not_load_on_the_workers_fails_each_point_with_why(run_script, tmp_path, native_model):
+    """The rank survives, each point fails with the loader's error, and the next map runs."""
+    out = result_of(run_script('''
+import json, os, shutil, sys
+import mpimap
+
+def one(_):
+    return 1
+
+if __name__ == "__main__":
+    shutil.copy(sys.argv[1], "gone.so")
+    f = mpimap.native("./gone.so", "chi2")  # checked here, where it loads
+    os.remove("gone.so")
+    with mpimap.Pool() as pool:
+        failed = [str(v) for v in pool.map(f, [[1.0, 0.0, 1.0, 0.0]] * 6, on_error="record")]
+        later = list(pool.map(one, range(4)))
+    print("RESULT " + json.dumps(dict(failed=failed, later=later)))
+''', args=(native_model,), timeout=120))
+    assert all("cannot load native library" in text and "gone.so" in text for text in out["failed"]), out["failed"]
+    assert out["later"] == [1] * 4

@@ -71,11 +71,11 @@ MPIMAP_EXPORT int misbehave(const double *x, int64_t nx, double *y, int64_t ny, 
     return 0;
 }
 
-/* y = x[0] after sleeping x[0] seconds. */
+/* y = x[0] after sleeping x[0] seconds (none at all for 0). */
 MPIMAP_EXPORT int nap(const double *x, int64_t nx, double *y, int64_t ny, void *ctx)
 {
     struct timespec ts = {(time_t)x[0], (long)((x[0] - (time_t)x[0]) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0) {}
+    while (x[0] > 0 && nanosleep(&ts, &ts) != 0) {}
     y[0] = x[0];
     return 0;
 }
