@@ -203,3 +203,19 @@ def native_model(tmp_path_factory) -> str:
     subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-I", os.path.join(here, "..", "c_ext"), "-o", out,
                     os.path.join(here, "native", "model.c"), "-lm"], check=True, timeout=120)
     return out
+
+
+def wait_rows_done(results: str, rows: int, seconds: float = 90.0) -> int:
+    """Read a results file while its job writes it (SWMR) until ``rows`` rows are done or ``seconds`` pass; return
+    how many are done."""
+    import h5py
+
+    deadline, done = time.monotonic() + seconds, 0
+    while done < rows and time.monotonic() < deadline:
+        time.sleep(0.3)
+        try:
+            with h5py.File(results, "r", swmr=True) as f:
+                done = int((f["status"][()] == 1).sum())
+        except (OSError, KeyError):
+            continue
+    return done

@@ -11,7 +11,6 @@ import textwrap
 import numpy as np
 import pytest
 
-import mpimap
 from mpimap import native_models as native_module
 from mpimap.native_models import NativeError, NativeFunction, native
 

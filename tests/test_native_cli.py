@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, kill_job, launch, mpimap_cli
+from conftest import job_env, kill_job, launch, mpimap_cli, wait_rows_done
 from mpimap.errors import MpimapError
 from mpimap.store import read_results
 
@@ -149,14 +148,7 @@ def test_a_resume_after_kill_9_mid_run_gives_every_point_once(tmp_path, native_m
     job = launch(2, *args, cwd=tmp_path, env=job_env(), start_new_session=True, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, text=True)
     try:
-        deadline, done = time.monotonic() + 90, 0
-        while time.monotonic() < deadline and done < 120:
-            time.sleep(0.3)
-            try:
-                with h5py.File(out, "r", swmr=True) as f:
-                    done = int((f["status"][()] == 1).sum())
-            except (OSError, KeyError):
-                continue
+        done = wait_rows_done(str(out), 120)
         time.sleep(1)  # the job is stuck on row 120 for ever: nothing more arrives
         assert job.poll() is None and done == 120
     finally:

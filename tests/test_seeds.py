@@ -11,9 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import h5py
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +19,7 @@ from hypothesis import strategies as st
 
 import mpimap
 import seedfuncs
-from conftest import job_env, kill_job, launch, mpimap_cli
+from conftest import job_env, kill_job, launch, mpimap_cli, wait_rows_done
 from mpimap.store import read_results
 
 SEED = 20261126
@@ -114,15 +112,7 @@ def test_run_seed_is_stored_and_a_resume_after_kill_9_gives_every_row_its_stream
     path, out = str(tmp_path / "p.npy"), str(tmp_path / "r.h5")
     np.save(path, points)
     job = _start_run(tmp_path, path, out, "0.01")
-    deadline = time.monotonic() + 90
-    done = 0
-    while done < 60 and time.monotonic() < deadline:
-        time.sleep(0.3)
-        try:
-            with h5py.File(out, "r", swmr=True) as f:
-                done = int((f["status"][()] == 1).sum())
-        except (OSError, KeyError):
-            continue
+    wait_rows_done(str(out), 60)
     kill_job(job)
     job.communicate(timeout=60)
     partial = read_results(out)
