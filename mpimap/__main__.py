@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                 else:
                     status = EXIT_RANKS_LOST if status == 0 else status
                     why = f"worker ranks did not stop within {stop_grace:g} s of the end (rank_timeout, at least " \
-                          f"{MIN_STOP_GRACE:g} s)"
+                          f"{MIN_STOP_GRACE:g} s): silent, or still inside a point"
                 sys.stdout.flush()
                 sys.stderr.write(f"mpimap: {why}; ending the MPI job with exit status {status}\n")
                 sys.stderr.flush()

@@ -236,6 +236,10 @@ def main(argv=None) -> int:
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.UsageError as exc:  # a bad option value, a missing argument: one line, as for every bad input
+        command = exc.ctx.command_path if exc.ctx is not None else "mpimap"
+        click.echo(f"mpimap: error: {exc.format_message()} (see {command} --help)", err=True)
+        return 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -281,6 +281,8 @@ def _library_path(path: str) -> str:
     if os.sep not in path and not os.path.exists(path):
         raise ValueError(f"native library {path!r} not found: give its path (e.g. ./{path})")
     full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"native library {path} is a directory: give the path of the shared library (.so) in it")
     if not os.path.isfile(full):
         raise ValueError(f"native library {path} not found: no such file")
     return full

@@ -65,6 +65,8 @@ class Pool(Executor):
                  verify: float = 0.0,
                  keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False, seed: int | None = None,
                  initializer=None, initargs=()):
+        if heartbeat is not None and not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
+            raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
         self._seed = None if seed is None else check_seed(seed)
         self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
         self._init = shared.new_init(initializer, initargs)

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -303,5 +304,23 @@ def serve(comm, heartbeat: float | None = None) -> int:
     ``heartbeat`` is the period of this rank's heartbeats; None means ``MPIMAP_HEARTBEAT``, else 1 s.
     """
     if heartbeat is None:
-        heartbeat = float(os.environ.get("MPIMAP_HEARTBEAT", DEFAULT_HEARTBEAT))
+        heartbeat = heartbeat_from_environment(warn=comm.Get_rank() == 1)
     return _Worker(comm, heartbeat).serve()
+
+
+def heartbeat_from_environment(warn: bool) -> float:
+    """``MPIMAP_HEARTBEAT`` in seconds; the default, with one warning line (``warn``: from one rank only), if it is
+    not a positive number: a period of 0 would flood the master with heartbeats and starve the job."""
+    text = os.environ.get("MPIMAP_HEARTBEAT")
+    if text is None:
+        return DEFAULT_HEARTBEAT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if 0 < value < float("inf"):
+        return value
+    if warn:
+        print(f"mpimap: MPIMAP_HEARTBEAT={text!r} is not a positive number of seconds: using {DEFAULT_HEARTBEAT} s",
+              file=sys.stderr, flush=True)
+    return DEFAULT_HEARTBEAT

@@ -488,3 +488,12 @@ def test_a_resume_without_permission_to_write_says_so_and_does_not_advise_fresh(
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=job_env())
     _one_error_line(proc, "no permission to write", "chmod", "another --out")
     assert "--fresh" not in proc.stderr and (tmp_path / "r.h5").read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [["--chunksize", "abc"], ["--outputs", "1.5", "--native", "lib.so:f"], ["--nosuch"]])
+def test_a_bad_option_value_is_one_line(tmp_path, args):
+    """click's own usage errors (a value of the wrong type, an unknown option) are one line and exit 2 too."""
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "run", *args, "--points", "p.npy", "--out", "r.h5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("mpimap: error: ") and "(see mpimap run --help)" in proc.stderr

@@ -91,3 +91,30 @@ print(f"RANK {{comm.Get_rank()}} beating {{running}} allreduce {{comm.allreduce(
     assert f"POINTS [{in_point}]" in out, out
     assert sorted(re.findall(r"RANK \d beating \w+ allreduce \d", out)) == [  # ranks' lines may interleave
         f"RANK {r} beating False allreduce 3" for r in range(3)], out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "abc"])
+def test_a_bad_heartbeat_period_is_one_warning_and_the_default(run_script, value):
+    """A period of 0 made the Python heartbeat thread flood the master (12 of 300 points in 39 s); "abc" killed the
+    workers with a traceback.  Now one line, and the job runs at the default period."""
+    import os
+
+    proc = run_script('''
+import mpimap
+
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        print("RESULT", sum(pool.map(abs, range(-300, 0), chunksize=1)), flush=True)
+''', env=dict(os.environ, MPIMAP_HEARTBEAT=value), full=True, timeout=120)
+    assert "RESULT 45150" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "MPIMAP_HEARTBEAT" in line]
+    assert warnings == [f"mpimap: MPIMAP_HEARTBEAT={value!r} is not a positive number of seconds: using 1.0 s"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_pool_refuses_a_heartbeat_that_is_not_a_positive_number():
+    import mpimap
+
+    for bad in (0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="heartbeat must be a positive number of seconds"):
+            mpimap.Pool(heartbeat=bad)

@@ -227,6 +227,7 @@ def test_bad_input_is_one_line(tmp_path, native_model):
         (lambda: native(str(tmp_path / "missing.so"), "chi2"), "not found: no such file"),
         (lambda: native("libmissing.so", "chi2"), "not found: give its path"),
         (lambda: native(str(tmp_path / "notlib.so"), "chi2"), "cannot load native library"),
+        (lambda: native(str(tmp_path), "chi2"), "is a directory: give the path of the shared library"),
         (lambda: native(native_model, "nosuch"), "has no function 'nosuch'"),
         (lambda: native(native_model, "not_exported_but_data"), "is data, not a function"),
         (lambda: native(ctypes.addressof(ctypes.c_int.in_dll(ctypes.CDLL(native_model), "not_exported_but_data"))),
