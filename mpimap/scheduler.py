@@ -87,7 +87,7 @@ class RankState:
     busy_seconds: float = 0.0
     last_result: float = 0.0  # when its last chunk came back
     lost: bool = False  # out of service: silent (lost) or retired for failing
-    parked: set = field(default_factory=set)  # chunk_ids in flight whose task waits for its nested maps
+    parked: set = field(default_factory=set)  # chunk_ids in flight whose task has opened nested maps
 
     @property
     def held(self) -> int:
@@ -412,20 +412,14 @@ class Scheduler:
         heapq.heappush(self._queue, (-state.priority, state.order, map_id))
 
     def park(self, rank: int, chunk_id: int) -> None:
-        """The task of a chunk in flight waits for nested maps: while it waits, the rank evaluates other chunks
-        (inner ones first), so the chunk gives back its prefetch slot.  Even when every task waits, every
-        rank has room, and no depth of nesting deadlocks."""
+        """The task of a chunk in flight waits for nested maps: the rank evaluates other chunks meanwhile (inner
+        ones first), so the chunk gives back its prefetch slot until it comes back.  Even when every task
+        waits, or sits under a waiting one on its rank's stack, every rank has room: no depth of nesting
+        deadlocks."""
         rstate = self.ranks[rank]
         if chunk_id in rstate.in_flight and chunk_id not in rstate.parked:
             rstate.parked.add(chunk_id)
             self._push_room(rank)
-
-    def unpark(self, rank: int, chunk_id: int) -> None:
-        """The chunk's nested maps have ended: it takes its prefetch slot again (stale room entries are skipped)."""
-        rstate = self.ranks[rank]
-        if chunk_id in rstate.parked:
-            rstate.parked.discard(chunk_id)
-            self._push_room(rank)  # its room entry now stands at the new count, if it still has room
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now

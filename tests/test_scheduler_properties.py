@@ -112,15 +112,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.park(self.sent[chunk_id][0], chunk_id)
         self.just_assigned = False
 
-    @precondition(lambda self: any(r.parked for r in self.sched.ranks.values()))
-    @rule(data=st.data())
-    def unpark(self, data):
-        """A task's nested maps have ended: its chunk takes its slot again."""
-        rank, chunk_id = data.draw(st.sampled_from(sorted((r.rank, c) for r in self.sched.ranks.values()
-                                                          for c in r.parked)))
-        self.sched.unpark(rank, chunk_id)
-        self.just_assigned = False
-
     @precondition(lambda self: self.open)
     @rule(data=st.data())
     def cancel(self, data):
@@ -353,8 +344,7 @@ class GroupMachine(RuleBasedStateMachine):
 
     def _complete(self, chunk_id, fail):
         rank, chunk = self.sent.pop(chunk_id)
-        if self.waits.pop(chunk_id, None) is not None:
-            self.sched.unpark(rank, chunk_id)
+        self.waits.pop(chunk_id, None)
         assert self.sched.complete(rank, chunk_id, 0.01, self.now) == chunk
         self._settled(chunk, fail, rank)
 
