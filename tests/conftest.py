@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import os
 import re
 import signal
@@ -13,9 +14,23 @@ import time
 
 import pytest
 
-from mpimap.launch import find_mpiexec
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _use_the_installed_package() -> None:
+    """Import mpimap as installed (with its built C extension, as the ranks that mpiexec starts do), not from the
+    source tree that ``python -m pytest`` run at the repository's root puts first on sys.path; the source tree
+    stays where nothing is installed."""
+    root = os.path.dirname(TESTS)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    if importlib.util.find_spec("mpimap") is None:
+        sys.path[:] = saved
+
+
+_use_the_installed_package()
+
+from mpimap.launch import find_mpiexec  # noqa: E402  (after the choice of which mpimap to import)
 collect_ignore = ["inside_mpi"]  # run under mpiexec by test_inside_mpi.py
 
 
