@@ -146,3 +146,11 @@ def exits_on_2(x):
 def float_then_list(x):
     """A number for the first points, then lists: the results file cannot hold the lists (StoreError)."""
     return float(x) if x < 3 else [float(x), 1.0]
+
+
+def hold_gil(seconds):
+    """Sleep ``seconds`` in a C call that holds the GIL (``hold`` of the test model named by $NATIVE_MODEL)."""
+    import ctypes
+
+    ctypes.PyDLL(os.environ["NATIVE_MODEL"]).hold(ctypes.c_double(seconds))
+    return seconds

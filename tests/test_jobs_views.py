@@ -451,23 +451,28 @@ def test_thumbnail_writes_the_format_its_extension_names(tmp_path, name, magic):
 def test_ps_lists_every_process_and_the_idle_ranks(tmp_path, live_session):
     running = make_job(tmp_path, "p1", np.arange(10.0), run=False)
     register_batch(running, live_session)
-    ranks = [RankRow(1, "nodeA", 1001, "busy", 1, 3, 0.5, [4, 5, 6, 9]), RankRow(2, "nodeB", 2001, "idle")]
-    write_status(running, state="running", total=10, done=3, pending=7, host="nodeA", pid=1000,
-                 ranks=[r.to_json() for r in ranks])
+    ranks = [RankRow(1, "nodeA", 1001, "busy", 1, 3, 0.5, [4, 5, 6, 9]), RankRow(2, "nodeB", 2001, "idle"),
+             RankRow(3, "nodeB", 2002, "busy", 1, 0, 0.2, [7], frozen=12.4)]
+    rows = [r.to_json() for r in ranks]
+    del rows[0]["frozen"]  # as a writer from before ``frozen`` left it
+    write_status(running, state="running", total=10, done=3, pending=7, host="nodeA", pid=1000, ranks=rows)
     done = make_job(tmp_path, "p2", np.arange(5.0))
     finished_status(done)
     proc = cli("ps", running.dir.path, done.dir.path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert [line.split() for line in lines[:4]] == [["JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING"],
+    assert [line.split() for line in lines[:5]] == [["JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING"],
                                                     ["p1", "nodeA", "0", "1000", "master", "-"],
                                                     ["p1", "nodeA", "1", "1001", "busy", "4-6,9"],
-                                                    ["p1", "nodeB", "2", "2001", "idle", "-"]]
-    assert lines[4] == "1 of 2 live worker ranks idle: p1 rank 2 on nodeB"
-    assert lines[5] == "hosts with no busy rank: nodeB"
+                                                    ["p1", "nodeB", "2", "2001", "idle", "-"],
+                                                    ["p1", "nodeB", "3", "2002", "busy", "(frozen", "12s)", "7"]]
+    assert lines[5] == "1 of 3 live worker ranks idle: p1 rank 2 on nodeB"
+    assert lines[6] == "hosts with no busy rank: none"
     listed = json.loads(cli("ps", running.dir.path, done.dir.path, "--json").stdout)
-    assert [(p["job"], p["rank"], p["pid"], p["state"], p["evaluating"]) for p in listed["processes"]] == [
-        ("p1", 0, 1000, "master", []), ("p1", 1, 1001, "busy", [4, 5, 6, 9]), ("p1", 2, 2001, "idle", [])]
+    assert [(p["job"], p["rank"], p["pid"], p["state"], p["evaluating"], p["frozen"])
+            for p in listed["processes"]] == [
+        ("p1", 0, 1000, "master", [], 0.0), ("p1", 1, 1001, "busy", [4, 5, 6, 9], 0.0), ("p1", 2, 2001, "idle", [], 0.0),
+        ("p1", 3, 2002, "busy", [7], 12.4)]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a job directory to another user")
@@ -616,6 +621,34 @@ def test_status_and_ps_of_a_running_job_name_its_real_processes(tmp_path, submit
     text = cli("ps", cwd=tmp_path, env=submitted.env).stdout
     assert text.splitlines()[0].split() == ["JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING"]
     assert f"live  {HOST}" in text and "live worker ranks idle" in text
+
+
+@pytest.mark.skipif(__import__("mpimap.native_models").native_models.extension is None,
+                    reason="the C extension is not in use here: without its heartbeat such a rank is lost, not frozen")
+def test_ps_shows_a_rank_whose_python_side_is_held_in_a_c_call_as_frozen(tmp_path, native_model):
+    """A point that holds the GIL for 8 s (rank isolation): ``ps`` shows its rank busy and frozen, not lost."""
+    env = job_env(MPIMAP_HOME=str(tmp_path / "home"), NATIVE_MODEL=native_model, MPIMAP_HEARTBEAT="0.3")
+    np.save(tmp_path / "pts.npy", np.array([8.0, 0.0, 0.0]))
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", "jobfuncs:hold_gil", "--points", "pts.npy",
+                           "--scheduler", "local", "--ranks", "2", "--name", "held", "--isolation", "rank"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = Job(str(tmp_path / "mpimap-jobs" / "held"))
+    try:
+        def frozen_row():
+            rows = json.loads(cli("ps", "held", "--json", cwd=tmp_path, env=env).stdout)["processes"]
+            return next((r for r in rows if r["rank"] == 1 and r["frozen"] >= 2.0), None)
+
+        row = wait_for(frozen_row, 60, "rank 1 shown frozen")
+        assert row["state"] == "busy" and 0 in row["evaluating"]
+        line = next(x for x in cli("ps", "held", cwd=tmp_path, env=env).stdout.splitlines() if " 1 " in x)
+        assert "busy (frozen " in line, line
+        wait_for(lambda: job.state() == "done", 90, "the job to end")
+        assert [r.state for r in job.status().ranks] == ["idle"]  # never lost
+        out = read_results(job.dir.results)
+        assert out["status"].tolist() == ["done"] * 3 and out["value"].ravel().tolist() == [8.0, 0.0, 0.0]
+    finally:
+        kill_sessions([int(job.batch_id().rpartition(":")[2])])
 
 
 def test_attach_follows_a_job_to_its_end_and_prints_each_failure(tmp_path, submitted):

@@ -127,6 +127,7 @@ class RankRow(_Record):
     points_done: int = 0
     last_heard: float = 0.0             # seconds since the master last heard from it
     evaluating: list = field(default_factory=list)  # point indices (rows of the results file) it holds now
+    frozen: float = 0.0                 # seconds its Python side has not moved while its native heartbeat goes on
 
 
 @dataclass

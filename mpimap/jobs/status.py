@@ -71,7 +71,8 @@ def rank_rows(rows: list[dict], rows_of) -> list[RankRow]:
         for chunk in row["chunks"]:
             evaluating.extend(int(i) for i in rows_of(chunk.start, chunk.stop))
         out.append(RankRow(row["rank"], row["host"] or "", row["pid"] or 0, state, row["in_flight"],
-                           row["points_done"], round(row["last_heard"], 3), sorted(set(evaluating))[:EVALUATING_LIMIT]))
+                           row["points_done"], round(row["last_heard"], 3), sorted(set(evaluating))[:EVALUATING_LIMIT],
+                           round(row["frozen"], 1)))
     return out
 
 

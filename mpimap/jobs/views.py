@@ -219,6 +219,7 @@ class ProcessRow:
     pid: int
     state: str          # master, busy, idle, lost or retired
     evaluating: list    # point indices it holds now
+    frozen: float = 0.0  # seconds its Python side has not moved while it is alive (a C call holding the GIL)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -234,7 +235,7 @@ def processes(job: Job, view: BatchView | None = None) -> list[ProcessRow]:
         return []
     name = job.name
     rows = [ProcessRow(name, status.host, 0, status.pid, "master", [])]
-    rows += [ProcessRow(name, r.host, r.rank, r.pid, r.state, list(r.evaluating)) for r in status.ranks]
+    rows += [ProcessRow(name, r.host, r.rank, r.pid, r.state, list(r.evaluating), r.frozen) for r in status.ranks]
     return rows
 
 
@@ -253,7 +254,7 @@ def idle_summary(rows: list[ProcessRow]) -> list[str]:
 
 def ps_table(rows: list[ProcessRow]) -> list[str]:
     header = ("JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING")
-    table = [header] + [(r.job, r.host, str(r.rank), str(r.pid), r.state, index_ranges(r.evaluating)
-                         if r.evaluating else "-") for r in rows]
+    table = [header] + [(r.job, r.host, str(r.rank), str(r.pid), r.state + (f" (frozen {r.frozen:.0f}s)" if r.frozen else ""),
+                         index_ranges(r.evaluating) if r.evaluating else "-") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
