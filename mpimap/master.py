@@ -352,13 +352,14 @@ class Master:
                     log.error("%s", RanksLostError(self.lost))
 
     def _idle(self, limit: float) -> None:
-        """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap."""
+        """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap.
+        Before the first chunk comes back their length is unknown: nap."""
         waiter = self._waiter
-        short = self._chunk_seconds < SHORT_CHUNK
+        short = 0.0 < self._chunk_seconds < SHORT_CHUNK
         waiter.spin = SPIN if short else 0.0
         if short:
             waiter.window = waiter.hot_window
-        waiter.cap = min(self._sleep_cap(), limit)
+        waiter.cap = min(self._sleep_cap(time.perf_counter() - waiter.last), limit)
         if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
             waiter.sleep = waiter.cap
         waiter.idle()
@@ -415,15 +416,18 @@ class Master:
             for handle in list(self._handles.values()):
                 self._end_map(handle, cancelled=True)
 
-    def _sleep_cap(self) -> float:
-        """The longest nap between polls: 1 ms, up to 20 ms while long chunks are in flight.
+    def _sleep_cap(self, quiet: float) -> float:
+        """The longest nap between polls: 1 ms, up to 20 ms while long chunks are in flight or nothing has come
+        for ``quiet`` seconds.
 
         Every rank has a chunk queued behind the one it evaluates, so a result
         noticed a fifth of a chunk late costs no worker any time, and every
         wake-up costs ~100 µs of CPU on a VM whatever the nap: long chunks
-        earn long naps.
+        earn long naps.  Before the first of them comes back (a first map of
+        long points, or chunks far longer than the last map's) the silence
+        says as much: without it the master woke 1,000 times a second.
         """
-        return min(20e-3, max(1e-3, self._chunk_seconds / 5))
+        return min(20e-3, max(1e-3, self._chunk_seconds / 5, quiet / 5))
 
     def _level(self, request) -> None:
         level, ranks = request

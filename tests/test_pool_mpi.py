@@ -137,6 +137,28 @@ if __name__ == "__main__":
     assert silence < 1.0  # heard from within ~0.2 s although its point has run for 1.8 s
 
 
+def test_the_master_naps_while_long_points_of_a_first_map_run(run_script):
+    """Before any chunk has come back the master knows nothing of their length; the silence tells it: it must not
+    poll a thousand times a second (as it did) while workers spend seconds on their first points."""
+    out = run_script('''
+import time, mpimap
+from mpimap import master
+turns = [0]
+turn = master.Master._turn
+def counted(self):
+    turns[0] += 1
+    return turn(self)
+master.Master._turn = counted
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        t0 = time.monotonic()
+        assert list(pool.map(time.sleep, [1.0] * 6)) == [None] * 6
+        print("TURNS PER SECOND", turns[0] / (time.monotonic() - t0))
+''', ranks=3)
+    rate = float(next(line.split()[3] for line in out.splitlines() if line.startswith("TURNS")))
+    assert rate < 250, out  # about 80 with naps that grow with the silence; about 900 with 1 ms naps
+
+
 def test_submitted_calls_travel_in_batches_and_keep_the_executor_contract(run_script, tmp_path):
     """Calls of one function join one batch: results, exceptions and cancellations stay per call."""
     trace = tmp_path / "trace"
