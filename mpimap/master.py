@@ -7,6 +7,7 @@ read results from the :class:`~mpimap.maps.MapHandle` objects it fills.
 
 from __future__ import annotations
 
+import _signal
 import atexit
 import itertools
 import logging
@@ -34,6 +35,7 @@ log = logging.getLogger("mpimap.master")
 DEFAULT_RANK_TIMEOUT = 60.0  # seconds without a word from a rank before it is declared lost
 DEFAULT_HOST_FAILURES = 3  # points failed on a host and succeeded elsewhere before the host is retired
 IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for heartbeats
+_DEFERRED_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGUSR1))
 SPIN = 5e-5  # seconds the master polls without yielding after a message while chunks are short
 SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
 DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
@@ -253,11 +255,13 @@ class Master:
             return
         pending: list = []
         saved = {}
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            handler = signal.getsignal(sig)
+        # _signal, not signal: the same calls without the enum conversions, which cost more than the rest of a
+        # turn (this runs each time a caller waits: for every point of a map with chunksize=1).
+        for sig in _DEFERRED_SIGNALS:
+            handler = _signal.getsignal(sig)
             if callable(handler):
                 saved[sig] = handler
-                signal.signal(sig, lambda signum, frame: pending.append(signum))
+                _signal.signal(sig, lambda signum, frame: pending.append(signum))
 
         def deliver():
             while pending:
@@ -268,7 +272,7 @@ class Master:
             yield deliver
         finally:
             for sig, handler in saved.items():
-                signal.signal(sig, handler)
+                _signal.signal(sig, handler)
             deliver()
 
     def _turn(self) -> bool:
