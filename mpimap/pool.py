@@ -70,6 +70,7 @@ class Pool(Executor):
         self._seed = None if seed is None else check_seed(seed)
         self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
         self._init = shared.new_init(initializer, initargs)
+        shared.check_sendable(self._init)  # on every rank of Pool(comm) alike, before anything collective
         self._shares: list = []  # weakref.finalize of each handle of share(): run at shutdown at the latest
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)

@@ -303,6 +303,23 @@ def new_init(initializer, initargs) -> Init | None:
     return Init(f"{socket.gethostname()}-{os.getpid()}-{next(_counter)}", initializer, tuple(initargs))
 
 
+def check_sendable(init: Init | None) -> None:
+    """TypeError, naming the initializer, if it or its initargs cannot travel to the workers (checked when the pool
+    is made: else every map would fail to send its function, with a message about the function)."""
+    if init is None:
+        return
+    error = None
+    for pickler in filter(None, (pickle, cloudpickle)):
+        try:
+            pickler.dumps(init, protocol=5)
+            return
+        except Exception as exc:
+            error = error or exc
+    name = getattr(init.fn, "__qualname__", repr(init.fn))
+    raise TypeError(f"cannot send the pool's initializer {name} and its initargs to the workers ({error}): pass "
+                    "initargs that pickle (plain data, numpy arrays), or build what cannot inside the initializer")
+
+
 def initialize(init: Init | None) -> Failure | None:
     """Run the pool's initializer in this process if it has not run here yet; the Failure it gave, if it raised."""
     if init is None:

@@ -319,6 +319,37 @@ def test_the_pool_of_one_process_runs_the_initializer_and_shares_too(isolation):
     assert shared_files(name) == []  # released at shutdown
 
 
+def test_initargs_that_cannot_travel_are_refused_when_the_pool_is_made_naming_the_initializer(run_script):
+    """Not at the first map, as a failure to send the map's function: the initializer is what cannot travel."""
+    out = run_script('''
+import threading, mpimap
+def setup(lock):
+    pass
+def square(x):
+    return x * x
+if __name__ == "__main__":
+    try:
+        mpimap.Pool(initializer=setup, initargs=(threading.Lock(),))
+    except TypeError as exc:
+        print("REFUSED", exc)
+    with mpimap.Pool() as pool:  # the session goes on
+        print("THEN", list(pool.map(square, range(4))))
+''', ranks=2)
+    refused = next(line for line in out.splitlines() if line.startswith("REFUSED"))
+    assert "cannot send the pool's initializer setup and its initargs" in refused and "lock" in refused, out
+    assert "THEN [0, 1, 4, 9]" in out
+
+
+def test_a_pool_of_one_process_refuses_them_alike():
+    """A pool of one process sends its maps through pickle too (one behaviour everywhere): the same refusal."""
+    import threading
+
+    import mpimap
+
+    with pytest.raises(TypeError, match="cannot send the pool's initializer inline_init and its initargs"):
+        mpimap.Pool(initializer=inline_init, initargs=(threading.Lock(),))
+
+
 HELD_ELSEWHERE = '''
 import copy, functools, gc, json, time
 import numpy as np
