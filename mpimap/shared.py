@@ -13,6 +13,7 @@ with ``-9`` holds no lock: :func:`sweep` removes such files at the next start.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import itertools
 import mmap
@@ -50,6 +51,7 @@ PREFIX = f"mpimap-{os.getuid()}-"
 _counter = itertools.count()
 _values: dict[str, object] = {}  # name -> the object, in every process that has read (or published) it
 _written: dict[str, int] = {}  # name -> the locked descriptor of a file this worker wrote for its host
+_live: dict[str, "Published"] = {}  # name -> what this process published and has not released (see _at_exit)
 _swept = False
 
 
@@ -103,6 +105,7 @@ class Published:
 
     def release(self) -> None:
         """Remove the host's file; processes that map it keep their mapping until they let go of it."""
+        _live.pop(self.name, None)
         _values.pop(self.name, None)
         _unlink(self.name)
         if self.fd >= 0:
@@ -140,7 +143,17 @@ def publish(obj) -> tuple[Shared, Published]:
     header = _HEADER.pack(_MAGIC, *layout[0]) + b"".join(_PAIR.pack(*pair) for pair in layout[1:])
     fd = _write(name, offset, [(0, memoryview(header)), *parts])
     _values[name] = obj
-    return Shared(name), Published(name, fd, memoryview(mmap.mmap(fd, offset, access=mmap.ACCESS_READ)))
+    published = _live[name] = Published(name, fd, memoryview(mmap.mmap(fd, offset, access=mmap.ACCESS_READ)))
+    return Shared(name), published
+
+
+@atexit.register
+def _at_exit(pid: int = os.getpid()) -> None:
+    """A process that exits with shares never released (a pool never shut down) removes their files; not a child
+    forked from it, whose exit must leave its parent's files alone."""
+    if os.getpid() == pid:
+        for published in list(_live.values()):
+            published.release()
 
 
 def _aligned(n: int) -> int:

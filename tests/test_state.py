@@ -350,6 +350,26 @@ def test_a_pool_of_one_process_refuses_them_alike():
         mpimap.Pool(initializer=inline_init, initargs=(threading.Lock(),))
 
 
+@pytest.mark.parametrize("isolation", ["rank", "process"])
+def test_a_pool_of_one_process_never_shut_down_leaves_no_shared_file(tmp_path, isolation):
+    """Its files go when the process exits (they stayed until the next master of the user swept them); an
+    evaluation process forked from it exits first and leaves them alone."""
+    script = tmp_path / "left.py"
+    script.write_text(f'''
+import numpy as np, mpimap
+def look(h, i):
+    return float(h.value[i])
+pool = mpimap.Pool(isolation="{isolation}")
+handle = pool.share(np.arange(10.0))
+print(handle.name, list(pool.map(look, [handle] * 3, range(3))), flush=True)
+''')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.returncode == 0, proc.stderr
+    name, values = proc.stdout.split(" ", 1)
+    assert values.strip() == "[0.0, 1.0, 2.0]"
+    assert shared_files(name) == []
+
+
 HELD_ELSEWHERE = '''
 import copy, functools, gc, json, time
 import numpy as np
