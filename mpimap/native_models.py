@@ -10,6 +10,9 @@ import ctypes
 import importlib
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -20,6 +23,7 @@ from .failures import Failure
 OFF_ENV = "MPIMAP_NO_EXTENSION"
 SLICE_SECONDS = 0.05  # a rank evaluating a native chunk takes its messages (cancel, stop) at least this often
 MAX_OUTPUTS = 2 ** 24  # doubles per point (128 MiB a point): beyond, surely a mistake
+PROBE_SECONDS = 60  # a library that has not loaded in a fresh interpreter by then hangs in its initialisation
 
 
 def _load_extension():
@@ -250,6 +254,7 @@ def native(function, symbol: str | None = None, *, outputs: int = 1, context=Non
             raise ValueError(f"give the function's name in {os.fspath(function)}: "
                              f"mpimap.native({os.fspath(function)!r}, 'symbol', outputs=...)")
         library = _library_path(os.fspath(function))
+        _probe(library)  # where the user gives it; the workers load it as it is
         if not _executable(_symbol_address(library, symbol)):  # in one line here, not a crash per point there
             raise ValueError(f"{symbol!r} in {library} is data, not a function: give the name of a function of "
                              "the signature in mpimap_native.h")
@@ -286,6 +291,36 @@ def _library_path(path: str) -> str:
     if not os.path.isfile(full):
         raise ValueError(f"native library {path} not found: no such file")
     return full
+
+
+_PROBE = """
+import ctypes, sys
+try:
+    ctypes.CDLL(sys.argv[1])
+except OSError:
+    sys.exit(99)  # not loadable: said again, in full, where the library is loaded for real
+"""
+_probed: set = set()  # (path, mtime) of libraries loaded once in a fresh interpreter
+
+
+def _probe(library: str) -> None:
+    """Load the library first in a fresh interpreter: if its initialisation (a constructor, or a library it needs)
+    exits, crashes or hangs, that one goes, and the user reads why, where this process would end without a word."""
+    key = (library, os.stat(library).st_mtime_ns)
+    if key in _probed:
+        return
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, library], capture_output=True, timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"native library {library} did not finish loading in {PROBE_SECONDS} s: its initialisation "
+                         "(a constructor, or a library it needs) hangs; load it outside mpimap to see why") from None
+    if proc.returncode not in (0, 99):
+        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
+        raise ValueError(f"loading native library {library} ends the process ({how}) before any point runs: its "
+                         "initialisation (a constructor, or a library it needs) exits or crashes; load it outside "
+                         "mpimap to see why")
+    _probed.add(key)
 
 
 def _symbol_address(library: str, symbol: str) -> int:

@@ -212,6 +212,29 @@ def test_bad_input_is_one_line_and_damages_nothing_stored(tmp_path, native_model
     assert open(out, "rb").read() == before and not os.path.exists(out + ".lock")
 
 
+BAD_CONSTRUCTORS = {
+    "exits": ("exit(3);", "(exit status 3)"),
+    "crashes": ("raise(SIGSEGV);", "(signal SIGSEGV)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONSTRUCTORS))
+def test_a_library_whose_initialisation_ends_the_process_is_one_line_not_a_silent_end(tmp_path, case):
+    """Loading the library ran its constructor in the CLI's own process: an exit ended the run without a word."""
+    body, words = BAD_CONSTRUCTORS[case]
+    (tmp_path / "bad.c").write_text("#include <signal.h>\n#include <stdlib.h>\n#include <stdint.h>\n"
+                                    f"__attribute__((constructor)) static void boom(void) {{ {body} }}\n"
+                                    "int f(const double *x, int64_t nx, double *y, int64_t ny, void *ctx)"
+                                    " { y[0] = x[0]; return 0; }\n")
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-o", str(tmp_path / "libbad.so"),
+                    str(tmp_path / "bad.c")], check=True, timeout=120)
+    np.save(tmp_path / "p.npy", np.arange(4.0).reshape(4, 1))
+    proc = run(tmp_path, "--native", "./libbad.so:f", "--outputs", "1", "--points", "p.npy", "--out", "r.h5",
+               ranks=2, check=False, timeout=120)
+    one_line_error(proc, "loading native library", "libbad.so", "ends the process", words)
+    assert proc.returncode == 2 and not (tmp_path / "r.h5").exists()
+
+
 def test_a_resume_with_another_native_function_or_outputs_is_refused_in_one_line(tmp_path, native_model):
     np.save(tmp_path / "p.npy", chi2_points(40))
     out = str(tmp_path / "r.h5")
