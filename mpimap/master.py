@@ -202,8 +202,9 @@ class Master:
 
     def status(self) -> list[dict]:
         """One row per worker rank: host, pid, chunks in flight (``chunks``: the scheduler's Chunk records),
-        points done, busy time, seconds since last heard, seconds its Python side has not moved while its
-        native heartbeat goes on (``frozen``).  Safe to call from any thread."""
+        points done, busy time, seconds since last heard, seconds its Python side had not moved when its native
+        heartbeat last beat (``frozen``: a stopped process's stops growing; its silence grows).  Safe to call from
+        any thread."""
         now = time.monotonic()
         stuck = set(self.scheduler.stuck_ranks())
         frozen = dict(self._frozen)
@@ -211,7 +212,7 @@ class Master:
             dict(rank=r, host=info.host, pid=info.pid, in_flight=len(chunks), chunks=chunks,
                  points_done=s.points_done, busy_seconds=s.busy_seconds, last_heard=now - s.last_heard,
                  lost=r in self.lost, retired=r in self.retired, stuck=r in stuck,
-                 frozen=now - frozen[r] if r in frozen else 0.0)
+                 frozen=max(0.0, s.last_heard - frozen[r]) if r in frozen else 0.0)
             for (r, info), s in zip(self.ranks.items(), self.scheduler.ranks.values())
             for chunks in [list(s.in_flight.values())]  # one copy, taken at once: the master thread changes it
         ]
@@ -617,6 +618,8 @@ class Master:
     def _result(self, rank: int, result: Result, now: float) -> None:
         values, failures, durations, logs = result.values, result.failures, result.durations, result.logs
         self._chunk_seconds += (result.seconds - self._chunk_seconds) / 8
+        if rank in self._frozen:  # a result comes from its Python side: it moves again
+            self._frozen_python(rank, True, now)
         if result.chunk_id in self.scheduler.groups:
             self._group_result(rank, result, now)
             return

@@ -10,9 +10,8 @@ import ctypes
 import importlib
 import os
 import pickle
+import select
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from .failures import Failure
 OFF_ENV = "MPIMAP_NO_EXTENSION"
 SLICE_SECONDS = 0.05  # a rank evaluating a native chunk takes its messages (cancel, stop) at least this often
 MAX_OUTPUTS = 2 ** 24  # doubles per point (128 MiB a point): beyond, surely a mistake
-PROBE_SECONDS = 60  # a library that has not loaded in a fresh interpreter by then hangs in its initialisation
+PROBE_SECONDS = 60  # a library that has not loaded in a forked child by then hangs in its initialisation
 
 
 def _load_extension():
@@ -293,34 +292,55 @@ def _library_path(path: str) -> str:
     return full
 
 
-_PROBE = """
-import ctypes, sys
-try:
-    ctypes.CDLL(sys.argv[1])
-except OSError:
-    sys.exit(99)  # not loadable: said again, in full, where the library is loaded for real
-"""
-_probed: set = set()  # (path, mtime) of libraries loaded once in a fresh interpreter
+_probed: set = set()  # (path, mtime) of libraries loaded once in a forked child
 
 
 def _probe(library: str) -> None:
-    """Load the library first in a fresh interpreter: if its initialisation (a constructor, or a library it needs)
-    exits, crashes or hangs, that one goes, and the user reads why, where this process would end without a word."""
+    """Load the library first in a forked child: if its initialisation (a constructor, or a library it needs)
+    exits, crashes or hangs, the child goes (what it printed reaches stderr) and the user reads why, where this
+    process would end without a word.  A fork, not a new interpreter: the program may embed Python."""
     key = (library, os.stat(library).st_mtime_ns)
     if key in _probed:
         return
+    read, write = os.pipe()  # close-on-exec: a helper process the library starts does not keep it open
+    pid = os.fork()
+    if pid == 0:  # the child: load, say so, and leave at once (nothing of the parent's runs at exit)
+        try:
+            os.close(read)
+            try:
+                ctypes.CDLL(library)
+                os.write(write, b"1")
+            except OSError:  # not loadable: said in full where the library is loaded for real
+                os.write(write, b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, library], capture_output=True, timeout=PROBE_SECONDS)
-    except subprocess.TimeoutExpired:
+        ready = select.select([read], [], [], PROBE_SECONDS)[0]
+        said = os.read(read, 1) if ready else None
+    finally:
+        os.close(read)
+    if said is None:
+        os.kill(pid, signal.SIGKILL)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if said is None:
         raise ValueError(f"native library {library} did not finish loading in {PROBE_SECONDS} s: its initialisation "
-                         "(a constructor, or a library it needs) hangs; load it outside mpimap to see why") from None
-    if proc.returncode not in (0, 99):
-        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit status {proc.returncode}")
-        raise ValueError(f"loading native library {library} ends the process ({how}) before any point runs: its "
-                         "initialisation (a constructor, or a library it needs) exits or crashes; load it outside "
-                         "mpimap to see why")
+                         "(a constructor, or a library it needs) hangs; load it outside mpimap to see why")
+    if not said:  # the child ended before it could say it had loaded the library
+        raise ValueError(f"loading native library {library} ends the process ({_how_it_ended(status)}) before any "
+                         "point runs: its initialisation (a constructor, or a library it needs) exits or crashes; "
+                         "load it outside mpimap to see why")
     _probed.add(key)
+
+
+def _how_it_ended(status: int) -> str:
+    """``exit status N`` or ``signal NAME`` of a child's exit code (negative: the signal that ended it)."""
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        return f"signal {signal.Signals(-status).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-status}"
 
 
 def _symbol_address(library: str, symbol: str) -> int:

@@ -70,7 +70,7 @@ class Pool(Executor):
         self._seed = None if seed is None else check_seed(seed)
         self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
         self._init = shared.new_init(initializer, initargs)
-        shared.check_sendable(self._init)  # on every rank of Pool(comm) alike, before anything collective
+        _check_sendable(self._init)  # on every rank of Pool(comm) alike, before anything collective
         self._shares: list = []  # weakref.finalize of each handle of share(): run at shutdown at the latest
         self._isolation = Isolation(isolation, point_timeout, max_points, max_memory_mb, scratch)
         self._policy = Policy(on_error, retries, quarantine, verify)
@@ -425,10 +425,8 @@ def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: Poi
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
     settings = MapFunction(fn, star, pack, isolation, logs, seed=seed, init=init)
-    guarded = _guarded(fn)
-    picklers = [] if guarded and cloudpickle is None else [cloudpickle] if guarded else [pickle, cloudpickle]
     error = "the workers import the script as a module, where its main block does not run"
-    for pickler in filter(None, picklers):
+    for pickler in _picklers(fn, None if init is None else init.fn):
         try:
             return pickler.dumps(settings, protocol=5)
         except Exception as exc:
@@ -438,6 +436,32 @@ def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: Poi
     if cloudpickle is None:
         fix += ", or install cloudpickle (pip install cloudpickle) to send it by value"
     raise TypeError(f"cannot send function {name} to the workers ({error}): {fix}") from None
+
+
+def _check_sendable(init) -> None:
+    """TypeError, naming the initializer, if it or its initargs cannot travel to the workers: said when the pool
+    is made, not by every map failing to send its function.  Large buffers are not copied to find out."""
+    if init is None:
+        return
+    error = "the workers import the script as a module, where its main block does not run"
+    for pickler in _picklers(init.fn):
+        try:
+            pickler.dumps(init, protocol=5, buffer_callback=lambda buffer: None)
+            return
+        except Exception as exc:
+            error = exc
+    name = getattr(_unwrap(init.fn), "__qualname__", repr(init.fn))
+    raise TypeError(f"cannot send the pool's initializer {name} and its initargs to the workers ({error}): define "
+                    "the initializer at the top level of a module the workers can import, pass initargs that pickle "
+                    "(plain data, numpy arrays), and build what cannot inside the initializer")
+
+
+def _picklers(*functions) -> list:
+    """What can send these functions (None: absent) to the workers: by reference with pickle, else by value with
+    cloudpickle if installed; by value only for a function of the script's main block (the workers lack it)."""
+    if any(fn is not None and _guarded(fn) for fn in functions):
+        return [cloudpickle] if cloudpickle is not None else []
+    return [pickle, cloudpickle] if cloudpickle is not None else [pickle]
 
 
 def _unwrap(fn):

@@ -148,12 +148,15 @@ def publish(obj) -> tuple[Shared, Published]:
 
 
 @atexit.register
-def _at_exit(pid: int = os.getpid()) -> None:
-    """A process that exits with shares never released (a pool never shut down) removes their files; not a child
-    forked from it, whose exit must leave its parent's files alone."""
-    if os.getpid() == pid:
-        for published in list(_live.values()):
-            published.release()
+def _at_exit() -> None:
+    """A process that exits with shares never released (a pool never shut down) removes their files."""
+    for published in list(_live.values()):
+        published.release()
+
+
+# A forked child (an evaluation process, or a program's own child) starts with none of its parent's shares: its
+# exit must leave the parent's files alone, and remove those it publishes itself.
+os.register_at_fork(after_in_child=_live.clear)
 
 
 def _aligned(n: int) -> int:
@@ -314,23 +317,6 @@ def new_init(initializer, initargs) -> Init | None:
     if not callable(initializer):
         raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
     return Init(f"{socket.gethostname()}-{os.getpid()}-{next(_counter)}", initializer, tuple(initargs))
-
-
-def check_sendable(init: Init | None) -> None:
-    """TypeError, naming the initializer, if it or its initargs cannot travel to the workers (checked when the pool
-    is made: else every map would fail to send its function, with a message about the function)."""
-    if init is None:
-        return
-    error = None
-    for pickler in filter(None, (pickle, cloudpickle)):
-        try:
-            pickler.dumps(init, protocol=5)
-            return
-        except Exception as exc:
-            error = error or exc
-    name = getattr(init.fn, "__qualname__", repr(init.fn))
-    raise TypeError(f"cannot send the pool's initializer {name} and its initargs to the workers ({error}): pass "
-                    "initargs that pickle (plain data, numpy arrays), or build what cannot inside the initializer")
 
 
 def initialize(init: Init | None) -> Failure | None:

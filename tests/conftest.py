@@ -19,9 +19,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def _use_the_installed_package() -> None:
     """Import mpimap as installed (with its built C extension, as the ranks that mpiexec starts do), not from the
-    source tree that ``python -m pytest`` run at the repository's root puts first on sys.path; the source tree
-    stays where nothing is installed."""
+    source tree that ``python -m pytest`` run at the repository's root puts first on sys.path.  The source tree
+    stays where nothing is installed, or where PYTHONPATH names it (the ranks then import it too)."""
     root = os.path.dirname(TESTS)
+    named = {os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p}
+    if root in named:
+        return
     saved = sys.path[:]
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     if importlib.util.find_spec("mpimap") is None:
@@ -31,6 +34,13 @@ def _use_the_installed_package() -> None:
 _use_the_installed_package()
 
 from mpimap.launch import find_mpiexec  # noqa: E402  (after the choice of which mpimap to import)
+
+
+def pytest_report_header(config):
+    """Which mpimap the tests run (an installed copy may be older than the source tree beside them)."""
+    import mpimap
+
+    return f"mpimap under test: {os.path.dirname(mpimap.__file__)}"
 collect_ignore = ["inside_mpi"]  # run under mpiexec by test_inside_mpi.py
 
 

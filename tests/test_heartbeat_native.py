@@ -93,6 +93,45 @@ print(f"RANK {{comm.Get_rank()}} beating {{running}} allreduce {{comm.allreduce(
         f"RANK {r} beating False allreduce 3" for r in range(3)], out
 
 
+@needs_extension
+def test_frozen_stops_growing_when_the_rank_is_stopped_and_ends_with_its_result(run_script, native_model):
+    """Found by review: ``frozen`` grew while a SIGSTOPped rank sent nothing (the docs say it means "alive"), and a
+    rank's last result left it standing in the job's final report.  Now it is as of the rank's latest heartbeat,
+    and a result clears it."""
+    out = run_script('''
+import ctypes, os, signal, time
+from mpi4py import MPI
+import mpimap
+
+def hold(seconds):
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        ctypes.PyDLL(os.environ["NATIVE_MODEL"]).hold(ctypes.c_double(seconds))
+    return seconds
+
+def row(pool):
+    return next(r for r in pool.status() if r["rank"] == 1)
+
+if __name__ == "__main__":
+    with mpimap.Pool(rank_timeout=60) as pool:
+        future = pool.submit(hold, 8.0)
+        while row(pool)["frozen"] < 1.5:
+            time.sleep(0.1)
+        os.kill(row(pool)["pid"], signal.SIGSTOP)
+        time.sleep(1.0)
+        before = row(pool)
+        time.sleep(2.0)
+        after = row(pool)
+        os.kill(after["pid"], signal.SIGCONT)
+        assert future.result() == 8.0
+        print("FROZEN", before["frozen"], after["frozen"], "SILENT", before["last_heard"], after["last_heard"],
+              "END", row(pool)["frozen"], flush=True)
+''', ranks=2, env=job_env(NATIVE_MODEL=native_model, MPIMAP_HEARTBEAT=0.3), timeout=120)
+    words = next(line for line in out.splitlines() if line.startswith("FROZEN")).split()
+    before, after, silent_before, silent_after, end = (float(words[i]) for i in (1, 2, 4, 5, 7))
+    assert abs(after - before) < 0.5 and silent_after - silent_before > 1.5, out  # stopped: silent, not frozen
+    assert end == 0.0, out
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "abc"])
 def test_a_bad_heartbeat_period_is_one_warning_and_the_default(run_script, value):
     """A period of 0 made the Python heartbeat thread flood the master (12 of 300 points in 39 s); "abc" killed the

@@ -644,7 +644,7 @@ def test_ps_shows_a_rank_whose_python_side_is_held_in_a_c_call_as_frozen(tmp_pat
         line = next(x for x in cli("ps", "held", cwd=tmp_path, env=env).stdout.splitlines() if " 1 " in x)
         assert "busy (frozen " in line, line
         wait_for(lambda: job.state() == "done", 90, "the job to end")
-        assert [r.state for r in job.status().ranks] == ["idle"]  # never lost
+        assert [(r.state, r.frozen) for r in job.status().ranks] == [("idle", 0.0)]  # never lost; moves again
         out = read_results(job.dir.results)
         assert out["status"].tolist() == ["done"] * 3 and out["value"].ravel().tolist() == [8.0, 0.0, 0.0]
     finally:

@@ -340,6 +340,22 @@ if __name__ == "__main__":
     assert "THEN [0, 1, 4, 9]" in out
 
 
+def test_an_initializer_of_the_scripts_main_block_travels_by_value(run_script):
+    """Found by review: it passed the pickle check by reference, and then every map failed on the workers ("Can't
+    get attribute 'setup' on <module '__worker__'>"), which import the script without running its main block."""
+    out = run_script('''
+import os, mpimap
+def tagged(x):
+    return os.environ.get("TAG"), x
+if __name__ == "__main__":
+    def setup(tag):
+        os.environ["TAG"] = tag
+    with mpimap.Pool(initializer=setup, initargs=("set",)) as pool:
+        print("GOT", list(pool.map(tagged, range(3))))
+''', ranks=2)
+    assert "GOT [('set', 0), ('set', 1), ('set', 2)]" in out, out
+
+
 def test_a_pool_of_one_process_refuses_them_alike():
     """A pool of one process sends its maps through pickle too (one behaviour everywhere): the same refusal."""
     import threading

@@ -254,7 +254,7 @@ def idle_summary(rows: list[ProcessRow]) -> list[str]:
 
 def ps_table(rows: list[ProcessRow]) -> list[str]:
     header = ("JOB", "HOST", "RANK", "PID", "STATE", "EVALUATING")
-    table = [header] + [(r.job, r.host, str(r.rank), str(r.pid), r.state + (f" (frozen {r.frozen:.0f}s)" if r.frozen else ""),
+    table = [header] + [(r.job, r.host, str(r.rank), str(r.pid), r.state + (f" (frozen {r.frozen:.0f}s)" if r.frozen >= 0.5 else ""),
                          index_ranges(r.evaluating) if r.evaluating else "-") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in table]
