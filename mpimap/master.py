@@ -110,6 +110,7 @@ class Master:
         self._draining = False  # close was asked for: finish the open maps, accept no new ones, then end
         self._lock = threading.Lock()  # a submit and a close never interleave: nothing is added after "close"
         self._chunk_seconds = 0.0  # moving average of how long a chunk takes to evaluate
+        self._last_sent = 0.0  # perf_counter of the last chunk handed out
         self._wake = threading.Event()  # set with every command: an idle master waits on it
         # Whoever holds _turn_lock runs a turn of the loop: the master thread, or a caller that waits for
         # results and drives the loop itself (no hand-off between threads, no fight for the GIL).
@@ -364,7 +365,9 @@ class Master:
         waiter.spin = SPIN if short else 0.0
         if short:
             waiter.window = waiter.hot_window
-        waiter.cap = min(self._sleep_cap(time.perf_counter() - waiter.last), limit)
+        # Silence counts from the last message or the last chunk sent, whichever is later: a caller's pause between
+        # maps is no sign that the next map's chunks are long.
+        waiter.cap = min(self._sleep_cap(time.perf_counter() - max(waiter.last, self._last_sent)), limit)
         if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
             waiter.sleep = waiter.cap
         waiter.idle()
@@ -568,7 +571,10 @@ class Master:
         return handle, args, keys
 
     def _dispatch(self) -> None:
-        for rank, chunk in self.scheduler.assign(time.monotonic()):
+        assigned = self.scheduler.assign(time.monotonic())
+        if assigned:
+            self._last_sent = time.perf_counter()  # results are due from now on: see _idle
+        for rank, chunk in assigned:
             handle, args, keys = self._claim(chunk)
             if handle is None:
                 continue

@@ -206,9 +206,12 @@ class Scheduler:
             if reserved and not self.ranks[rank].parked:
                 passed.append(rank)
                 continue
-            # A reserved rank whose tasks wait for nested maps takes chunks of nested maps only: they let its
-            # tasks end (so it becomes idle for the k-rank map), and it can always run them itself.
-            chunk = self._next_chunk(rank, nested_only=self.paused or reserved)
+            # A rank whose tasks wait for nested maps (parked chunks) takes chunks of nested maps only: they let
+            # its tasks end, and it can always run them itself.  Were it given other work, it would start that
+            # on top of its waiting tasks, and every new task would wait too: a rank could pile up a map's
+            # tasks (and Python frames) without bound while the others idle.  A reserved rank likewise: it
+            # becomes idle for the k-rank map.
+            chunk = self._next_chunk(rank, nested_only=self.paused or reserved or bool(self.ranks[rank].parked))
             if chunk is None:
                 passed.append(rank)
                 continue
@@ -239,7 +242,7 @@ class Scheduler:
             rank = self._pop_room()
             if rank is None:
                 return out
-            if self.ranks[rank].held:  # not idle: only idle ranks take copies
+            if self.ranks[rank].held or self.ranks[rank].parked:  # not idle: only idle ranks take copies
                 self._room[self.ranks[rank].held].appendleft(rank)
                 return out
             straggler = self._straggler(rank, now)

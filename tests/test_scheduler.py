@@ -405,7 +405,7 @@ def test_a_parked_chunk_gives_back_its_slot_so_a_waiting_rank_gets_inner_work_fi
     sched = Scheduler([1], prefetch=2)
     sched.add_map(0, 2, chunksize=1)  # the outer map: both chunks go to the only rank
     (_, outer0), (_, outer1) = sched.assign()
-    sched.add_map(1, 3, chunksize=1, priority=1)  # outer0's task asks for an inner map and waits
+    sched.add_map(1, 3, chunksize=1, priority=1, nested=True)  # outer0's task asks for an inner map and waits
     assert sched.assign() == []  # without parking the rank is full: nobody would ever run the inner map
     sched.park(1, outer0.chunk_id)
     ((rank, inner),) = sched.assign()
@@ -461,12 +461,12 @@ def test_a_paused_scheduler_still_hands_out_nested_maps_so_the_waiting_tasks_can
     assert sorted(c.start for _, c in sched.assign(now=101.0)) == [2, 3]
 
 
-def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, prefetch: int = 2) -> int:
+def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, prefetch: int = 2) -> tuple[int, int]:
     """Nested maps as workers run them: each point at level d > 0 opens a map of ``width`` points at level
     d - 1 and waits; a waiting rank evaluates its queued chunks, newest map first, on top of its stack, and only
     the chunk on top of a stack can go on.  The master parks a chunk when its task opens a map; inner maps are
-    known to be cheap, so they go out in equal shares (chunks of several points).  Returns the leaves counted;
-    fails on a deadlock (nothing can move while work is left)."""
+    known to be cheap, so they go out in equal shares (chunks of several points).  Returns the leaves counted and
+    the deepest stack of chunks a rank had; fails on a deadlock (nothing can move while work is left)."""
     rng = random.Random(seed)
     sched = Scheduler(range(1, ranks + 1), prefetch=prefetch, straggler_factor=None)
     maps = {0: dict(level=depth, size=tops, done=0, leaves=0, priority=0)}
@@ -474,6 +474,7 @@ def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, pref
     queues = {r: [] for r in sched.ranks}
     stacks = {r: [] for r in sched.ranks}  # frames: dict(chunk, point, waits: the map its point waits for)
     ids = iter(range(1, 10**6))
+    deepest = 0
 
     def start_point(rank, frame):
         """Run the frame's points until one opens a nested map, or the chunk returns."""
@@ -517,13 +518,14 @@ def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, pref
                 chunk = max(queue, key=lambda c: c.map_id) if stack else queue[0]
                 queue.remove(chunk)
                 stack.append(dict(chunk=chunk, point=chunk.start, waits=None, leaves=0))
+                deepest = max(deepest, len(stack))
                 start_point(rank, stack[-1])
             else:
                 continue
             moved = True
         if not moved and not any(queues.values()) and not any(can_go_on(s) for s in stacks.values()):
             pytest.fail(f"deadlock: (rank, stack depth, chunks held) {[(r, len(stacks[r]), sched.ranks[r].held) for r in sched.ranks]}")
-    return maps[0]["leaves"]
+    return maps[0]["leaves"], deepest
 
 
 @pytest.mark.parametrize("ranks, depth, width, tops", [(2, 3, 3, 4), (3, 3, 3, 5), (2, 2, 3, 6), (2, 4, 2, 3),
@@ -534,7 +536,17 @@ def test_nested_maps_never_deadlock_when_a_finished_task_sits_under_a_waiting_on
     such chunks per rank left no rank with room for the inner work of the tasks on top (2 to 8 of these
     300 runs per shape deadlocked that way)."""
     for seed in range(300):
-        assert simulate_tree(ranks, depth, width, tops, seed) == tops * width ** depth
+        assert simulate_tree(ranks, depth, width, tops, seed)[0] == tops * width ** depth
+
+
+@pytest.mark.parametrize("ranks, depth, width, tops", [(2, 1, 3, 30), (3, 1, 2, 30), (2, 2, 3, 20), (3, 3, 2, 10)])
+def test_a_waiting_rank_does_not_pile_up_the_outer_maps_tasks(ranks, depth, width, tops):
+    """Found by review: with parked chunks out of the prefetch count, a rank whose task waited got more outer tasks,
+    started each on top of its stack, and each waited too: 56 of 60 outer tasks on one rank, RecursionError at 100.
+    A rank whose tasks wait gets inner work only: its stack stays within a few chunks per level of nesting, however
+    many outer tasks there are (without that rule: 8 chunks deep at 30 outer tasks, 13 at 150)."""
+    deepest = [max(simulate_tree(ranks, depth, width, n, seed)[1] for seed in range(30)) for n in (tops, 5 * tops)]
+    assert deepest[0] <= 6 * depth and deepest[1] <= deepest[0] + 3, deepest
 
 
 # -- k-rank tasks (groups) ----------------------------------------------------------

@@ -202,7 +202,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if r.lost or r.held >= self.sched.prefetch:
                 continue
             for state in self.sched.maps.values():
-                if self.sched.paused and not state.nested:
+                if (self.sched.paused or r.parked) and not state.nested:  # a waiting rank takes nested maps only
                     continue
                 takeable = state.cursor < state.size or any(
                     avoid is None or r.rank not in avoid for _, _, avoid in state.requeued)
