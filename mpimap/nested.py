@@ -334,13 +334,12 @@ class MasterNesting:
                 self.master._cancel(handle)
 
     def ended(self, map_id: int) -> None:
-        """A map has ended: maps nested under it are cancelled.
-
-        Its task's chunk stays parked until it comes back: the task may sit under
-        another waiting task on its rank's stack, unable to return, and a slot it
-        took again could leave no rank with room for the inner work (a deadlock).
-        """
-        self.maps.pop(map_id, None)
+        """A map has ended: if nested, its task runs again once it has no other open (the scheduler counts it if it
+        is on top of its rank's stack); maps nested under it are cancelled."""
+        handle = self.maps.pop(map_id, None)
+        if handle is not None and not any(h.rank == handle.rank and h.parent_chunk == handle.parent_chunk
+                                          for h in self.maps.values()):
+            self.master.scheduler.resume(handle.rank, handle.parent_chunk)
         self._cancel_where(lambda h: h.parent_map == map_id)
 
     def chunk_done(self, rank: int, chunk_id: int) -> None:

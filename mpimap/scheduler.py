@@ -87,12 +87,16 @@ class RankState:
     busy_seconds: float = 0.0
     last_result: float = 0.0  # when its last chunk came back
     lost: bool = False  # out of service: silent (lost) or retired for failing
-    parked: set = field(default_factory=set)  # chunk_ids in flight whose task has opened nested maps
+    # chunk_id -> whether its task waits now, for the chunks in flight whose task has opened nested maps, in the
+    # order they first did: the order of the rank's stack (a task starts only while those below it wait)
+    parked: dict = field(default_factory=dict)
 
     @property
     def held(self) -> int:
-        """Chunks that take a prefetch slot: those in flight, less the parked ones (their task waits and serves)."""
-        return len(self.in_flight) - len(self.parked)
+        """Chunks that take a prefetch slot: those in flight, less the parked ones (their task waits and serves,
+        or sits under a task that does), but the top of the stack if its nested maps have ended (it runs)."""
+        held = len(self.in_flight) - len(self.parked)
+        return held + 1 if self.parked and not self.parked[next(reversed(self.parked))] else held
 
 
 class Scheduler:
@@ -174,7 +178,7 @@ class Scheduler:
             stale = [cid for cid, c in rank.in_flight.items() if c.map_id == map_id and c.group is None]
             for cid in stale:
                 del rank.in_flight[cid]
-                rank.parked.discard(cid)
+                rank.parked.pop(cid, None)
                 self._sent.pop(cid, None)
                 self._twins.pop(cid, None)
             if stale:
@@ -206,11 +210,11 @@ class Scheduler:
             if reserved and not self.ranks[rank].parked:
                 passed.append(rank)
                 continue
-            # A rank whose tasks wait for nested maps (parked chunks) takes chunks of nested maps only: they let
-            # its tasks end, and it can always run them itself.  Were it given other work, it would start that
-            # on top of its waiting tasks, and every new task would wait too: a rank could pile up a map's
-            # tasks (and Python frames) without bound while the others idle.  A reserved rank likewise: it
-            # becomes idle for the k-rank map.
+            # A rank with tasks that wait for nested maps (parked chunks) takes chunks of nested maps only: they let
+            # its tasks end, and it can always run them itself.  Were it given other work, it would start that on
+            # top of a waiting task, and every new task would wait too: a rank could pile up a map's tasks (and
+            # Python frames) without bound while the others idle.  A reserved rank likewise: it becomes idle for
+            # the k-rank map.
             chunk = self._next_chunk(rank, nested_only=self.paused or reserved or bool(self.ranks[rank].parked))
             if chunk is None:
                 passed.append(rank)
@@ -369,7 +373,7 @@ class Scheduler:
         rstate = self.ranks[rank]
         rstate.last_heard = rstate.last_result = now
         chunk = rstate.in_flight.pop(chunk_id, None)
-        rstate.parked.discard(chunk_id)
+        rstate.parked.pop(chunk_id, None)
         self._sent.pop(chunk_id, None)
         if chunk is None:
             return None
@@ -379,7 +383,7 @@ class Scheduler:
             twin_id, twin_rank = twin
             self._twins.pop(twin_id, None)
             self._sent.pop(twin_id, None)
-            self.ranks[twin_rank].parked.discard(twin_id)
+            self.ranks[twin_rank].parked.pop(twin_id, None)
             if self.ranks[twin_rank].in_flight.pop(twin_id, None) is not None:
                 self._push_room(twin_rank)
                 if chunk.map_id in self.maps:
@@ -416,13 +420,21 @@ class Scheduler:
 
     def park(self, rank: int, chunk_id: int) -> None:
         """The task of a chunk in flight waits for nested maps: the rank evaluates other chunks meanwhile (inner
-        ones first), so the chunk gives back its prefetch slot until it comes back.  Even when every task
-        waits, or sits under a waiting one on its rank's stack, every rank has room: no depth of nesting
+        ones first), so the chunk gives back its prefetch slot (see :attr:`RankState.held`).  Even when every
+        task waits, or sits under a waiting one on its rank's stack, every rank has room: no depth of nesting
         deadlocks."""
         rstate = self.ranks[rank]
-        if chunk_id in rstate.in_flight and chunk_id not in rstate.parked:
-            rstate.parked.add(chunk_id)
+        if chunk_id in rstate.in_flight and not rstate.parked.get(chunk_id):
+            rstate.parked[chunk_id] = True  # a chunk parked before keeps its place in the stack
             self._push_room(rank)
+
+    def resume(self, rank: int, chunk_id: int) -> None:
+        """The nested maps a parked chunk's task waited for have ended: on top of the rank's stack it runs again
+        and takes a slot; under another task it waits for that one to return, and takes none."""
+        rstate = self.ranks[rank]
+        if rstate.parked.get(chunk_id):
+            rstate.parked[chunk_id] = False
+            self._push_room(rank)  # its room entry now stands at the new count, if it still has room
 
     def heard(self, rank: int, now: float) -> None:
         self.ranks[rank].last_heard = now

@@ -487,7 +487,7 @@ def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, pref
                 continue
             frame["waits"] = sub = next(ids)
             maps[sub] = dict(level=level - 1, size=width, done=0, leaves=0,
-                             priority=maps[chunk.map_id]["priority"] + 1)
+                             priority=maps[chunk.map_id]["priority"] + 1, parent=(rank, chunk.chunk_id))
             sched.add_map(sub, width, priority=maps[sub]["priority"], nested=True, cost=1e-3)
             sched.park(rank, chunk.chunk_id)
             return
@@ -498,6 +498,8 @@ def simulate_tree(ranks: int, depth: int, width: int, tops: int, seed: int, pref
         state["leaves"] += frame["leaves"]
         if state["done"] == state["size"]:
             sched.remove_map(chunk.map_id)
+            if "parent" in state:  # the master: its task runs again
+                sched.resume(*state["parent"])
 
     def can_go_on(stack):
         return stack and maps[stack[-1]["waits"]]["done"] == maps[stack[-1]["waits"]]["size"]

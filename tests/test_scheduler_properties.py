@@ -112,6 +112,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.park(self.sent[chunk_id][0], chunk_id)
         self.just_assigned = False
 
+    @precondition(lambda self: any(waits for r in self.sched.ranks.values() for waits in r.parked.values()))
+    @rule(data=st.data())
+    def resume(self, data):
+        """A task's nested maps have ended: its chunk runs again (takes a slot if on top of its rank's stack)."""
+        rank, chunk_id = data.draw(st.sampled_from(sorted((r.rank, c) for r in self.sched.ranks.values()
+                                                          for c, waits in r.parked.items() if waits)))
+        self.sched.resume(rank, chunk_id)
+        self.just_assigned = False
+
     @precondition(lambda self: self.open)
     @rule(data=st.data())
     def cancel(self, data):
@@ -185,7 +194,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def parked_chunks_are_in_flight(self):
         for r in self.sched.ranks.values():
-            assert r.parked <= set(r.in_flight), f"rank {r.rank} parks chunks it does not hold"
+            assert set(r.parked) <= set(r.in_flight), f"rank {r.rank} parks chunks it does not hold"
 
     @invariant()
     def no_point_avoids_every_live_rank(self):
