@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pickle
+import signal
 import traceback
 from dataclasses import dataclass
+
+
+def signal_name(number: int) -> str:
+    """``SIGSEGV`` for 11; the number itself for a signal without a name (a real-time one)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 class RemoteTraceback(Exception):

@@ -28,7 +28,7 @@ from multiprocessing.connection import Pipe
 import numpy as np
 
 from . import seeds
-from .failures import Failure, unpicklable_values
+from .failures import Failure, signal_name, unpicklable_values
 from .native_models import NativeFunction, arrays
 from .orphans import die_with_parent
 from .pointlogs import PointLogs, capture_level, captured
@@ -579,5 +579,5 @@ def _describe_exit(status) -> str:
         return "the evaluation process died"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"the evaluation process was killed by signal {sig} ({signal.Signals(sig).name})"
+        return f"the evaluation process was killed by signal {sig} ({signal_name(sig)})"
     return f"the evaluation process exited with status {os.WEXITSTATUS(status)}"

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .failures import Failure
+from .failures import Failure, signal_name
 
 # -- the extension -----------------------------------------------------------------------------------------------
 OFF_ENV = "MPIMAP_NO_EXTENSION"
@@ -315,14 +315,15 @@ def _probe(library: str) -> None:
         finally:
             os._exit(0)
     os.close(write)
+    said = None
     try:
-        ready = select.select([read], [], [], PROBE_SECONDS)[0]
-        said = os.read(read, 1) if ready else None
-    finally:
+        if select.select([read], [], [], PROBE_SECONDS)[0]:
+            said = os.read(read, 1)
+    finally:  # also when Ctrl-C ends the wait: no child is left behind
         os.close(read)
-    if said is None:
-        os.kill(pid, signal.SIGKILL)
-    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if said is None:
+            os.kill(pid, signal.SIGKILL)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if said is None:
         raise ValueError(f"native library {library} did not finish loading in {PROBE_SECONDS} s: its initialisation "
                          "(a constructor, or a library it needs) hangs; load it outside mpimap to see why")
@@ -335,12 +336,7 @@ def _probe(library: str) -> None:
 
 def _how_it_ended(status: int) -> str:
     """``exit status N`` or ``signal NAME`` of a child's exit code (negative: the signal that ended it)."""
-    if status >= 0:
-        return f"exit status {status}"
-    try:
-        return f"signal {signal.Signals(-status).name}"
-    except ValueError:  # a real-time signal has no name
-        return f"signal {-status}"
+    return f"exit status {status}" if status >= 0 else f"signal {signal_name(-status)}"
 
 
 def _symbol_address(library: str, symbol: str) -> int:

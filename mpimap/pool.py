@@ -23,7 +23,7 @@ from .master import DEFAULT_HOST_FAILURES, DEFAULT_RANK_TIMEOUT, InlineMaster, M
 from .pointlogs import PointLogs
 from .protocol import MapFunction
 from .seeds import check_keys, check_seed
-from .worker import serve
+from .worker import is_period, serve
 
 try:  # optional: sends lambdas, closures and functions of __main__ by value
     import cloudpickle
@@ -65,7 +65,7 @@ class Pool(Executor):
                  verify: float = 0.0,
                  keep_logs=None, slow_seconds: float = 1.0, debug_rerun: bool = False, seed: int | None = None,
                  initializer=None, initargs=()):
-        if heartbeat is not None and not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
+        if heartbeat is not None and not is_period(heartbeat):
             raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
         self._seed = None if seed is None else check_seed(seed)
         self._calls = itertools.count()  # submit() calls so far: a call's number is its stream index
@@ -425,12 +425,9 @@ def _pickle_function(fn, star: bool, pack: bool, isolation: Isolation, logs: Poi
     in ``python -m mpimap SCRIPT``), travel by value with cloudpickle when it is installed.
     """
     settings = MapFunction(fn, star, pack, isolation, logs, seed=seed, init=init)
-    error = "the workers import the script as a module, where its main block does not run"
-    for pickler in _picklers(fn, None if init is None else init.fn):
-        try:
-            return pickler.dumps(settings, protocol=5)
-        except Exception as exc:
-            error = exc
+    blob, error = _dumps(settings, fn, None if init is None else init.fn)
+    if blob is not None:
+        return blob
     name = getattr(_unwrap(fn), "__qualname__", repr(fn))
     fix = "define it at the top level of a module (or of the script) the workers can import"
     if cloudpickle is None:
@@ -443,25 +440,31 @@ def _check_sendable(init) -> None:
     is made, not by every map failing to send its function.  Large buffers are not copied to find out."""
     if init is None:
         return
-    error = "the workers import the script as a module, where its main block does not run"
-    for pickler in _picklers(init.fn):
-        try:
-            pickler.dumps(init, protocol=5, buffer_callback=lambda buffer: None)
-            return
-        except Exception as exc:
-            error = exc
+    blob, error = _dumps(init, init.fn, buffer_callback=lambda buffer: None)
+    if blob is not None:
+        return
     name = getattr(_unwrap(init.fn), "__qualname__", repr(init.fn))
     raise TypeError(f"cannot send the pool's initializer {name} and its initargs to the workers ({error}): define "
                     "the initializer at the top level of a module the workers can import, pass initargs that pickle "
                     "(plain data, numpy arrays), and build what cannot inside the initializer")
 
 
-def _picklers(*functions) -> list:
-    """What can send these functions (None: absent) to the workers: by reference with pickle, else by value with
-    cloudpickle if installed; by value only for a function of the script's main block (the workers lack it)."""
+def _dumps(obj, *functions, **options) -> tuple[bytes | None, object]:
+    """``obj`` pickled as the workers can load the ``functions`` in it (None: absent), and None; or None and why not.
+
+    By reference with pickle, else by value with cloudpickle if installed; by
+    value only for a function of the script's main block (the workers lack it).
+    """
+    picklers = [pickle, cloudpickle]
     if any(fn is not None and _guarded(fn) for fn in functions):
-        return [cloudpickle] if cloudpickle is not None else []
-    return [pickle, cloudpickle] if cloudpickle is not None else [pickle]
+        picklers = [cloudpickle]
+    error = "the workers import the script as a module, where its main block does not run"
+    for pickler in filter(None, picklers):
+        try:
+            return pickler.dumps(obj, protocol=5, **options), None
+        except Exception as exc:
+            error = exc
+    return None, error
 
 
 def _unwrap(fn):

@@ -308,6 +308,11 @@ def serve(comm, heartbeat: float | None = None) -> int:
     return _Worker(comm, heartbeat).serve()
 
 
+def is_period(value) -> bool:
+    """Whether ``value`` is a heartbeat period: a positive finite number of seconds."""
+    return isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
 def heartbeat_from_environment(warn: bool) -> float:
     """``MPIMAP_HEARTBEAT`` in seconds; the default, with one warning line (``warn``: from one rank only), if it is
     not a positive number: a period of 0 would flood the master with heartbeats and starve the job."""
@@ -318,7 +323,7 @@ def heartbeat_from_environment(warn: bool) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if 0 < value < float("inf"):
+    if is_period(value):
         return value
     if warn:
         print(f"mpimap: MPIMAP_HEARTBEAT={text!r} is not a positive number of seconds: using {DEFAULT_HEARTBEAT} s",

@@ -9,6 +9,7 @@ import pytest
 
 import mpimap
 from jobfuncs import fail_on_multiples_of_7, square
+from mpimap.failures import PointCrashed
 
 
 def slow_identity(x):
@@ -112,3 +113,22 @@ def test_a_map_iterator_closed_or_dropped_before_its_first_item_cancels_the_map(
         assert list(pool.map(square, [3], timeout=30)) == [9]  # the pool serves on at once
         time.sleep(0.5)
         assert len(_EVALUATED) < 100  # 200 points of 20 ms: only what was in flight ran
+
+
+def killed_by_a_real_time_signal(x):
+    import os
+    import signal
+
+    if x == 1:
+        os.kill(os.getpid(), signal.SIGRTMIN + 2)
+    return x
+
+
+def test_a_point_killed_by_a_signal_without_a_name_is_recorded_as_crashed():
+    """Found reading the change: naming the signal raised ValueError for a real-time one, and the pool died."""
+    with mpimap.Pool(isolation="process") as pool:
+        values = list(pool.map(killed_by_a_real_time_signal, range(3), on_error="record"))
+    number = __import__("signal").SIGRTMIN + 2
+    assert values[0] == 0 and values[2] == 2
+    assert isinstance(values[1], PointCrashed)
+    assert f"killed by signal {number} ({number})" in str(values[1])
