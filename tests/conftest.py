@@ -105,13 +105,18 @@ def mpiexec(ranks: int, *args: str, cwd=None, timeout: float = 120, env=None, ch
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, *args]
     env = {**(env or job_env()), **launcher_env()}
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if _launcher_failed(proc):
-        # Open MPI's launcher has been seen (once, on a loaded CI machine) to end a job at once with exit 213
-        # and nothing but its own report: no rank said anything.  That is not what the test checks: try once
-        # more, and keep the first report for the failure message.
-        first = proc.stderr
+    earlier = ""
+    for _ in range(LAUNCH_ATTEMPTS - 1):
+        if not _launcher_failed(proc):
+            break
+        # Open MPI's launcher has been seen (on a loaded CI machine, in bursts) to end a job at once with exit 213
+        # and nothing but its own report: no rank said anything.  That is not what the test checks: try again
+        # after a pause, and keep the earlier reports for the failure message.
+        earlier += proc.stderr
+        time.sleep(LAUNCH_PAUSE)
         proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-        proc.stderr = first + proc.stderr if proc.returncode else proc.stderr
+    if proc.returncode:
+        proc.stderr = earlier + proc.stderr
     report, proc.stderr = proc.stderr, without_launcher_report(proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
@@ -123,27 +128,33 @@ def launch(ranks: int, *args: str, env=None, **popen) -> subprocess.Popen:
     """Start ``mpiexec -n ranks python ARGS`` in the background (``popen``: Popen's keywords) and return it.
 
     Open MPI's launcher has been seen, on a loaded machine, to end a job at once with exit 213 before any
-    rank ran (about one launch in a few hundred).  That is not what any test checks: under Open MPI a
-    launch that ends so within its first seconds is started once more (what it printed goes to stderr).
+    rank ran (about one launch in a few hundred, in bursts).  That is not what any test checks: under Open MPI
+    a launch that ends so within its first seconds is started again, up to LAUNCH_ATTEMPTS times in all
+    (what it printed goes to stderr).
     """
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, *args]
     env = {**(env or job_env()), **launcher_env()}
     proc = subprocess.Popen(command, env=env, **popen)
-    if not open_mpi():
-        return proc
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        return proc
-    if proc.returncode != OPEN_MPI_LAUNCH_FAILED:
-        return proc
-    out, err = proc.communicate()
-    print(f"Open MPI's launcher failed a job at once (exit {proc.returncode}); starting it again.\n"
-          f"stdout: {out!r}\nstderr: {err!r}", file=sys.stderr)
-    return subprocess.Popen(command, env=env, **popen)
+    for _ in range(LAUNCH_ATTEMPTS - 1):
+        if not open_mpi():
+            return proc
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            return proc
+        if proc.returncode != OPEN_MPI_LAUNCH_FAILED:
+            return proc
+        out, err = proc.communicate()
+        print(f"Open MPI's launcher failed a job at once (exit {proc.returncode}); starting it again.\n"
+              f"stdout: {out!r}\nstderr: {err!r}", file=sys.stderr)
+        time.sleep(LAUNCH_PAUSE)
+        proc = subprocess.Popen(command, env=env, **popen)
+    return proc
 
 
 OPEN_MPI_LAUNCH_FAILED = 213
+LAUNCH_ATTEMPTS = 3  # those failures come in bursts: a pause, then another try
+LAUNCH_PAUSE = 2.0  # seconds
 
 
 def _launcher_failed(proc) -> bool:
