@@ -14,9 +14,9 @@ from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 
+from .protocol import SCALARS
 
 ON_ERROR = ("raise", "record")
-_SCALARS = frozenset((int, float, complex, bool, str, bytes, type(None)))  # immutable, small, not weak-referable
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ class MapHandle:
                         raise self.error or CancelledError("the map was cancelled")
                 values, failures = self._values, self._failures
                 if (not failures or not any(j in failures for j in range(i, end))) and \
-                        _SCALARS.issuperset(map(type, values[i:end])):
+                        SCALARS.issuperset(map(type, values[i:end])):
                     # Values whose lifetime nobody can observe (not weak-referable): yield them at C speed.
                     run = values[i:end]
                     values[i:end] = itertools.repeat(None, end - i)

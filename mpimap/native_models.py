@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import os
 import pickle
 import select
@@ -31,7 +32,9 @@ def _load_extension():
     try:
         from . import _native
     except ImportError as exc:
-        return None, f"not built (no C compiler when mpimap was installed?): pure Python ({exc})"
+        if importlib.util.find_spec(f"{__package__}._native") is None:  # Python's message would say "circular import"
+            return None, "not built (no C compiler when mpimap was installed?): pure Python"
+        return None, f"built but does not load ({exc}): pure Python"
     return _native, f"in use ({_native.__file__})"
 
 

@@ -460,3 +460,49 @@ if __name__ == "__main__":
 ''', ranks=2, timeout=240, full=True)
     assert "SERVING True" in proc.stdout
     assert "master failed" not in proc.stderr
+
+
+def test_signal_handlers_between_the_points_of_a_map_are_the_users_own(run_script):
+    """Signals are held only inside the loop's turns: Ctrl-C in the caller's code between two points of a map is
+    raised there at once, a handler the caller sets mid-iteration is kept, one it saves and puts back works, and
+    the old ones are back at the end."""
+    proc = run_script('''
+import os, signal, time
+import mpimap
+from jobfuncs import square
+if __name__ == "__main__":
+    original = signal.getsignal(signal.SIGINT)
+    seen = []
+    def mine(signum, frame):
+        seen.append(signum)
+    with mpimap.Pool() as pool:
+        values = pool.map(square, range(2000), chunksize=1)
+        first = [next(values) for _ in range(10)]
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(20)
+            print("NOT RAISED", flush=True)
+        except KeyboardInterrupt:
+            print("RAISED AT ONCE", flush=True)
+        signal.signal(signal.SIGUSR1, mine)
+        rest = []
+        for value in values:
+            if len(rest) == 100:  # the caller's own code sets a handler, saving the one it replaces
+                saved = signal.signal(signal.SIGINT, mine)
+            rest.append(value)
+        signal.signal(signal.SIGINT, saved)  # and puts that back once the map is done
+        print("RESULTS", first + rest == [square(i) for i in range(2000)], flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        print("RESTORED", signal.getsignal(signal.SIGINT) is original, signal.getsignal(signal.SIGUSR1) is mine,
+              seen == [signal.SIGUSR1], flush=True)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(20)
+        except KeyboardInterrupt:
+            print("CTRL-C AFTER", flush=True)
+''', ranks=2, timeout=120, full=True)
+    assert "RAISED AT ONCE" in proc.stdout, proc.stdout + proc.stderr
+    assert "RESULTS True" in proc.stdout, proc.stdout + proc.stderr
+    assert "RESTORED True True True" in proc.stdout, proc.stdout + proc.stderr
+    assert "CTRL-C AFTER" in proc.stdout, proc.stdout + proc.stderr

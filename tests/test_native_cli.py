@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import job_env, kill_job, launch, mpimap_cli, wait_rows_done
+import mpimap
 from mpimap.errors import MpimapError
 from mpimap.store import read_results
 
@@ -367,4 +369,16 @@ def test_info_says_when_the_extension_is_not_built(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=job_env(),
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1].startswith("C extension: not built (")
+    assert proc.stdout.splitlines()[-1] == "C extension: not built (no C compiler when mpimap was installed?): pure Python"
+
+
+def test_info_says_when_the_extension_is_built_but_does_not_load(tmp_path):
+    """An extension that is there but fails to import (built for another Python or MPI) is named with its error."""
+    package = tmp_path / "mpimap"
+    shutil.copytree(os.path.dirname(mpimap.__file__), package, ignore=shutil.ignore_patterns("_native*", "__pycache__"))
+    (package / "_native.py").write_text("raise ImportError('undefined symbol: PyFoo')\n")
+    code = "from mpimap import native_models as n; print(n.describe())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**job_env(), "PYTHONPATH": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "C extension: built but does not load (undefined symbol: PyFoo): pure Python"

@@ -221,6 +221,37 @@ def test_instances_of_a_script_class_travel_both_ways_in_script_mode(run_script)
     assert result_of(run_script(SCRIPT_CLASSES, ranks=2, timeout=150)) == [True, [0, 10, 20, 30], [6, 7]]
 
 
+def _refuse_to_load():
+    raise ValueError("cannot be loaded here")
+
+
+class _Unloadable(int):
+    """An int subclass (not a built-in scalar) that pickles but fails to unpickle."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+@pytest.mark.parametrize("size", [1, 8, 9])
+def test_short_chunks_of_plain_values_travel_whole_and_one_unloadable_point_still_fails_only_its_chunk(size):
+    """Short lists of built-in scalars skip the pickle of their own; anything else in them still travels apart."""
+    import numpy as np
+    from mpimap.protocol import Result, Task, UnloadableArgs, decode, encode
+
+    plain = [1, 2.5, "s", None, True, b"x", 3j, 10 ** 40, -0.0][:size] + [7] * max(0, size - 9)
+    task = decode(*encode(Task(1, 2, None, plain)))
+    assert task.args == plain and [type(a) for a in task.args] == [type(a) for a in plain]
+    durations = np.arange(size, dtype=float) / 7
+    result = decode(*encode(Result(1, plain, {}, durations, 0.5, {})))
+    assert result.values == plain and result.durations.dtype == np.float64 and (result.durations == durations).all()
+
+    mixed = plain[:-1] + [_Unloadable(3)]
+    task = decode(*encode(Task(1, 2, None, mixed)))
+    assert isinstance(task.args, UnloadableArgs) and len(task.args) == size
+    result = decode(*encode(Result(1, mixed, {}, durations, 0.5, {})))
+    assert result.values == [None] * size and set(result.failures) == set(range(size))
+
+
 def test_arguments_that_fail_to_unpickle_on_the_worker_fail_their_points_only(run_script):
     stdout = run_script('''
 import json, mpimap
