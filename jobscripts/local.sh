@@ -12,6 +12,18 @@ cd {{workdir}} || exit 2
 export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_policy-:oversubscribe}"
 [ "$(id -u)" -ne 0 ] || export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
+# Open MPI's mpiexec names its session directory after its pid and leaves it behind when killed; a later mpiexec
+# that gets the same pid (this shell's: exec keeps it) ends at once, "The PMIx server's listener thread failed
+# to start".  Remove this user's session directories whose mpiexec is gone.
+stale=()
+for dir in "${PRTE_MCA_prte_tmpdir_base:-${TMPDIR:-/tmp}}"/ompi.*; do
+    pid="${dir##*/ompi.}"
+    if [[ -O "$dir" && "$pid" =~ ^[0-9]+$ ]] && { [ "$pid" -eq $$ ] || ! kill -0 "$pid" 2>/dev/null; }; then
+        stale+=("$dir")
+    fi
+done
+[ ${#stale[@]} -eq 0 ] || rm -rf -- "${stale[@]}"
+
 # The chain step (submit --resubmit/--until-done): records this allocation and queues its continuation; exit
 # status 10 means the job is over already (done, failed or cancelled): end here, running nothing.
 {{python}} -m mpimap.jobs.chain {{job_dir}} || [ $? -ne 10 ] || exit 0

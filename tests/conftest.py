@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -52,17 +55,30 @@ def open_mpi() -> bool:
 
 
 def launcher_env() -> dict:
-    """What Open MPI's mpiexec needs here: permission to run as root, and more ranks than cores.
+    """What Open MPI's mpiexec needs here: permission to run as root, more ranks than cores, and a
+    directory of its own for its session directories.
 
-    Set as environment variables (the same as ``--allow-run-as-root --oversubscribe``), so that
-    every way a test starts mpiexec gets them.
+    Set as environment variables (the same as ``--allow-run-as-root --oversubscribe``), so that every way a
+    test starts mpiexec gets them.  Open MPI names a session directory after mpiexec's pid and leaves it behind
+    when the job is killed, as many tests do; a later mpiexec that gets the same pid (pids wrap at 32768 here)
+    then ends at once with exit 213 ("The PMIx server's listener thread failed to start").  A new directory per
+    call keeps every job clear of what killed jobs left.
     """
     if not open_mpi():
         return {}
-    env = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
+    env = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+           "PRTE_MCA_prte_tmpdir_base": tempfile.mkdtemp(prefix="ompi-", dir=_session_dirs())}
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
+
+
+@functools.lru_cache(maxsize=None)
+def _session_dirs() -> str:
+    """One directory for this test run's Open MPI session directories, removed when the run ends."""
+    path = tempfile.mkdtemp(prefix="mpimap-tests-ompi-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 # What Open MPI's launcher adds to stderr when a rank exits with a non-zero status (mpimap's own
@@ -109,9 +125,9 @@ def mpiexec(ranks: int, *args: str, cwd=None, timeout: float = 120, env=None, ch
     for _ in range(LAUNCH_ATTEMPTS - 1):
         if not _launcher_failed(proc):
             break
-        # Open MPI's launcher has been seen (on a loaded CI machine, in bursts) to end a job at once with exit 213
-        # and nothing but its own report: no rank said anything.  That is not what the test checks: try again
-        # after a pause, and keep the earlier reports for the failure message.
+        # Exit 213 with nothing but the launcher's own report: Open MPI's launcher failed before any rank ran
+        # (the known cause, a session directory left by a killed job, is kept away by launcher_env).  That is
+        # not what the test checks: try again after a pause, and keep the earlier reports for the failure message.
         earlier += proc.stderr
         time.sleep(LAUNCH_PAUSE)
         proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -127,17 +143,16 @@ def mpiexec(ranks: int, *args: str, cwd=None, timeout: float = 120, env=None, ch
 def launch(ranks: int, *args: str, env=None, **popen) -> subprocess.Popen:
     """Start ``mpiexec -n ranks python ARGS`` in the background (``popen``: Popen's keywords) and return it.
 
-    Open MPI's launcher has been seen, on a loaded machine, to end a job at once with exit 213 before any
-    rank ran (about one launch in a few hundred, in bursts).  That is not what any test checks: under Open MPI
-    a launch that ends so within its first seconds is started again, up to LAUNCH_ATTEMPTS times in all
-    (what it printed goes to stderr).
+    Under Open MPI a launch that ends within its first seconds with exit 213, the launcher's failure before any
+    rank ran (the known cause is kept away by launcher_env), is started again, up to LAUNCH_ATTEMPTS times in
+    all (what it printed goes to stderr): that is not what any test checks.
     """
     command = [find_mpiexec(), "-n", str(ranks), sys.executable, *args]
     env = {**(env or job_env()), **launcher_env()}
     proc = subprocess.Popen(command, env=env, **popen)
+    if not open_mpi():
+        return proc
     for _ in range(LAUNCH_ATTEMPTS - 1):
-        if not open_mpi():
-            return proc
         try:
             proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
@@ -153,7 +168,7 @@ def launch(ranks: int, *args: str, env=None, **popen) -> subprocess.Popen:
 
 
 OPEN_MPI_LAUNCH_FAILED = 213
-LAUNCH_ATTEMPTS = 3  # those failures come in bursts: a pause, then another try
+LAUNCH_ATTEMPTS = 3
 LAUNCH_PAUSE = 2.0  # seconds
 
 

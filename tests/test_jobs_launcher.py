@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,3 +139,41 @@ def test_a_local_job_runs_more_ranks_than_cores_without_launcher_settings(tmp_pa
     job = Job(str(tmp_path / "mpimap-jobs" / "plain"))
     assert proc.returncode == 0, open(job.dir.log).read()
     assert job.state() == "done" and job.status().done == 10
+
+
+def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_directories(tmp_path):
+    """Open MPI's mpiexec names its session directory after its pid and leaves it behind when killed; a later
+    mpiexec that gets the same pid ended at once (exit 213, "The PMIx server's listener thread failed to start").
+    With such directories left for every pid the job can get, a local job still runs to done: its script removes
+    this user's directories whose mpiexec is gone, and keeps the one of a live process."""
+    np.save(tmp_path / "p.npy", np.arange(10.0))
+    base = tmp_path / "mpi-tmp"
+    base.mkdir()
+    host = socket.gethostname().split(".")[0]
+
+    def leave(pid):  # what a killed mpiexec leaves; the tool file is what stops a later one with its pid
+        (base / f"ompi.{pid}").mkdir()
+        (base / f"ompi.{pid}" / f"pmix.{host}.tool.{pid}").touch()
+
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        last = int(f.read())
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    live = set(processes())
+    left = [pid for pid in ((last + i) % pid_max for i in range(1, 3000)) if pid > 300 and pid not in live]
+    for pid in left:
+        leave(pid)
+    leave(os.getpid())  # alive: not the job's to remove
+    env = job_env(MPIMAP_HOME=tmp_path / "home", PRTE_MCA_prte_tmpdir_base=base)
+    proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", "jobfuncs:square", "--points", "p.npy",
+                           "--name", "after-kills", "--ranks", "2", "--scheduler", "local", "--wait"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    job = Job(str(tmp_path / "mpimap-jobs" / "after-kills"))
+    assert proc.returncode == 0, open(job.dir.log).read()
+    assert job.state() == "done" and job.status().done == 10
+    started = int(job.batch_id().rsplit(":", 1)[1])
+    assert started in left  # the job's mpiexec did get a pid with a directory left behind
+    kept = {int(p.name.split(".")[1]) for p in base.iterdir()}
+    assert os.getpid() in kept and started not in kept
+    # What `submit` started before the job's script was alive then; every later pid was free when the script ran.
+    assert not kept & set(left[left.index(started):])
