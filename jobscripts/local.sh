@@ -18,7 +18,8 @@ export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_p
 stale=()
 for dir in "${PRTE_MCA_prte_tmpdir_base:-${TMPDIR:-/tmp}}"/ompi.*; do
     pid="${dir##*/ompi.}"
-    if [[ -O "$dir" && "$pid" =~ ^[0-9]+$ ]] && { [ "$pid" -eq $$ ] || ! kill -0 "$pid" 2>/dev/null; }; then
+    if [[ -d "$dir" && ! -L "$dir" && -O "$dir" && "$pid" =~ ^[0-9]+$ ]] &&
+        { [ "$pid" -eq $$ ] || ! kill -0 "$pid" 2>/dev/null; }; then
         stale+=("$dir")
     fi
 done
