@@ -38,6 +38,8 @@ IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for he
 _DEFERRED_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGUSR1))
 SPIN = 5e-5  # seconds the master polls without yielding after a message while chunks are short
 SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
+MAX_NAP = 0.1  # seconds: the longest nap of a waiting master (commands from other threads wait that long)
+BUSY_NAP = 0.7  # of the time until a rank may run out of work (a lower bound): the master naps that long
 DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
 DRIVEN_WAIT = 0.05  # seconds between the master thread's looks while a caller drives
 RECEIVE_LIMIT = 64  # messages handled per pass of the loop before it dispatches again
@@ -236,7 +238,7 @@ class Master:
         try:
             # If another caller drives, the lock does not come: look at our results again.
             if self._locked_turn(1e-3) is False:
-                self._idle(IDLE_WAIT if timeout is None else max(timeout, 0.0))
+                self._idle(None if timeout is None else max(timeout, 0.0))
         finally:
             self._last_driven = time.monotonic()
             with self._drivers_lock:
@@ -357,8 +359,9 @@ class Master:
                 elif self._free_comm and self._detached:  # shutdown(wait=False): nobody is there to raise it to
                     log.error("%s", RanksLostError(self.lost))
 
-    def _idle(self, limit: float) -> None:
-        """Wait a little for the next message: spin while chunks are short (a result is due any moment), else nap.
+    def _idle(self, limit: float | None) -> None:
+        """Wait a little (at most ``limit`` seconds) for the next message: spin while chunks are short (a result
+        is due any moment), else nap, until shortly before a rank may run out of work if that is known.
         Before the first chunk comes back their length is unknown: nap."""
         waiter = self._waiter
         short = 0.0 < self._chunk_seconds < SHORT_CHUNK
@@ -367,7 +370,14 @@ class Master:
             waiter.window = waiter.hot_window
         # Silence counts from the last message or the last chunk sent, whichever is later: a caller's pause between
         # maps is no sign that the next map's chunks are long.
-        waiter.cap = min(self._sleep_cap(time.perf_counter() - max(waiter.last, self._last_sent)), limit)
+        nap = self._sleep_cap(time.perf_counter() - max(waiter.last, self._last_sent))
+        if self._chunk_seconds > 1e-3:  # shorter chunks would earn naps too short to pay for the scan of every rank
+            busy = self.scheduler.busy_until()
+            if busy is not None:  # every rank has work until then: look again a little before
+                nap = max(nap, min(MAX_NAP, (busy - time.monotonic()) * BUSY_NAP))
+        if self.rank_timeout:  # a longer absence would make the silence check take the master for away
+            nap = min(nap, AWAY_FRACTION * self.rank_timeout / 4)
+        waiter.cap = nap if limit is None else min(nap, limit)
         if waiter.cap > 1e-3:  # long chunks: nap the whole cap at once, not from 10 µs doubling (a turn costs CPU)
             waiter.sleep = waiter.cap
         waiter.idle()

@@ -52,6 +52,7 @@ class MapState:
     in_flight: int = 0  # chunks out on ranks
     done_points: int = 0
     cost: float | None = None  # seconds per point, moving average over completed chunks
+    fastest: float | None = None  # seconds per point of its fastest chunk so far
     share: int | None = None  # points per chunk of a map that is less than one chunk's worth of work (0: it is not)
     nested: bool = False  # opened by a task in flight: served during a pause too, so that task can finish
     ranks_per_task: int = 1  # k > 1: each point runs on k ranks at once (a group)
@@ -86,6 +87,7 @@ class RankState:
     points_done: int = 0
     busy_seconds: float = 0.0
     last_result: float = 0.0  # when its last chunk came back
+    done_until: float = float("-inf")  # its last chunk back ended no earlier than this (see busy_until)
     lost: bool = False  # out of service: silent (lost) or retired for failing
     # chunk_id -> whether its task waits now, for the chunks in flight whose task has opened nested maps, in the
     # order they first did: the order of the rank's stack (a task starts only while those below it wait)
@@ -279,6 +281,33 @@ class Scheduler:
                     best, best_age = chunk, age
         return best
 
+    def busy_until(self) -> float | None:
+        """A lower bound of when the first rank holding chunks may have finished them all (the clock of ``now``).
+
+        Until then every rank has work, so the master need not look for
+        results.  A rank's chunks run one after another, none before it was
+        sent or before the rank's last chunk back ended (itself no earlier than
+        its own start and evaluation time), each at least as long as its map's
+        fastest chunk per point.
+        None when that cannot be told: no chunk is out, or one is of a map not
+        measured yet, a k-rank task, or a task waiting for nested maps.
+        """
+        earliest = None
+        for rstate in self.ranks.values():
+            if rstate.lost or not rstate.in_flight:
+                continue
+            if rstate.parked:
+                return None
+            free = rstate.done_until
+            for chunk in rstate.in_flight.values():
+                state = self.maps.get(chunk.map_id)
+                sent = self._sent.get(chunk.chunk_id)
+                if chunk.group is not None or state is None or state.fastest is None or sent is None:
+                    return None
+                free = max(free, sent) + len(chunk) * state.fastest
+            earliest = free if earliest is None else min(earliest, free)
+        return earliest
+
     def _holder(self, chunk_id: int) -> int:
         return next(r.rank for r in self.ranks.values() if chunk_id in r.in_flight)
 
@@ -374,9 +403,10 @@ class Scheduler:
         rstate.last_heard = rstate.last_result = now
         chunk = rstate.in_flight.pop(chunk_id, None)
         rstate.parked.pop(chunk_id, None)
-        self._sent.pop(chunk_id, None)
+        sent = self._sent.pop(chunk_id, None)
         if chunk is None:
             return None
+        rstate.done_until = max(rstate.done_until, sent if sent is not None else now - seconds) + seconds
         self._push_room(rank)
         twin = self._twins.pop(chunk_id, None)
         if twin is not None:  # the first of two copies: the other one's result will be ignored
@@ -403,6 +433,7 @@ class Scheduler:
     def _measure(state: MapState, points: int, seconds: float) -> None:
         """Fold a chunk's time into its map's cost per point."""
         per_point = seconds / points
+        state.fastest = per_point if state.fastest is None else min(state.fastest, per_point)
         # Weight a measurement by its share of the map, so one tiny chunk cannot swing a big estimate.
         weight = 1.0 if state.cost is None else max(0.25, min(1.0, points / max(1, state.done_points)))
         state.cost = per_point if state.cost is None else (1 - weight) * state.cost + weight * per_point

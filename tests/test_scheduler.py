@@ -685,3 +685,77 @@ def test_a_reserved_rank_whose_tasks_wait_for_nested_maps_runs_those_maps_and_th
     sched.complete(r2, b.chunk_id, 1.0, now)
     handed = sched.assign(now)
     assert [(r, c.map_id, c.group) for r, c in handed] == [(1, 1, (1, 2)), (2, 1, (1, 2))]  # not starved
+
+
+def simulate_looks(workers: int, costs, *, lazy: bool, latency=50e-6):
+    """A map whose master sees results only when it looks, as the real one does after a nap: at once again after
+    a look that found results, else after max(a fifth of a chunk's time, 1 ms, at most 20 ms) or, if ``lazy``,
+    after at least 0.7 of the time until ``busy_until`` (at most 0.1 s).  Returns (makespan, looks, the worker
+    time lost waiting for work while the map had points not handed out)."""
+    sched = Scheduler(range(1, workers + 1))
+    sched.add_map(0, len(costs))
+    free_at = {r: 0.0 for r in range(1, workers + 1)}
+    arrivals = []  # (time the result reaches the master, rank, chunk, seconds)
+    starved = 0.0
+    now, looks, chunk_seconds = 0.0, 0, 0.0
+    while not sched.map_finished(0):
+        looks += 1
+        came = False
+        while arrivals and arrivals[0][0] <= now:
+            _, rank, chunk, seconds = heapq.heappop(arrivals)
+            assert sched.complete(rank, chunk.chunk_id, seconds, now) == chunk
+            chunk_seconds += (seconds - chunk_seconds) / 8
+            came = True
+        pending = sched.maps[0].unassigned > 0
+        for rank, chunk in sched.assign(now):
+            start = max(free_at[rank], now + latency)
+            if pending and free_at[rank] < now:
+                starved += now - free_at[rank]  # the rank ran dry before the master looked
+            seconds = sum(costs[chunk.start:chunk.stop])
+            free_at[rank] = start + seconds
+            heapq.heappush(arrivals, (free_at[rank] + latency, rank, chunk, seconds))
+        if came:
+            continue
+        nap = min(20e-3, max(1e-3, chunk_seconds / 5))
+        busy = sched.busy_until()
+        if lazy and busy is not None:
+            nap = max(nap, min(0.1, (busy - now) * 0.7))
+        now += nap
+    return now, looks, starved
+
+
+@pytest.mark.parametrize("kind", ["long", "skewed", "uniform", "falling"])
+def test_a_master_that_looks_only_before_a_rank_may_run_dry_loses_no_time_and_looks_less(kind):
+    """``busy_until`` lets the master nap until shortly before a rank may run out of queued work: no rank waits
+    for work, the map ends as soon, and the master wakes far less often on long points."""
+    rng = random.Random(3)
+    costs = {"long": [0.05] * 100,
+             "skewed": [0.05 if rng.random() < 0.01 else 0.001 for _ in range(2000)],
+             "uniform": [rng.uniform(0.5e-3, 1.5e-3) for _ in range(2000)],
+             "falling": [2e-3 * (1 - i / 2500) for i in range(2000)]}[kind]  # later points cheaper than any seen
+    eager, eager_looks, eager_starved = simulate_looks(2, costs, lazy=False)
+    lazy, lazy_looks, starved = simulate_looks(2, costs, lazy=True)
+    ideal = sum(costs) / 2
+    assert starved <= eager_starved + 1e-3 * ideal, (kind, starved, eager_starved)  # the first chunks: one point
+    assert lazy <= eager * 1.01, (kind, lazy, eager, ideal)
+    assert lazy_looks < eager_looks * (0.5 if kind == "long" else 0.8), (kind, lazy_looks, eager_looks)
+
+
+def test_busy_until_counts_from_sends_and_results_and_is_unknown_unmeasured_or_parked():
+    sched = Scheduler([1, 2])
+    sched.add_map(0, 10)
+    assert sched.busy_until() is None  # nothing out
+    out = sched.assign(1.0)
+    assert out and sched.busy_until() is None  # out, but of a map never measured
+    rank, chunk = out[0]
+    sched.complete(rank, chunk.chunk_id, 0.5 * len(chunk), 2.0)  # 0.5 s a point; it ran from 1.0 to 1.5 at the soonest
+    sched.assign(2.0)
+    expected = []
+    for r in sched.ranks.values():  # each chunk out starts once sent and once the one before it on its rank ended
+        free = 1.5 if r.rank == rank else float("-inf")
+        for c in r.in_flight.values():
+            free = max(free, sched._sent[c.chunk_id]) + 0.5 * len(c)
+        expected.append(free)
+    assert sched.busy_until() == min(expected)
+    sched.park(rank, next(iter(sched.ranks[rank].in_flight)))
+    assert sched.busy_until() is None
