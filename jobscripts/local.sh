@@ -14,9 +14,10 @@ export PRTE_MCA_rmaps_default_mapping_policy="${PRTE_MCA_rmaps_default_mapping_p
 
 # Open MPI's mpiexec names its session directory after its pid and leaves it behind when killed; a later mpiexec
 # that gets the same pid (this shell's: exec keeps it) ends at once, "The PMIx server's listener thread failed
-# to start".  Remove this user's session directories whose mpiexec is gone.
+# to start".  Remove this user's session directories whose mpiexec is gone, where Open MPI puts them.
 stale=()
-for dir in "${PRTE_MCA_prte_tmpdir_base:-${TMPDIR:-/tmp}}"/ompi.*; do
+base="${PRTE_MCA_prte_local_tmpdir_base:-${PRTE_MCA_prte_tmpdir_base:-${TMPDIR:-${TMP:-${TEMP:-/tmp}}}}}"
+for dir in "$base"/ompi.*; do
     pid="${dir##*/ompi.}"
     if [[ -d "$dir" && ! -L "$dir" && -O "$dir" && "$pid" =~ ^[0-9]+$ ]] &&
         { [ "$pid" -eq $$ ] || ! kill -0 "$pid" 2>/dev/null; }; then

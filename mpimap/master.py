@@ -38,7 +38,7 @@ IDLE_WAIT = 0.02  # seconds an idle master (no maps) sleeps between polls for he
 _DEFERRED_SIGNALS = (int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGUSR1))
 SPIN = 5e-5  # seconds the master polls without yielding after a message while chunks are short
 SHORT_CHUNK = 1e-4  # seconds: while chunks take less, the waiting master does not sleep (a sleep costs ~80 µs)
-MAX_NAP = 0.1  # seconds: the longest nap of a waiting master (commands from other threads wait that long)
+MAX_NAP = 0.04  # seconds: the longest nap of a waiting master (workers wait that long if points get much cheaper)
 BUSY_NAP = 0.7  # of the time until a rank may run out of work (a lower bound): the master naps that long
 DRIVEN_GRACE = 5e-3  # seconds the master thread leaves the loop to a caller that drove it last
 DRIVEN_WAIT = 0.05  # seconds between the master thread's looks while a caller drives
@@ -121,7 +121,10 @@ class Master:
         self._drivers_lock = threading.Lock()
         self._last_driven = 0.0
         self._stopped = False  # the loop has ended (closed, or failed): nobody drives it any more
-        self._waiter = Waiter(window=5e-5, hot_window=5e-3)
+        # Released by a command from another thread (a submit, a cancel): a driving caller's nap ends at once.
+        self._doorbell = threading.Lock()
+        self._doorbell.acquire()
+        self._waiter = Waiter(window=5e-5, hot_window=5e-3, sleep=self._nap)
         shared.sweep()  # shared files left behind by a master killed with -9
         self.nesting = nested.MasterNesting(self)
         self._thread = threading.Thread(target=self._run, name="mpimap-master", daemon=True)
@@ -184,6 +187,14 @@ class Master:
     def _command(self, name: str, handle) -> None:
         self._inbox.append((name, handle))
         self._wake.set()
+        try:
+            self._doorbell.release()
+        except RuntimeError:  # rung already, not yet heard
+            pass
+
+    def _nap(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until a command comes."""
+        self._doorbell.acquire(timeout=seconds)
 
     def close(self, wait: bool = True, cancel: bool = False) -> None:
         """Accept no more maps; finish the open ones (``cancel``: drop them), stop the workers if this

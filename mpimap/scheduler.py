@@ -55,6 +55,7 @@ class MapState:
     fastest: float | None = None  # seconds per point of its fastest chunk so far
     share: int | None = None  # points per chunk of a map that is less than one chunk's worth of work (0: it is not)
     nested: bool = False  # opened by a task in flight: served during a pause too, so that task can finish
+    nests: bool = False  # a task of this map has opened a nested map (its tasks may wait for the master)
     ranks_per_task: int = 1  # k > 1: each point runs on k ranks at once (a group)
 
     @property
@@ -290,7 +291,8 @@ class Scheduler:
         its own start and evaluation time), each at least as long as its map's
         fastest chunk per point.
         None when that cannot be told: no chunk is out, or one is of a map not
-        measured yet, a k-rank task, or a task waiting for nested maps.
+        measured yet, a k-rank task, or of a map whose tasks open nested maps
+        or that one opened (such a task waits for the master to serve its map).
         """
         earliest = None
         for rstate in self.ranks.values():
@@ -302,7 +304,8 @@ class Scheduler:
             for chunk in rstate.in_flight.values():
                 state = self.maps.get(chunk.map_id)
                 sent = self._sent.get(chunk.chunk_id)
-                if chunk.group is not None or state is None or state.fastest is None or sent is None:
+                if chunk.group is not None or state is None or state.fastest is None or sent is None \
+                        or state.nested or state.nests:
                     return None
                 free = max(free, sent) + len(chunk) * state.fastest
             earliest = free if earliest is None else min(earliest, free)
@@ -456,6 +459,9 @@ class Scheduler:
         deadlocks."""
         rstate = self.ranks[rank]
         if chunk_id in rstate.in_flight and not rstate.parked.get(chunk_id):
+            state = self.maps.get(rstate.in_flight[chunk_id].map_id)
+            if state is not None:
+                state.nests = True
             rstate.parked[chunk_id] = True  # a chunk parked before keeps its place in the stack
             self._push_room(rank)
 

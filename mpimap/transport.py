@@ -153,8 +153,9 @@ class Waiter:
     """
 
     def __init__(self, window: float = 5e-3, *, cap: float = 1e-3, first_sleep: float = 1e-5,
-                 hot_window: float | None = None, hot_gap: float = 5e-5, spin: float = 0.0):
+                 hot_window: float | None = None, hot_gap: float = 5e-5, spin: float = 0.0, sleep=time.sleep):
         self.spin = spin
+        self.nap = sleep  # sleep(seconds); the master's ends early when another thread gives it a command
         self.cold_window = window
         self.hot_window = hot_window
         self.hot_gap = hot_gap
@@ -180,5 +181,5 @@ class Waiter:
         if quiet < self.window:
             os.sched_yield()
         else:
-            time.sleep(self.sleep)
+            self.nap(self.sleep)
             self.sleep = min(self.sleep * 2, self.cap)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import job_env, kill_job, launch, launcher_env
 from mpimap.jobs.job import Job
@@ -141,11 +142,13 @@ def test_a_local_job_runs_more_ranks_than_cores_without_launcher_settings(tmp_pa
     assert job.state() == "done" and job.status().done == 10
 
 
-def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_directories(tmp_path):
+@pytest.mark.parametrize("where", ["PRTE_MCA_prte_tmpdir_base", "TMP"])
+def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_directories(tmp_path, where):
     """Open MPI's mpiexec names its session directory after its pid and leaves it behind when killed; a later
     mpiexec that gets the same pid ended at once (exit 213, "The PMIx server's listener thread failed to start").
     With such directories left for every pid the job can get, a local job still runs to done: its script removes
-    this user's directories whose mpiexec is gone, and keeps the one of a live process."""
+    this user's directories whose mpiexec is gone, and keeps the one of a live process; where Open MPI puts them
+    (``where``: the MCA setting, or TMP when TMPDIR is not set)."""
     np.save(tmp_path / "p.npy", np.arange(10.0))
     base = tmp_path / "mpi-tmp"
     base.mkdir()
@@ -164,7 +167,10 @@ def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_direct
     for pid in left:
         leave(pid)
     leave(os.getpid())  # alive: not the job's to remove
-    env = job_env(MPIMAP_HOME=tmp_path / "home", PRTE_MCA_prte_tmpdir_base=base)
+    env = job_env(MPIMAP_HOME=tmp_path / "home")
+    for name in ("PRTE_MCA_prte_tmpdir_base", "TMPDIR", "TMP", "TEMP"):
+        env.pop(name, None)
+    env[where] = str(base)
     proc = subprocess.run([sys.executable, "-m", "mpimap", "submit", "jobfuncs:square", "--points", "p.npy",
                            "--name", "after-kills", "--ranks", "2", "--scheduler", "local", "--wait"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
@@ -173,7 +179,7 @@ def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_direct
     assert job.state() == "done" and job.status().done == 10
     started = int(job.batch_id().rsplit(":", 1)[1])
     assert started in left  # the job's mpiexec did get a pid with a directory left behind
-    kept = {int(p.name.split(".")[1]) for p in base.iterdir()}
+    kept = {int(p.name[5:]) for p in base.glob("ompi.*") if p.name[5:].isdigit()}  # not ompi.HOST.UID of a rank
     assert os.getpid() in kept and started not in kept
     # What `submit` started before the job's script was alive then; every later pid was free when the script ran.
     assert not kept & set(left[left.index(started):])

@@ -159,6 +159,36 @@ if __name__ == "__main__":
     assert rate < 250, out  # about 80 with naps that grow with the silence; about 900 with 1 ms naps
 
 
+def test_a_submit_from_another_thread_reaches_an_idle_rank_while_the_caller_naps(run_script):
+    """Found by review: a caller iterating a map of long points naps until shortly before a rank may run out of
+    work, and a submit from another thread waited for that nap to end although a rank was idle.  A command ends
+    the nap at once.  The naps are made long here (MAX_NAP 2 s) so that the difference cannot hide in the noise."""
+    out = run_script('''
+import threading, time, mpimap
+from mpimap import master
+master.MAX_NAP = 2.0
+def stamp():
+    return time.monotonic()
+if __name__ == "__main__":
+    with mpimap.Pool() as pool:
+        waits = []
+        def other():
+            time.sleep(4.0)  # both ranks took a 3 s point; one now runs the last point, the other has nothing
+            for _ in range(3):
+                t0 = time.monotonic()
+                future = pool.submit(stamp)
+                time.sleep(0.8)  # this thread does not drive the loop meanwhile
+                waits.append(future.result() - t0)
+        thread = threading.Thread(target=other)
+        thread.start()
+        assert list(pool.map(time.sleep, [3.0] * 3, chunksize=1)) == [None] * 3
+        thread.join()
+        print("WAITS", *waits)
+''', ranks=3)
+    waits = [float(w) for w in next(line for line in out.splitlines() if line.startswith("WAITS")).split()[1:]]
+    assert max(waits) < 0.5, out  # up to 1.4 s (0.7 x 2 s) when the nap did not end
+
+
 def test_a_map_after_the_caller_paused_does_not_start_with_long_naps(run_script):
     """Found by review: the silence was counted from the last message, so after a caller's own work between maps
     every map began with 20 ms naps (4 ms maps took 40 ms).  It counts from the last chunk sent too."""

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from mpimap.master import BUSY_NAP, MAX_NAP
 from mpimap.scheduler import Scheduler
 
 
@@ -690,8 +691,8 @@ def test_a_reserved_rank_whose_tasks_wait_for_nested_maps_runs_those_maps_and_th
 def simulate_looks(workers: int, costs, *, lazy: bool, latency=50e-6):
     """A map whose master sees results only when it looks, as the real one does after a nap: at once again after
     a look that found results, else after max(a fifth of a chunk's time, 1 ms, at most 20 ms) or, if ``lazy``,
-    after at least 0.7 of the time until ``busy_until`` (at most 0.1 s).  Returns (makespan, looks, the worker
-    time lost waiting for work while the map had points not handed out)."""
+    after at least BUSY_NAP of the time until ``busy_until`` (at most MAX_NAP).  Returns (makespan, looks, the
+    worker time lost waiting for work while the map had points not handed out)."""
     sched = Scheduler(range(1, workers + 1))
     sched.add_map(0, len(costs))
     free_at = {r: 0.0 for r in range(1, workers + 1)}
@@ -719,23 +720,29 @@ def simulate_looks(workers: int, costs, *, lazy: bool, latency=50e-6):
         nap = min(20e-3, max(1e-3, chunk_seconds / 5))
         busy = sched.busy_until()
         if lazy and busy is not None:
-            nap = max(nap, min(0.1, (busy - now) * 0.7))
+            nap = max(nap, min(MAX_NAP, (busy - now) * BUSY_NAP))
         now += nap
     return now, looks, starved
 
 
-@pytest.mark.parametrize("kind", ["long", "skewed", "uniform", "falling"])
+@pytest.mark.parametrize("kind", ["long", "skewed", "uniform", "falling", "cliff"])
 def test_a_master_that_looks_only_before_a_rank_may_run_dry_loses_no_time_and_looks_less(kind):
     """``busy_until`` lets the master nap until shortly before a rank may run out of queued work: no rank waits
-    for work, the map ends as soon, and the master wakes far less often on long points."""
+    for work, the map ends as soon, and the master wakes far less often on long points.  Points suddenly far
+    cheaper than any seen (a cliff) are the exception: a worker may then wait up to MAX_NAP at a time."""
     rng = random.Random(3)
     costs = {"long": [0.05] * 100,
              "skewed": [0.05 if rng.random() < 0.01 else 0.001 for _ in range(2000)],
              "uniform": [rng.uniform(0.5e-3, 1.5e-3) for _ in range(2000)],
-             "falling": [2e-3 * (1 - i / 2500) for i in range(2000)]}[kind]  # later points cheaper than any seen
+             "falling": [2e-3 * (1 - i / 2500) for i in range(2000)],  # later points cheaper than any seen
+             "cliff": [0.2] * 6 + [3e-3] * 300}[kind]
     eager, eager_looks, eager_starved = simulate_looks(2, costs, lazy=False)
     lazy, lazy_looks, starved = simulate_looks(2, costs, lazy=True)
     ideal = sum(costs) / 2
+    if kind == "cliff":
+        assert starved <= eager_starved + 2 * MAX_NAP, (starved, eager_starved)  # once per worker
+        assert lazy <= eager + MAX_NAP, (lazy, eager)
+        return
     assert starved <= eager_starved + 1e-3 * ideal, (kind, starved, eager_starved)  # the first chunks: one point
     assert lazy <= eager * 1.01, (kind, lazy, eager, ideal)
     assert lazy_looks < eager_looks * (0.5 if kind == "long" else 0.8), (kind, lazy_looks, eager_looks)
@@ -759,3 +766,6 @@ def test_busy_until_counts_from_sends_and_results_and_is_unknown_unmeasured_or_p
     assert sched.busy_until() == min(expected)
     sched.park(rank, next(iter(sched.ranks[rank].in_flight)))
     assert sched.busy_until() is None
+    sched.resume(rank, next(iter(sched.ranks[rank].parked)))
+    sched.ranks[rank].parked.clear()
+    assert sched.busy_until() is None  # its map's tasks open nested maps: the next one may wait at any time
