@@ -181,5 +181,5 @@ def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_direct
     assert started in left  # the job's mpiexec did get a pid with a directory left behind
     kept = {int(p.name[5:]) for p in base.glob("ompi.*") if p.name[5:].isdigit()}  # not ompi.HOST.UID of a rank
     assert os.getpid() in kept and started not in kept
-    # What `submit` started before the job's script was alive then; every later pid was free when the script ran.
-    assert not kept & set(left[left.index(started):])
+    # Pids taken while the script ran (the submitting process's threads, say) keep theirs; pids far ahead were free.
+    assert not kept & set(left[-1000:])
