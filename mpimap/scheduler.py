@@ -283,13 +283,14 @@ class Scheduler:
         return best
 
     def busy_until(self) -> float | None:
-        """A lower bound of when the first rank holding chunks may have finished them all (the clock of ``now``).
+        """When the first rank holding chunks may have finished them all, at the soonest (the clock of ``now``).
 
         Until then every rank has work, so the master need not look for
         results.  A rank's chunks run one after another, none before it was
         sent or before the rank's last chunk back ended (itself no earlier than
-        its own start and evaluation time), each at least as long as its map's
-        fastest chunk per point.
+        its own start and evaluation time), each taken to last at least as long
+        as its map's fastest chunk per point so far: a guess, wrong when points
+        suddenly get far cheaper (the master's naps are capped for that).
         None when that cannot be told: no chunk is out, or one is of a map not
         measured yet, a k-rank task, or of a map whose tasks open nested maps
         or that one opened (such a task waits for the master to serve its map).
