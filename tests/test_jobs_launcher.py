@@ -180,6 +180,6 @@ def test_a_local_job_starts_where_killed_open_mpi_jobs_left_their_session_direct
     started = int(job.batch_id().rsplit(":", 1)[1])
     assert started in left  # the job's mpiexec did get a pid with a directory left behind
     kept = {int(p.name[5:]) for p in base.glob("ompi.*") if p.name[5:].isdigit()}  # not ompi.HOST.UID of a rank
-    assert os.getpid() in kept and started not in kept
+    assert os.getpid() in kept  # (the job's own may be there again: its mpiexec made a new one)
     # Pids taken while the script ran (the submitting process's threads, say) keep theirs; pids far ahead were free.
     assert not kept & set(left[-1000:])
